@@ -1,0 +1,344 @@
+"""One typed configuration for every genrecls step.
+
+The configuration is a tree of frozen dataclasses.  It can be loaded from a TOML or
+JSON file, overridden from the command line with ``section.key=value`` pairs, and is
+written (resolved) next to every output so that a result can be reproduced from its
+folder alone.
+
+Examples
+--------
+>>> cfg = Config().override(["features.n_mels=64", "train.epochs=3"])
+>>> cfg.features.n_mels, cfg.train.epochs
+(64, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ConfigError",
+    "FeatureConfig",
+    "IngestConfig",
+    "TrainConfig",
+    "ClassifyConfig",
+    "RetrainConfig",
+    "Config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How audio becomes a log-mel spectrogram segment.
+
+    The defaults follow the tutorial genrecls starts from: 22050 Hz mono, cuts of
+    100000 samples (about 4.5 s), 128 mel bands from a 2048-point STFT with hop 512.
+    """
+
+    sample_rate: int = 22050
+    segment_samples: int = 100_000
+    #: distance between segment starts in samples; equal to segment_samples means no overlap
+    segment_hop: int = 100_000
+    #: 0 means no cap on the number of segments taken from one track
+    max_segments_per_track: int = 0
+    #: what to do with the last, partial segment of a track
+    tail: Literal["drop", "pad"] = "drop"
+    #: a track shorter than one segment is padded with silence or recorded as too short
+    short_track: Literal["pad", "fail"] = "pad"
+    #: a track shorter than this (seconds) is recorded as too short, whatever `short_track` says
+    min_track_seconds: float = 1.0
+    n_fft: int = 2048
+    hop_length: int = 512
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: float | None = None
+    #: dB floor relative to the segment's peak (librosa.power_to_db's top_db); None disables it
+    top_db: float | None = 80.0
+    #: storage type of the spectrogram values in the Parquet shards
+    dtype: Literal["float16", "float32"] = "float16"
+    #: soxr quality used to resample to `sample_rate`
+    resample_quality: Literal["HQ", "VHQ", "MQ", "LQ", "QQ"] = "HQ"
+
+    def validate(self) -> "FeatureConfig":
+        _check(self.sample_rate >= 1000, "features.sample_rate", "must be >= 1000 Hz")
+        _check(self.segment_samples >= self.n_fft, "features.segment_samples", f"must be >= n_fft ({self.n_fft})")
+        _check(self.segment_hop >= 1, "features.segment_hop", "must be >= 1")
+        _check(self.max_segments_per_track >= 0, "features.max_segments_per_track", "must be >= 0 (0 = no cap)")
+        _check(self.tail in ("drop", "pad"), "features.tail", "must be 'drop' or 'pad'")
+        _check(self.short_track in ("pad", "fail"), "features.short_track", "must be 'pad' or 'fail'")
+        _check(self.min_track_seconds >= 0, "features.min_track_seconds", "must be >= 0")
+        _check(self.n_fft >= 16, "features.n_fft", "must be >= 16")
+        _check(1 <= self.hop_length <= self.n_fft, "features.hop_length", "must be in [1, n_fft]")
+        _check(1 <= self.n_mels <= self.n_fft // 2 + 1, "features.n_mels", "must be in [1, n_fft/2+1]")
+        nyq = self.sample_rate / 2
+        _check(0 <= self.fmin < nyq, "features.fmin", f"must be in [0, {nyq})")
+        _check(self.fmax is None or self.fmin < self.fmax <= nyq, "features.fmax", f"must be in (fmin, {nyq}]")
+        _check(self.top_db is None or self.top_db > 0, "features.top_db", "must be > 0 or null")
+        _check(self.dtype in ("float16", "float32"), "features.dtype", "must be 'float16' or 'float32'")
+        _check(self.resample_quality in ("HQ", "VHQ", "MQ", "LQ", "QQ"), "features.resample_quality", "must be one of HQ, VHQ, MQ, LQ, QQ")
+        return self
+
+    @property
+    def n_frames(self) -> int:
+        """Frames per segment (librosa's centred STFT: 1 + segment_samples // hop_length)."""
+        return 1 + self.segment_samples // self.hop_length
+
+    @property
+    def mel_shape(self) -> tuple[int, int]:
+        """Shape of one stored spectrogram: (n_mels, n_frames)."""
+        return (self.n_mels, self.n_frames)
+
+    @property
+    def segment_seconds(self) -> float:
+        return self.segment_samples / self.sample_rate
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How the ingest job schedules work."""
+
+    #: tracks per Ray task (and so per shard at most); small enough to spread work, large enough to amortise start-up
+    tracks_per_task: int = 32
+    #: tasks in flight per worker CPU; bounds driver memory whatever the library size
+    inflight_per_cpu: int = 2
+    #: Ray retries of a task whose worker process died
+    max_task_retries: int = 3
+    #: skip files whose failure is recorded and which have not changed since
+    retry_failed: bool = False
+    #: any failed track makes the run exit non-zero
+    strict: bool = False
+
+    def validate(self) -> "IngestConfig":
+        _check(self.tracks_per_task >= 1, "ingest.tracks_per_task", "must be >= 1")
+        _check(self.inflight_per_cpu >= 1, "ingest.inflight_per_cpu", "must be >= 1")
+        _check(self.max_task_retries >= 0, "ingest.max_task_retries", "must be >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained."""
+
+    model: str = "default"
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    workers: int = 1
+    gpu: bool = False
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    #: optional column (e.g. artist) whose groups stay on one side of the split
+    group_column: str | None = None
+    class_weights: bool = True
+    early_stopping_patience: int = 6
+    augment: bool = True
+    shuffle_buffer: int = 2048
+    max_failures: int = 2
+
+    def validate(self) -> "TrainConfig":
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(self.workers >= 1, "train.workers", "must be >= 1")
+        _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1, "train.val_fraction/test_fraction", "must be in (0, 1)")
+        _check(self.val_fraction + self.test_fraction < 1, "train.val_fraction + test_fraction", "must be < 1")
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+        _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """How a library is classified."""
+
+    #: score at most this many evenly spaced segments per track (0 = all)
+    max_segments: int = 10
+    top_k: int = 3
+    #: segments per model call
+    batch_size: int = 256
+    #: tracks per decoding task
+    tracks_per_task: int = 8
+    #: model actors (0 = one per GPU with --gpu, else one)
+    actors: int = 1
+    gpu: bool = False
+    #: tracks per output part written
+    part_rows: int = 5000
+    strict: bool = False
+
+    def validate(self) -> "ClassifyConfig":
+        _check(self.max_segments >= 0, "classify.max_segments", "must be >= 0 (0 = all)")
+        _check(self.top_k >= 1, "classify.top_k", "must be >= 1")
+        _check(self.batch_size >= 1, "classify.batch_size", "must be >= 1")
+        _check(self.tracks_per_task >= 1, "classify.tracks_per_task", "must be >= 1")
+        _check(self.actors >= 0, "classify.actors", "must be >= 0")
+        _check(self.part_rows >= 1, "classify.part_rows", "must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """When a challenger replaces the champion."""
+
+    #: the challenger must beat the champion's holdout track accuracy by at least this much
+    min_improvement: float = 0.0
+    metric: str = "test_track_accuracy"
+
+    def validate(self) -> "RetrainConfig":
+        _check(-1 <= self.min_improvement <= 1, "retrain.min_improvement", "must be in [-1, 1]")
+        return self
+
+
+@dataclass(frozen=True)
+class Config:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        if not isinstance(data, dict):
+            raise ConfigError("configuration must be a mapping of sections")
+        sections = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        kwargs = {}
+        for name, f in sections.items():
+            sub_cls = f.default_factory  # type: ignore[misc]
+            kwargs[name] = _section_from_dict(sub_cls, data.get(name, {}) or {}, name)
+        return cls(**kwargs).validate()
+
+    def override(self, pairs: list[str] | None) -> "Config":
+        """Return a copy with ``section.key=value`` overrides applied (values parsed as JSON when they can be)."""
+        data = self.to_dict()
+        for pair in pairs or []:
+            if "=" not in pair or "." not in pair.split("=", 1)[0]:
+                raise ConfigError(f"override {pair!r} must look like section.key=value")
+            key, raw = pair.split("=", 1)
+            section, name = key.strip().split(".", 1)
+            if section not in data:
+                raise ConfigError(f"unknown configuration section {section!r} in {pair!r}; known: {sorted(data)}")
+            data[section][name] = _parse_value(raw)
+        return Config.from_dict(data)
+
+    def with_section(self, **sections: Any) -> "Config":
+        """Return a copy with whole sections or ``section={key: value}`` updates."""
+        cfg = self
+        for name, value in sections.items():
+            current = getattr(cfg, name)
+            if isinstance(value, dict):
+                value = _section_from_dict(type(current), {**dataclasses.asdict(current), **value}, name)
+            cfg = replace(cfg, **{name: value})
+        return cfg.validate()
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(value, hints[name], f"{section}.{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None or value == "null":
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a configuration from TOML or JSON (or the defaults) and apply overrides.
+
+    A file may hold any subset of the sections; missing values keep their defaults.
+    A resolved ``config.json`` written by an earlier run is a valid input.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"configuration file {p} does not exist")
+        text = p.read_text()
+        try:
+            data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot parse configuration file {p}: {exc}") from None
+        cfg = Config.from_dict(data)
+    return cfg.override(overrides).validate()

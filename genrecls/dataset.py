@@ -1,0 +1,339 @@
+"""Shard I/O: the on-disk dataset of log-mel segments.
+
+Layout of a dataset folder (local path or URI)::
+
+    DATASET/
+      manifest.json           feature config, label vocabulary, counts, library versions
+      config.json             the resolved configuration of the last ingest
+      shards/part-*.parquet   one row per segment (zstd); each track lives in exactly one shard
+      failures/part-*.parquet one row per file that could not be used, with its reason
+      .lock                   held while an ingest writes
+
+Segment rows: ``track_id, path, label, segment_index, start_seconds, mel`` (a fixed-size
+list of ``n_mels * n_frames`` values, row-major (mel, frame)), plus ``fingerprint``
+(BLAKE2b of the file's bytes), ``size``, ``mtime_ns`` and ``duration_seconds`` of the
+source file.  Each shard's schema metadata holds the feature configuration and the mel
+shape; its Parquet footer lists the tracks it holds (so the dataset's track index is read
+from footers, never from the data).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import FeatureConfig
+from .storage import Location
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DatasetError",
+    "segment_schema",
+    "failure_schema",
+    "ShardWriter",
+    "Dataset",
+    "new_shard_name",
+    "mel_array",
+]
+
+SCHEMA_VERSION = 1
+TRACKS_KEY = b"genrecls.tracks"
+FEATURES_KEY = b"genrecls.features"
+SHAPE_KEY = b"genrecls.mel_shape"
+VERSION_KEY = b"genrecls.schema_version"
+ROW_GROUP_SEGMENTS = 256
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, malformed, or incompatible with what is asked of it."""
+
+
+def _feature_json(cfg: FeatureConfig) -> str:
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def segment_schema(cfg: FeatureConfig) -> pa.Schema:
+    n_mels, n_frames = cfg.mel_shape
+    value_type = pa.float16() if cfg.dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("segment_index", pa.int32(), nullable=False),
+            pa.field("start_seconds", pa.float64(), nullable=False),
+            pa.field("mel", pa.list_(value_type, n_mels * n_frames), nullable=False,
+                     metadata={b"shape": json.dumps([n_mels, n_frames]).encode(), b"order": b"mel,frame"}),
+            pa.field("fingerprint", pa.string(), nullable=False),
+            pa.field("size", pa.int64(), nullable=False),
+            pa.field("mtime_ns", pa.int64(), nullable=False),
+            pa.field("duration_seconds", pa.float64(), nullable=False),
+        ],
+        metadata={
+            FEATURES_KEY: _feature_json(cfg).encode(),
+            SHAPE_KEY: json.dumps([n_mels, n_frames]).encode(),
+            VERSION_KEY: str(SCHEMA_VERSION).encode(),
+        },
+    )
+
+
+def failure_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("size", pa.int64()),
+            pa.field("mtime_ns", pa.int64()),
+            pa.field("time", pa.timestamp("s", tz="UTC"), nullable=False),
+        ]
+    )
+
+
+def new_shard_name(prefix: str = "part") -> str:
+    """Time-ordered unique shard name: a later shard sorts after an earlier one."""
+    return f"{prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def mel_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """The ``mel`` column as an array of shape (rows, n_mels, n_frames)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(arr), *shape).astype(dtype, copy=False)
+
+
+class ShardWriter:
+    """Writes one shard: tracks are added whole (all their segments, or nothing)."""
+
+    def __init__(self, location: Location, name: str, cfg: FeatureConfig):
+        self.location = location
+        self.name = name
+        self.cfg = cfg
+        self.schema = segment_schema(cfg)
+        self._np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+        self._tracks: list[dict[str, Any]] = []
+        self._batches: list[pa.RecordBatch] = []
+
+    @property
+    def n_tracks(self) -> int:
+        return len(self._tracks)
+
+    def add_track(self, *, track_id: str, path: str, label: str | None, fingerprint: str, size: int,
+                  mtime_ns: int, duration: float, mels: np.ndarray, starts: Iterable[float]) -> None:
+        n = mels.shape[0]
+        flat = np.ascontiguousarray(mels, dtype=self._np_dtype).reshape(-1)
+        mel_col = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.cfg.n_mels * self.cfg.n_frames)
+        batch = pa.RecordBatch.from_arrays(
+            [
+                pa.array([track_id] * n, pa.string()),
+                pa.array([path] * n, pa.string()),
+                pa.array([label] * n, pa.string()),
+                pa.array(np.arange(n, dtype=np.int32)),
+                pa.array(np.asarray(list(starts), dtype=np.float64)),
+                mel_col,
+                pa.array([fingerprint] * n, pa.string()),
+                pa.array(np.full(n, size, np.int64)),
+                pa.array(np.full(n, mtime_ns, np.int64)),
+                pa.array(np.full(n, duration, np.float64)),
+            ],
+            schema=self.schema,
+        )
+        self._batches.append(batch)
+        self._tracks.append({
+            "track_id": track_id, "path": path, "label": label, "fingerprint": fingerprint,
+            "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration,
+        })
+
+    def close(self) -> int:
+        """Write the shard atomically; returns its size in bytes (0 if it held no track)."""
+        if not self._tracks:
+            return 0
+        tracks_json = json.dumps(self._tracks)
+
+        def write(out):
+            with pq.ParquetWriter(out, self.schema, compression="zstd", compression_level=3,
+                                  use_dictionary=["track_id", "path", "label", "fingerprint"],
+                                  write_statistics=["track_id", "segment_index", "label"]) as w:
+                table = pa.Table.from_batches(self._batches, schema=self.schema)
+                w.write_table(table, row_group_size=ROW_GROUP_SEGMENTS)
+                w.add_key_value_metadata({TRACKS_KEY.decode(): tracks_json})
+
+        self.location.write_atomic(f"shards/{self.name}", write)
+        self._batches.clear()
+        return self.location.fs.get_file_info(self.location.join("shards", self.name)).size
+
+
+@dataclass(frozen=True)
+class TrackEntry:
+    track_id: str
+    path: str
+    label: str | None
+    fingerprint: str
+    size: int
+    mtime_ns: int
+    n_segments: int
+    duration_seconds: float
+    shard: str
+
+
+class Dataset:
+    """A dataset folder: read its manifest, its track index, its segments and failures."""
+
+    def __init__(self, location: Location | str):
+        self.location = location if isinstance(location, Location) else Location.parse(location)
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    # -- manifest ---------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.location.exists("manifest.json")
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.exists():
+            raise DatasetError(f"{self.uri} is not a genrecls dataset (no manifest.json); run 'genrecls ingest' first")
+        return self.location.read_json("manifest.json")
+
+    def feature_config(self) -> FeatureConfig:
+        return FeatureConfig(**self.manifest()["features"]).validate()
+
+    # -- shards -----------------------------------------------------------------------
+    def shard_names(self) -> list[str]:
+        return self.location.list("shards", suffix=".parquet")
+
+    def shard_paths(self) -> list[str]:
+        return [self.location.join("shards", n) for n in self.shard_names()]
+
+    def _read_footer_tracks(self, name: str) -> list[dict[str, Any]]:
+        with self.location.fs.open_input_file(self.location.join("shards", name)) as f:
+            meta = pq.read_metadata(f).metadata or {}
+        raw = meta.get(TRACKS_KEY)
+        if raw is None:
+            raise DatasetError(f"shard {name} has no track list in its footer (not written by genrecls?)")
+        return json.loads(raw)
+
+    def track_entries(self) -> list[TrackEntry]:
+        """Every (track, shard) pair recorded in shard footers, oldest shard first."""
+        entries = []
+        for name in self.shard_names():
+            for t in self._read_footer_tracks(name):
+                entries.append(TrackEntry(shard=name, **t))
+        return entries
+
+    def tracks(self) -> dict[str, TrackEntry]:
+        """The current track index: track_id -> newest entry."""
+        return {e.track_id: e for e in self.track_entries()}
+
+    def track_table(self) -> pa.Table:
+        """The track index as a table (one row per track)."""
+        entries = list(self.tracks().values())
+        cols = ["track_id", "path", "label", "fingerprint", "size", "mtime_ns", "n_segments", "duration_seconds", "shard"]
+        return pa.table({c: [getattr(e, c) for e in entries] for c in cols})
+
+    def read_segments(self, columns: list[str] | None = None, filter=None) -> pa.Table:
+        import pyarrow.dataset as pads
+
+        paths = self.shard_paths()
+        if not paths:
+            return segment_schema(self.feature_config()).empty_table()
+        ds = pads.dataset(paths, filesystem=self.location.fs, format="parquet")
+        return ds.to_table(columns=columns, filter=filter)
+
+    def rewrite_without(self, shard: str, drop_track_ids: set[str]) -> None:
+        """Rewrite a shard without some tracks (atomic replace); deletes it if nothing is left."""
+        import pyarrow.compute as pc
+
+        path = self.location.join("shards", shard)
+        with self.location.fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            table = pf.read()
+            meta = dict(pf.metadata.metadata or {})
+        tracks = [t for t in json.loads(meta[TRACKS_KEY]) if t["track_id"] not in drop_track_ids]
+        if not tracks:
+            self.location.delete("shards", shard)
+            return
+        keep = pc.invert(pc.is_in(table.column("track_id"), pa.array(sorted(drop_track_ids), pa.string())))
+        table = table.filter(keep)
+
+        def write(out):
+            with pq.ParquetWriter(out, table.schema, compression="zstd", compression_level=3) as w:
+                w.write_table(table, row_group_size=ROW_GROUP_SEGMENTS)
+                w.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(tracks)})
+
+        self.location.write_atomic(f"shards/{shard}", write)
+
+    def reconcile(self, drop_track_ids: Iterable[str] = ()) -> dict[str, int]:
+        """Make every track live in exactly one shard (the newest) and drop the given tracks.
+
+        Run under the dataset lock before and after an ingest.  It repairs what a killed
+        run can leave: temporary files, and a changed track whose old rows were not yet
+        removed.  Returns counts of what it did.
+        """
+        removed_tmp = self.location.remove_temporaries("shards") + self.location.remove_temporaries("failures")
+        drop = set(drop_track_ids)
+        latest: dict[str, str] = {}
+        by_shard: dict[str, set[str]] = defaultdict(set)
+        for e in self.track_entries():  # oldest shard first: the last one seen wins
+            latest[e.track_id] = e.shard
+            by_shard[e.shard].add(e.track_id)
+        stale: dict[str, set[str]] = defaultdict(set)
+        for shard, ids in by_shard.items():
+            for tid in ids:
+                if tid in drop or latest[tid] != shard:
+                    stale[shard].add(tid)
+        for shard, ids in stale.items():
+            self.rewrite_without(shard, ids)
+        return {"temporaries_removed": removed_tmp, "shards_rewritten": len(stale),
+                "rows_superseded": sum(len(v) for v in stale.values())}
+
+    # -- failures ---------------------------------------------------------------------
+    def failure_names(self) -> list[str]:
+        return self.location.list("failures", suffix=".parquet")
+
+    def failures(self) -> pa.Table:
+        """The current failures table: one row per path (the newest record wins)."""
+        names = self.failure_names()
+        if not names:
+            return failure_schema().empty_table()
+        tables = []
+        for n in names:
+            with self.location.fs.open_input_file(self.location.join("failures", n)) as f:
+                tables.append(pq.read_table(f))
+        table = pa.concat_tables(tables).cast(failure_schema())
+        rows = {}
+        for row in table.to_pylist():  # names are time-ordered: later overrides earlier
+            rows[row["path"]] = row
+        return pa.Table.from_pylist(list(rows.values()), schema=failure_schema())
+
+    def write_failures(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=failure_schema())
+        self.location.write_atomic(f"failures/{name or new_shard_name()}",
+                                   lambda out: pq.write_table(table, out, compression="zstd"))
+
+    def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
+        """Rewrite the failures table as one part: drop paths that now have rows or that vanished."""
+        names = self.failure_names()
+        if not names:
+            return 0
+        table = self.failures()
+        rows = [r for r in table.to_pylist()
+                if r["path"] not in live_paths and (discovered_paths is None or r["path"] in discovered_paths)]
+        if rows:
+            self.write_failures(rows)
+        for n in names:
+            self.location.delete("failures", n)
+        return len(rows)

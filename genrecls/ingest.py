@@ -1,0 +1,375 @@
+"""The ingest job: a library of tracks -> Parquet shards of log-mel segments, with Ray tasks.
+
+The driver discovers the tracks, skips those already in the dataset (same path, size and
+modification time; or, when those changed, same content fingerprint), and sends batches
+of tracks to Ray tasks, keeping a bounded number in flight.  Each task decodes, segments
+and featurises its tracks and writes one shard atomically, plus a failures part for the
+files it could not use.  A task whose worker dies is retried by Ray; a batch that keeps
+killing its worker is split so that only the poisonous file is recorded as failed.
+
+Re-running the same command is safe at any point: tracks land in a shard only whole,
+shards appear only complete, and a reconcile step keeps each track in exactly one shard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .audio import AudioError
+from .config import Config, FeatureConfig
+from .dataset import Dataset, DatasetError, ShardWriter, new_shard_name
+from .discovery import Discovery, Track, discover
+from .pipeline import fingerprint_file, track_features
+from .progress import Progress, format_duration, format_table
+from .runtime import log, ray_session
+from .storage import Location
+
+__all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "library_versions", "failure_row"]
+
+
+@dataclass(frozen=True)
+class TrackTask:
+    path: str
+    rel_path: str
+    label: str | None
+    size: int
+    mtime_ns: int
+    known_fingerprint: str | None = None
+
+    @property
+    def track_id(self) -> str:
+        from .discovery import track_id_for
+
+        return track_id_for(self.rel_path)
+
+
+def failure_row(rel_path: str, label: str | None, kind: str, reason: str,
+                size: int | None = None, mtime_ns: int | None = None) -> dict[str, Any]:
+    import datetime as dt
+
+    return {"path": rel_path, "label": label, "kind": kind, "reason": reason, "size": size,
+            "mtime_ns": mtime_ns, "time": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
+
+
+def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str) -> dict[str, Any]:
+    """Featurise a batch of tracks into one shard.  Runs inside a Ray task; never raises for a bad file."""
+    loc = Location.parse(dataset_uri)
+    writer = ShardWriter(loc, shard_name, cfg)
+    failures, unchanged = [], []
+    audio_seconds, segments = 0.0, 0
+    for t in tasks:
+        try:
+            fingerprint = fingerprint_file(t.path)
+            if t.known_fingerprint is not None and fingerprint == t.known_fingerprint:
+                unchanged.append(t.rel_path)
+                continue
+            feats = track_features(t.path, cfg)
+            writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
+                             size=t.size, mtime_ns=t.mtime_ns, duration=feats.duration,
+                             mels=feats.mels, starts=feats.starts)
+            audio_seconds += feats.duration
+            segments += feats.mels.shape[0]
+        except AudioError as exc:
+            failures.append(failure_row(t.rel_path, t.label, exc.kind, str(exc), t.size, t.mtime_ns))
+        except PermissionError:
+            failures.append(failure_row(t.rel_path, t.label, "unreadable",
+                                        "permission denied (the file is not readable by this user)", t.size, t.mtime_ns))
+        except FileNotFoundError:
+            failures.append(failure_row(t.rel_path, t.label, "missing", "the file vanished during the run", t.size, t.mtime_ns))
+        except OSError as exc:
+            failures.append(failure_row(t.rel_path, t.label, "unreadable", f"I/O error: {exc.strerror or exc}", t.size, t.mtime_ns))
+        except MemoryError:
+            failures.append(failure_row(t.rel_path, t.label, "error", "out of memory while processing this file", t.size, t.mtime_ns))
+        except Exception as exc:  # a bug or an unforeseen file: record it, keep the rest of the batch
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            failures.append(failure_row(t.rel_path, t.label, "error",
+                                        f"unexpected {type(exc).__name__}: {exc} (at {os.path.basename(where.filename)}:{where.lineno})",
+                                        t.size, t.mtime_ns))
+    shard_bytes = writer.close()
+    if failures:
+        Dataset(loc).write_failures(failures, name=shard_name)
+    node = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": segments,
+            "audio_seconds": audio_seconds, "failures": failures, "unchanged": unchanged,
+            "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("genrecls", "numpy", "librosa", "soundfile", "soxr", "pyarrow", "ray", "scipy", "tensorflow", "tf-keras", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import soundfile
+
+        out["libsndfile"] = soundfile.__libsndfile_version__
+    except Exception:
+        pass
+    return out
+
+
+@dataclass
+class IngestSummary:
+    dataset: str
+    discovered: int = 0
+    ignored_files: int = 0
+    skipped_unchanged: int = 0
+    skipped_known_failures: int = 0
+    processed: int = 0
+    added: int = 0
+    unchanged_content: int = 0
+    failed: int = 0
+    pruned: int = 0
+    segments_added: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    shards_written: int = 0
+    shard_bytes: int = 0
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    worker_pids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[TrackTask], int, int]:
+    index = ds.tracks()
+    known_failures = {} if retry_failed else {
+        r["path"]: (r["size"], r["mtime_ns"]) for r in ds.failures().to_pylist()}
+    todo, unchanged, known_failed = [], 0, 0
+    for t in found.tracks:
+        e = index.get(t.track_id)
+        if e is not None and e.path == t.rel_path and e.size == t.size and e.mtime_ns == t.mtime_ns and e.label == t.label:
+            unchanged += 1
+            continue
+        if e is None and known_failures.get(t.rel_path) == (t.size, t.mtime_ns):
+            known_failed += 1
+            continue
+        known = e.fingerprint if e is not None and e.label == t.label else None
+        todo.append(TrackTask(t.path, t.rel_path, t.label, t.size, t.mtime_ns, known))
+    return todo, unchanged, known_failed
+
+
+def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, str]) -> None:
+    tracks = ds.tracks()
+    per_label: dict[str, dict[str, float]] = defaultdict(lambda: {"tracks": 0, "segments": 0, "audio_seconds": 0.0})
+    for e in tracks.values():
+        d = per_label[e.label if e.label is not None else ""]
+        d["tracks"] += 1
+        d["segments"] += e.n_segments
+        d["audio_seconds"] += e.duration_seconds
+    previous = ds.manifest() if ds.exists() else {}
+    manifest = {
+        "format": "genrecls-dataset",
+        "schema_version": 1,
+        "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "features": asdict(cfg.features),
+        "mel_shape": list(cfg.features.mel_shape),
+        "labels": sorted(k for k in per_label if k),
+        "counts": {
+            "tracks": len(tracks),
+            "segments": sum(e.n_segments for e in tracks.values()),
+            "audio_seconds": round(sum(e.duration_seconds for e in tracks.values()), 3),
+            "shards": len(ds.shard_names()),
+            "failures": ds.failures().num_rows,
+            "per_label": {k: dict(v) for k, v in sorted(per_label.items())},
+        },
+        "versions": versions,
+    }
+    ds.location.write_json("manifest.json", manifest)
+
+
+def check_features_match(ds: Dataset, cfg: FeatureConfig) -> None:
+    if not ds.exists():
+        return
+    stored = ds.feature_config()
+    if stored != cfg:
+        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(stored).items() if getattr(cfg, k) != v}
+        raise DatasetError(
+            f"{ds.uri} was built with other feature settings ({', '.join(f'{k}: dataset {a!r}, asked {b!r}' for k, (a, b) in diff.items())}); "
+            "use the same settings or another --out")
+
+
+def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | None = None,
+           workers: int | None = None, root: str | None = None, prune: bool = False,
+           progress: bool = True, verbose: bool = False) -> IngestSummary:
+    """Ingest a library folder or manifest into the dataset at ``out``.
+
+    Returns an :class:`IngestSummary`.  Raises for run-level problems (missing source,
+    dataset locked or built with other features); never for a bad file.
+    """
+    cfg = (cfg or Config()).validate()
+    t0 = time.monotonic()
+    found = discover(source, root)
+    loc = Location.parse(out)
+    ds = Dataset(loc)
+    summary = IngestSummary(dataset=loc.uri, discovered=len(found.tracks), ignored_files=found.ignored)
+    versions = library_versions()
+    with loc.lock("genrecls ingest"):
+        check_features_match(ds, cfg.features)
+        repaired = ds.reconcile()
+        if repaired["temporaries_removed"] or repaired["rows_superseded"]:
+            log.info("repaired an interrupted run: %s", repaired)
+        if not ds.exists():
+            _write_manifest(ds, cfg, os.path.abspath(source), versions)
+        loc.write_text("config.json", cfg.to_json() + "\n")
+        todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
+        if todo:
+            with ray_session(address, workers, verbose=verbose):
+                _run_tasks(todo, cfg, loc, summary, workers, progress)
+        problems = [failure_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
+        ds.write_failures(problems)
+        for p in found.problems:
+            summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
+        summary.failed += len(problems)
+        vanished: set[str] = set()
+        if prune:
+            present = {t.track_id for t in found.tracks}
+            vanished = {tid for tid in ds.tracks() if tid not in present}
+            summary.pruned = len(vanished)
+        ds.reconcile(drop_track_ids=vanished)
+        live = {e.path for e in ds.tracks().values()}
+        ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
+        _write_manifest(ds, cfg, os.path.abspath(source) if os.path.exists(source) else source, versions)
+    summary.wall_seconds = time.monotonic() - t0
+    return summary
+
+
+def _batches(todo: list[TrackTask], tracks_per_task: int, cpus: int) -> list[list[TrackTask]]:
+    # small runs: spread over every CPU (at least ~2 tasks each) rather than one fat task
+    size = max(1, min(tracks_per_task, math.ceil(len(todo) / max(1, 2 * cpus))))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
+               workers: int | None, show_progress: bool) -> None:
+    import ray
+    from ray.exceptions import RayError
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if workers:
+        cpus = min(cpus, workers)
+    remote = ray.remote(process_batch).options(num_cpus=1, max_retries=cfg.ingest.max_task_retries,
+                                               retry_exceptions=False, scheduling_strategy="SPREAD")
+    single = ray.remote(process_batch).options(num_cpus=1, max_retries=1, retry_exceptions=False)
+    pending_batches = _batches(todo, cfg.ingest.tracks_per_task, cpus)
+    max_inflight = cpus * cfg.ingest.inflight_per_cpu
+    inflight: dict[Any, list[TrackTask]] = {}
+    bar = Progress(len(todo), "tracks", enabled=show_progress)
+    cfg_ref = ray.put(cfg.features)
+    uri = loc.uri
+    kinds: Counter[str] = Counter(summary.failures_by_kind)
+    nodes, pids = set(), set()
+    queue = list(reversed(pending_batches))
+    while queue or inflight:
+        while queue and len(inflight) < max_inflight:
+            batch = queue.pop()
+            fn = single if len(batch) == 1 and getattr(batch, "isolated", False) else remote
+            inflight[fn.remote(batch, cfg_ref, uri, new_shard_name())] = batch
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            batch = inflight.pop(ref)
+            try:
+                res = ray.get(ref)
+            except RayError as exc:
+                if len(batch) > 1:
+                    log.warning("a worker died %d times on a batch of %d tracks; retrying them one by one",
+                                cfg.ingest.max_task_retries + 1, len(batch))
+                    for t in batch:
+                        queue.append(_Isolated([t]))
+                    continue
+                t = batch[0]
+                reason = f"the worker process died while processing this file ({type(exc).__name__}); retried {cfg.ingest.max_task_retries + 1} times"
+                Dataset(loc).write_failures([failure_row(t.rel_path, t.label, "worker_crashed", reason, t.size, t.mtime_ns)])
+                res = {"shard": None, "tracks": 0, "segments": 0, "audio_seconds": 0.0, "failures": [{"kind": "worker_crashed"}],
+                       "unchanged": [], "shard_bytes": 0, "node": None, "pid": None}
+            summary.processed += len(batch)
+            summary.added += res["tracks"]
+            summary.unchanged_content += len(res["unchanged"])
+            summary.failed += len(res["failures"])
+            summary.segments_added += res["segments"]
+            summary.audio_seconds += res["audio_seconds"]
+            summary.shard_bytes += res["shard_bytes"]
+            summary.shards_written += 1 if res["shard"] else 0
+            for f in res["failures"]:
+                kinds[f["kind"]] += 1
+            if res["node"]:
+                nodes.add(res["node"])
+            if res["pid"]:
+                pids.add(res["pid"])
+            bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
+    bar.close()
+    summary.failures_by_kind = dict(kinds)
+    summary.nodes = sorted(nodes)
+    summary.worker_pids = sorted(pids)
+
+
+class _Isolated(list):
+    """A one-track batch retried on its own after its batch kept killing workers."""
+
+    isolated = True
+
+
+def format_summary(summary: IngestSummary, ds: Dataset) -> str:
+    lines = [f"dataset {summary.dataset}"]
+    lines.append(
+        f"{summary.discovered} tracks found, {summary.skipped_unchanged} already in the dataset, "
+        f"{summary.skipped_known_failures} known failures skipped, {summary.processed} processed: "
+        f"{summary.added} added, {summary.unchanged_content} unchanged content, {summary.failed} failed"
+        + (f", {summary.pruned} pruned" if summary.pruned else "")
+        + (f"; {summary.ignored_files} non-audio files ignored" if summary.ignored_files else ""))
+    if summary.audio_seconds:
+        lines.append(f"{summary.audio_seconds / 3600:.2f} h of audio in {format_duration(summary.wall_seconds)} "
+                     f"({summary.audio_seconds / max(summary.wall_seconds, 1e-9):.0f}x real time), "
+                     f"{summary.segments_added} segments, {summary.shards_written} shards, "
+                     f"{summary.shard_bytes / max(summary.segments_added, 1) / 1024:.1f} KiB per segment")
+    lines.append("")
+    lines.append(describe(ds))
+    return "\n".join(lines)
+
+
+def describe(ds: Dataset) -> str:
+    """The `inspect` report: tracks and segments per label, failures by reason, features."""
+    m = ds.manifest()
+    per = m["counts"]["per_label"]
+    rows = [(k or "(no label)", int(v["tracks"]), int(v["segments"]), f"{v['audio_seconds'] / 3600:.2f}") for k, v in per.items()]
+    rows.append(("total", m["counts"]["tracks"], m["counts"]["segments"], f"{m['counts']['audio_seconds'] / 3600:.2f}"))
+    out = [format_table(rows, ("label", "tracks", "segments", "hours"))]
+    fails = ds.failures()
+    if fails.num_rows:
+        by_kind = Counter(fails.column("kind").to_pylist())
+        out.append("")
+        out.append(f"failures ({fails.num_rows}; the table is in {ds.uri}/failures/):")
+        out.append(format_table(sorted(by_kind.items(), key=lambda kv: -kv[1]), ("reason", "files")))
+        for r in fails.slice(0, 10).to_pylist():
+            out.append(f"  {r['path']}: {r['reason']}")
+        if fails.num_rows > 10:
+            out.append(f"  ... and {fails.num_rows - 10} more")
+    f = m["features"]
+    out.append("")
+    out.append(f"features: {f['sample_rate']} Hz, segments of {f['segment_samples']} samples "
+               f"({f['segment_samples'] / f['sample_rate']:.2f} s, hop {f['segment_hop']}), "
+               f"log-mel {m['mel_shape'][0]}x{m['mel_shape'][1]} (n_fft {f['n_fft']}, hop {f['hop_length']}), "
+               f"stored as {f['dtype']}; {m['counts']['shards']} shards")
+    return "\n".join(out)

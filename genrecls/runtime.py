@@ -1,0 +1,94 @@
+"""Ray and logging set-up shared by every command: quiet by default, one place to start Ray.
+
+``ray_session`` joins a cluster (``address``), reuses a Ray already initialised in this
+process (tests, notebooks), or starts an embedded local Ray limited to ``workers`` CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["quiet_environment", "ray_session", "worker_env", "log"]
+
+log = logging.getLogger("genrecls")
+
+#: environment every Ray worker gets: quiet TensorFlow, legacy tf-keras (see genrecls.models)
+WORKER_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "PYTHONWARNINGS": "ignore",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def worker_env() -> dict[str, str]:
+    return dict(WORKER_ENV)
+
+
+def quiet_environment(verbose: bool = False) -> None:
+    """Tame TensorFlow, Ray and friends before they are imported."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "tensorflow", "absl", "numba", "filelock"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+
+
+@contextmanager
+def ray_session(address: str | None = None, workers: int | None = None, *, verbose: bool = False) -> Iterator[None]:
+    """Connect to Ray for the duration of a command.
+
+    Parameters
+    ----------
+    address : a Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``); None starts
+        an embedded local Ray unless one is already initialised in this process.
+    workers : CPUs the embedded local Ray may use (default: all cores).
+    """
+    import ray
+
+    quiet_environment(verbose)
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=verbose,
+        runtime_env={"env_vars": worker_env()},
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, **kwargs)
+    _quiet_ray_data()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _quiet_ray_data() -> None:
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except Exception:  # older/newer Ray without these knobs
+        pass
