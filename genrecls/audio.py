@@ -81,14 +81,21 @@ def _open(path: str | Path) -> sf.SoundFile:
                 "unsupported",
                 f"{UNSUPPORTED_EXTENSIONS[ext]} ({ext}) is not decodable by libsndfile; convert it to FLAC/OGG/MP3",
             ) from None
-        msg = str(exc.error_string if hasattr(exc, "error_string") else exc)
-        raise AudioError("undecodable", f"not a readable audio file ({msg.strip()})") from None
+        raise AudioError("undecodable", f"not a readable audio file: its content is not a format libsndfile "
+                                        f"recognises ({_libsndfile_message(exc)})") from None
     except PermissionError:
         raise AudioError("unreadable", "permission denied (the file is not readable by this user)") from None
     except OSError as exc:
         raise AudioError("unreadable", f"cannot open file: {exc}") from None
     except RuntimeError as exc:  # older soundfile versions
         raise AudioError("undecodable", f"not a readable audio file ({exc})") from None
+
+
+def _libsndfile_message(exc: Exception) -> str:
+    msg = str(getattr(exc, "error_string", None) or exc).strip().rstrip(".")
+    if "does not exist or is not a regular file" in msg:  # what libsndfile says when mpg123 finds no frame
+        return "no valid audio frames found"
+    return msg
 
 
 def _check_header(f: sf.SoundFile) -> None:
@@ -172,12 +179,18 @@ def iter_mono_blocks(
             try:
                 block = f.read(n, dtype="float32", always_2d=True)
             except sf.LibsndfileError as exc:
-                raise AudioError("undecodable", f"decoding failed after {decoded / src_rate:.1f} s ({exc})") from None
+                detail = _libsndfile_message(exc)
+                if declared > decoded:
+                    raise AudioError(
+                        "truncated",
+                        f"the stream breaks off after {decoded / src_rate:.1f} s of the {declared / src_rate:.1f} s "
+                        f"the header declares (file cut short or corrupt: {detail})") from None
+                raise AudioError("undecodable", f"decoding failed after {decoded / src_rate:.1f} s ({detail})") from None
             got = block.shape[0]
             last = got < n or (remaining is not None and remaining - got <= 0)
             if got:
                 mono = _to_mono(block)
-                block_peak = float(np.max(np.abs(mono)))
+                block_peak = max(float(mono.max()), -float(mono.min()))  # no |x| temporary; NaN propagates
                 if not np.isfinite(block_peak):
                     raise AudioError("non_finite", f"the audio holds NaN or infinite samples (near {decoded / src_rate:.1f} s)")
                 peak = max(peak, block_peak)
@@ -196,7 +209,9 @@ def iter_mono_blocks(
         if decoded == 0:
             raise AudioError("empty", "the file holds no audio frames")
         whole = start_frame == 0 and max_frames is None
-        if whole and declared > 0 and decoded < declared * 0.98 and f.format in ("MP3", "MPEG"):
+        # MP3 (Xing/LAME header or bitrate estimate) and FLAC (STREAMINFO) declare their length;
+        # a stream that ends cleanly but early was cut short.  OGG and WAV are checked in _check_header.
+        if whole and declared > 0 and decoded < declared * 0.98 and f.format in ("MP3", "MPEG", "FLAC"):
             raise AudioError(
                 "truncated",
                 f"the stream ends early: decoded {decoded / src_rate:.1f} s of the {declared / src_rate:.1f} s the header declares",

@@ -130,6 +130,237 @@ def _inspect():
     return add, run
 
 
+# -- classify ---------------------------------------------------------------------------
+@command("classify", "predict the genre of every track of a library with a trained run (streaming Ray job)")
+def _classify():
+    def add(p):
+        p.add_argument("library", help="folder of audio (any depth; folder names are not used) or a CSV/Parquet manifest (path)")
+        p.add_argument("--model", required=True, metavar="RUN", help="trained run folder (RUN/run.json, RUN/model/) or a model registry (its champion); the run's features are used")
+        p.add_argument("--out", required=True, metavar="PREDICTIONS", help="predictions folder or URI; re-running adds only new or changed tracks")
+        p.add_argument("--root", help="root for relative paths in a manifest (default: the manifest's folder)")
+        p.add_argument("--csv", action="store_true", help="also write PREDICTIONS/predictions.csv")
+        p.add_argument("--strict", action="store_true", help="exit 1 if any file could not be classified")
+        p.add_argument("--retry-failed", action="store_true", help="retry files whose failure is recorded even if unchanged")
+        p.add_argument("--prune", action="store_true", help="drop predictions of files no longer in the library")
+        p.add_argument("--gpu", action="store_true", help="run the model actors on GPUs (classify.gpu)")
+        p.add_argument("--actors", type=int, help="model actors (classify.actors; 0 = one per GPU)")
+        p.add_argument("--batch-size", type=int, help="segments per model call (classify.batch_size)")
+        p.add_argument("--max-segments", type=int, help="score at most K evenly spaced segments per track, 0 = all (classify.max_segments)")
+        p.add_argument("--top-k", type=int, help="genres listed in the top_k column (classify.top_k)")
+        add_config_args(p)
+        add_ray_args(p)
+
+    def run(a):
+        from .classify import classify, format_summary
+
+        extra = [f"classify.{k}={v}" for k, v in (("actors", a.actors), ("batch_size", a.batch_size),
+                                                  ("max_segments", a.max_segments), ("top_k", a.top_k)) if v is not None]
+        extra += [f"classify.{k}=true" for k, v in (("strict", a.strict), ("retry_failed", a.retry_failed),
+                                                    ("gpu", a.gpu)) if v]
+        cfg = resolve_config(a, extra)
+        summary = classify(a.library, a.model, a.out, cfg, address=a.address, workers=a.workers, root=a.root,
+                           csv=a.csv, prune=a.prune, progress=not a.quiet, verbose=a.verbose)
+        print(format_summary(summary))
+        failed = summary["failed"] + summary["skipped_known_failures"]
+        if cfg.classify.strict and failed:
+            print(f"--strict: {failed} file(s) could not be classified", file=sys.stderr)
+            return EXIT_FAILURES
+        return EXIT_OK
+
+    return add, run
+
+
+# -- retrain ----------------------------------------------------------------------------
+EXIT_KEPT, EXIT_LOCKED = 3, 4
+
+
+@command("retrain", "scheduled retraining: ingest new tracks, train a challenger, promote only a better one")
+def _retrain():
+    def add(p):
+        p.add_argument("source", help="the library (folder or manifest), as for ingest")
+        p.add_argument("--dataset", required=True, help="dataset folder/URI kept up to date incrementally")
+        p.add_argument("--registry", required=True, help="model registry folder/URI")
+        p.add_argument("--force", action="store_true", help="train a challenger even if the dataset is unchanged")
+        p.add_argument("--min-improvement", type=float, help="challenger must beat the champion by this much (retrain.min_improvement)")
+        p.add_argument("--epochs", type=int, help="train.epochs")
+        add_config_args(p)
+        add_ray_args(p)
+
+    def run(a):
+        from .retrain import PROMOTED, retrain
+        from .storage import LockedError
+
+        extra = []
+        if a.min_improvement is not None:
+            extra.append(f"retrain.min_improvement={a.min_improvement}")
+        if a.epochs is not None:
+            extra.append(f"train.epochs={a.epochs}")
+        cfg = resolve_config(a, extra)
+        try:
+            d = retrain(a.source, a.dataset, a.registry, cfg, address=a.address, workers=a.workers,
+                        force=a.force, progress=not a.quiet, verbose=a.verbose)
+        except LockedError as exc:
+            print(f"genrecls retrain: {exc}", file=sys.stderr)
+            return EXIT_LOCKED
+        print(f"{d['decision']}: {d['reason']}")
+        print(f"champion: {d['champion']}")
+        return EXIT_OK if d["decision"] == PROMOTED else EXIT_KEPT
+
+    return add, run
+
+
+# -- models -----------------------------------------------------------------------------
+@command("models", "list the versions of a model registry, promote one, or roll back")
+def _models():
+    def add(p):
+        p.add_argument("action", choices=["list", "promote", "rollback"])
+        p.add_argument("registry", help="model registry folder/URI")
+        p.add_argument("version", nargs="?", help="version to promote (e.g. v0003)")
+        p.add_argument("--json", action="store_true", help="list as JSON")
+
+    def run(a):
+        from .progress import format_table
+        from .registry import Registry
+
+        reg = Registry(a.registry)
+        if a.action == "list":
+            rows = reg.table()
+            if a.json:
+                print(json.dumps(rows, indent=2, default=str))
+            elif not rows:
+                print(f"{a.registry}: no versions yet")
+            else:
+                fmt = lambda x: "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+                print(format_table([("*" if r["champion"] else "", r["version"], fmt(r["test_track_accuracy"]),
+                                     fmt(r["macro_f1"]), fmt(r["tracks"]), fmt(r["decision"]), fmt(r["created"]))
+                                    for r in rows],
+                                   ("", "version", "track_acc", "macro_f1", "tracks", "decision", "registered")))
+            return EXIT_OK
+        if a.action == "promote":
+            if not a.version:
+                raise ValueError("models promote needs a VERSION (see 'genrecls models list')")
+            reg.promote(a.version, reason="manual promotion")
+            print(f"champion: {a.version}")
+            return EXIT_OK
+        print(f"champion: {reg.rollback()}")
+        return EXIT_OK
+
+    return add, run
+
+
+# -- demo -------------------------------------------------------------------------------
+@command("demo", "run everything end to end on a generated collection (sample-data, ingest, train, classify)")
+def _demo():
+    def add(p):
+        p.add_argument("out", nargs="?", default="demo", help="folder for the demo's library, dataset, run and predictions (default ./demo)")
+        p.add_argument("--genres", type=int, default=4)
+        p.add_argument("--tracks-per-genre", type=int, default=10)
+        p.add_argument("--seconds", type=float, default=20.0)
+        p.add_argument("--epochs", type=int, default=12)
+        add_config_args(p)
+        add_ray_args(p)
+
+    def run(a):
+        from .demo import run_demo
+
+        run_demo(a.out, genres=a.genres, tracks_per_genre=a.tracks_per_genre, seconds=a.seconds, epochs=a.epochs,
+                 workers=a.workers, cfg=resolve_config(a), progress=not a.quiet)
+        return EXIT_OK
+
+    return add, run
+
+
+# -- train ------------------------------------------------------------------------------
+@command("train", "train a CNN genre classifier on a dataset with Ray Train (data-parallel workers)")
+def _train():
+    def add(p):
+        p.add_argument("dataset", help="dataset folder or URI written by 'genrecls ingest'")
+        p.add_argument("--out", metavar="RUN", help="run folder to create (model, metrics, figures, report)")
+        p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint "
+                       "(its config.json is the base configuration; --epochs etc. still apply)")
+        p.add_argument("--model", help="model name: default or tutorial (train.model)")
+        p.add_argument("--epochs", type=int, help="train.epochs")
+        p.add_argument("--batch-size", type=int, help="segments per worker and step (train.batch_size)")
+        p.add_argument("--learning-rate", type=float, help="train.learning_rate")
+        p.add_argument("--seed", type=int, help="train.seed (split, initialisation, shuffling)")
+        p.add_argument("--gpu", action="store_true", help="one GPU per worker (train.gpu)")
+        p.add_argument("--splits", metavar="RUN_OR_PARQUET",
+                       help="keep this track->split assignment for the tracks it knows (a run folder or splits.parquet)")
+        p.add_argument("--workers", type=int, help="data-parallel training workers (train.workers)")
+        p.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray")
+        p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch lines")
+        p.add_argument("-v", "--verbose", action="store_true", help="show Ray and TensorFlow logs")
+        add_config_args(p)
+
+    def run(a):
+        from .config import load_config
+        from .evaluation import format_metrics
+        from .training import TrainingError, train
+
+        if not a.out and not a.resume:
+            raise ValueError("give --out RUN (a new run) or --resume RUN (continue one)")
+        if a.out and a.resume and os.path.abspath(a.out) != os.path.abspath(a.resume):
+            raise ValueError("--out and --resume name different runs; give one of them")
+        run_dir = a.resume or a.out
+        extra = [f"train.{k}={v}" for k, v in (("model", a.model), ("epochs", a.epochs), ("batch_size", a.batch_size),
+                                                ("learning_rate", a.learning_rate), ("seed", a.seed)) if v is not None]
+        if a.gpu:
+            extra.append("train.gpu=true")
+        config_file = a.config
+        if a.resume and not config_file and os.path.isfile(os.path.join(a.resume, "config.json")):
+            config_file = os.path.join(a.resume, "config.json")
+        cfg = load_config(config_file, list(a.overrides or []) + extra)
+        try:
+            summary = train(a.dataset, run_dir, cfg, address=a.address, workers=a.workers, resume=bool(a.resume),
+                            splits=a.splits, progress=not a.quiet, verbose=a.verbose)
+        except FileExistsError as exc:
+            print(f"genrecls train: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except TrainingError as exc:
+            print(f"genrecls train: {exc}", file=sys.stderr)
+            return EXIT_FAILURES
+        print(format_metrics(summary["metrics"]))
+        print(f"\nrun {summary['model_id']} written to {summary['run']} ({summary['epochs_run']} epochs, best "
+              f"{summary['best_epoch']}; report.md, metrics.json, curves.png, confusion_matrix.png)")
+        return EXIT_OK
+
+    return add, run
+
+
+# -- evaluate ---------------------------------------------------------------------------
+@command("evaluate", "print a run's metrics, or re-score its model on a dataset")
+def _evaluate():
+    def add(p):
+        p.add_argument("run", help="run folder written by 'genrecls train'")
+        p.add_argument("--dataset", help="re-score on this dataset: every labelled track the run did not train or "
+                       "validate on (or every track with --all-tracks)")
+        p.add_argument("--rescore", action="store_true", help="re-score the run's own validation and test splits")
+        p.add_argument("--all-tracks", action="store_true", help="score every labelled track of the dataset, "
+                       "including tracks the run trained on")
+        p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+        p.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+        p.add_argument("-v", "--verbose", action="store_true")
+
+    def run(a):
+        from .evaluation import evaluate_run, format_metrics
+        from .storage import Location
+
+        loc = Location.parse(a.run)
+        if a.dataset or a.rescore or a.all_tracks:
+            metrics = evaluate_run(a.run, a.dataset, all_tracks=a.all_tracks)
+        else:
+            if not loc.exists("metrics.json"):
+                raise FileNotFoundError(f"{loc.uri} has no metrics.json (not a finished run?); "
+                                        "resume it with 'genrecls train DATASET --resume RUN'")
+            metrics = loc.read_json("metrics.json")
+        if a.output:
+            Location.parse(os.path.dirname(os.path.abspath(a.output))).write_json(os.path.basename(a.output), metrics)
+        print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
+        return EXIT_OK
+
+    return add, run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrecls", description="Music genre classification at library scale, with Ray.")
     parser.add_argument("--version", action="version", version=f"genrecls {__version__}")
@@ -160,6 +391,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"genrecls {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def run_job(name: str, argv: list[str] | None = None) -> int:
+    """Run the sub-command ``name`` on the Ray cluster this process runs in (``jobs/<name>.py``).
+
+    The same code as ``genrecls NAME ...``, joining the cluster with ``--address auto``
+    (which reads ``RAY_ADDRESS``, set by ``ray job submit``, or finds the cluster started on
+    this machine) unless ``argv`` names another ``--address``.  Returns the sub-command's
+    exit code; 2 with a clear message when there is no cluster to join.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--address" or a.startswith("--address=") for a in args):
+        args += ["--address", "auto"]
+    # genrecls's ray.init sets a few worker env vars; a job submitted with env_vars of its
+    # own may name the same keys, which Ray refuses to merge unless told to let ours win.
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    try:
+        return main([name, *args])
+    except ConnectionError as exc:
+        print(f"jobs/{name}.py: no Ray cluster to join ({exc}); submit it with "
+              f"'ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/{name}.py ...' "
+              f"or pass --address HOST:6379", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -151,6 +151,14 @@ class TrainConfig:
     augment: bool = True
     shuffle_buffer: int = 2048
     max_failures: int = 2
+    #: segment order each epoch: "global" (Ray Data random_shuffle), "local" (file order + the
+    #: shuffle buffer only; for training splits too large to shuffle), "auto" (global below 4 GiB)
+    shuffle: Literal["auto", "global", "local"] = "auto"
+    #: Ray CPUs reserved per training worker (0 = auto: leave one CPU of the cluster to Ray Data)
+    cpus_per_worker: float = 0.0
+    #: keep the decoded train/val segments in Ray's object store after the first read ("auto": when
+    #: they take under a quarter of it); "off" re-reads the Parquet shards every epoch
+    cache: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> "TrainConfig":
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -161,6 +169,11 @@ class TrainConfig:
         _check(self.val_fraction + self.test_fraction < 1, "train.val_fraction + test_fraction", "must be < 1")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+        _check(self.shuffle in ("auto", "global", "local"), "train.shuffle", "must be 'auto', 'global' or 'local'")
+        _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0 (0 = auto)")
+        _check(self.cache in ("auto", "on", "off"), "train.cache", "must be 'auto', 'on' or 'off'")
+        _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0")
+        _check(bool(self.model), "train.model", "must name a model (tutorial or default)")
         return self
 
 
@@ -178,8 +191,14 @@ class ClassifyConfig:
     #: model actors (0 = one per GPU with --gpu, else one)
     actors: int = 1
     gpu: bool = False
+    #: CPUs reserved by each model actor (Ray logical CPUs; also its TensorFlow threads, at least 1).  0 lets
+    #: the actors share the decoding tasks' CPUs: on CPU the model costs ~1/7 of decoding per segment
+    #: (bench/classify.py), so reserving a whole CPU for it would idle a decoder on small machines
+    actor_cpus: float = 0.0
     #: tracks per output part written
     part_rows: int = 5000
+    #: retry files whose failure is recorded even if unchanged
+    retry_failed: bool = False
     strict: bool = False
 
     def validate(self) -> "ClassifyConfig":
@@ -188,6 +207,7 @@ class ClassifyConfig:
         _check(self.batch_size >= 1, "classify.batch_size", "must be >= 1")
         _check(self.tracks_per_task >= 1, "classify.tracks_per_task", "must be >= 1")
         _check(self.actors >= 0, "classify.actors", "must be >= 0")
+        _check(self.actor_cpus >= 0, "classify.actor_cpus", "must be >= 0")
         _check(self.part_rows >= 1, "classify.part_rows", "must be >= 1")
         return self
 

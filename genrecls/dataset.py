@@ -39,6 +39,8 @@ __all__ = [
     "segment_schema",
     "failure_schema",
     "ShardWriter",
+    "TrackBuffer",
+    "OutputError",
     "Dataset",
     "new_shard_name",
     "mel_array",
@@ -50,6 +52,8 @@ FEATURES_KEY = b"genrecls.features"
 SHAPE_KEY = b"genrecls.mel_shape"
 VERSION_KEY = b"genrecls.schema_version"
 ROW_GROUP_SEGMENTS = 256
+SHARD_COMPRESSION = "zstd"
+SHARD_COMPRESSION_LEVEL = 3
 
 
 class DatasetError(ValueError):
@@ -113,35 +117,152 @@ def mel_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, int], dtype=
     return flat.reshape(len(arr), *shape).astype(dtype, copy=False)
 
 
+class OutputError(DatasetError):
+    """The dataset cannot be written (disk full, read-only or unwritable folder): the run stops."""
+
+
+#: a track's spectrograms beyond this many bytes wait in a local temporary file, not in memory
+SPILL_BYTES = 64 << 20
+
+
+class TrackBuffer:
+    """One track's spectrograms in the storage dtype, kept until the track is complete.
+
+    A track is written to a shard only once all of it decoded (a file that fails half-way
+    leaves nothing behind).  Up to ``spill_bytes`` stay in memory; beyond that they go to
+    a temporary file in the system temp folder, so a worker's memory stays bounded
+    whatever the track's length (a 3-hour track is about 120 MB of float16 spectrograms).
+    """
+
+    def __init__(self, cfg: FeatureConfig, spill_bytes: int = SPILL_BYTES):
+        self.dtype = np.dtype(np.float16 if cfg.dtype == "float16" else np.float32)
+        self.row_values = cfg.n_mels * cfg.n_frames
+        self.spill_bytes = spill_bytes
+        self._parts: list[np.ndarray] = []
+        self._bytes = 0
+        self._spill = None
+        self._spilled_rows = 0
+        self.starts: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def append(self, mels: np.ndarray, starts: Iterable[float]) -> None:
+        """Add a batch of spectrograms (k, n_mels, n_frames), any float dtype, and their start times."""
+        rows = np.ascontiguousarray(mels, dtype=self.dtype).reshape(-1, self.row_values)
+        starts = list(starts)
+        if len(starts) != rows.shape[0]:
+            raise ValueError(f"{rows.shape[0]} spectrograms but {len(starts)} start times")
+        self.starts.extend(float(s) for s in starts)
+        self._parts.append(rows)
+        self._bytes += rows.nbytes
+        if self._bytes > self.spill_bytes:
+            self._spill_parts()
+
+    def _spill_parts(self) -> None:
+        import tempfile
+
+        try:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryFile(prefix="genrecls-track-")
+            for part in self._parts:
+                self._spill.write(memoryview(part).cast("B"))
+                self._spilled_rows += part.shape[0]
+        except OSError as exc:
+            raise OutputError(f"cannot spill a long track's spectrograms to {tempfile.gettempdir()}: {exc}") from exc
+        self._parts.clear()
+        self._bytes = 0
+
+    def chunks(self, rows: int) -> Iterable[np.ndarray]:
+        """The spectrograms in order, as (<= rows, n_mels * n_frames) arrays."""
+        if self._spill is not None:
+            self._spill.flush()
+            self._spill.seek(0)
+            row_bytes = self.row_values * self.dtype.itemsize
+            left = self._spilled_rows
+            while left:
+                k = min(rows, left)
+                data = self._spill.read(k * row_bytes)
+                yield np.frombuffer(data, dtype=self.dtype).reshape(k, self.row_values)
+                left -= k
+        for part in self._parts:
+            for i in range(0, part.shape[0], rows):
+                yield part[i:i + rows]
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self._parts.clear()
+
+
 class ShardWriter:
-    """Writes one shard: tracks are added whole (all their segments, or nothing)."""
+    """Writes one shard, streaming: tracks are added whole (all their segments, or nothing).
+
+    Rows go to a hidden temporary file as row groups fill (so memory holds one row group
+    and one track, never the whole shard); :meth:`close` adds the track list to the
+    footer and renames the file into place.  Any error while writing aborts the shard
+    (its temporary file is deleted) and is raised as :class:`OutputError`.
+    """
 
     def __init__(self, location: Location, name: str, cfg: FeatureConfig):
         self.location = location
         self.name = name
         self.cfg = cfg
         self.schema = segment_schema(cfg)
-        self._np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
         self._tracks: list[dict[str, Any]] = []
-        self._batches: list[pa.RecordBatch] = []
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._file = None
+        self._writer = None
+        self.segments = 0
 
     @property
     def n_tracks(self) -> int:
         return len(self._tracks)
 
     def add_track(self, *, track_id: str, path: str, label: str | None, fingerprint: str, size: int,
-                  mtime_ns: int, duration: float, mels: np.ndarray, starts: Iterable[float]) -> None:
-        n = mels.shape[0]
-        flat = np.ascontiguousarray(mels, dtype=self._np_dtype).reshape(-1)
-        mel_col = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.cfg.n_mels * self.cfg.n_frames)
-        batch = pa.RecordBatch.from_arrays(
+                  mtime_ns: int, duration: float, mels: "np.ndarray | TrackBuffer",
+                  starts: Iterable[float] | None = None) -> None:
+        """Add every segment of one track (``mels`` as an array with ``starts``, or a :class:`TrackBuffer`)."""
+        if isinstance(mels, TrackBuffer):
+            buf = mels
+        else:
+            buf = TrackBuffer(self.cfg, spill_bytes=1 << 62)
+            buf.append(mels, starts if starts is not None else [])
+        n = len(buf)
+        if n == 0:
+            raise ValueError(f"track {path!r} has no segment")
+        try:
+            first = 0
+            for chunk in buf.chunks(ROW_GROUP_SEGMENTS):
+                k = chunk.shape[0]
+                self._pending.append(self._batch(track_id, path, label, fingerprint, size, mtime_ns, duration,
+                                                 chunk, buf.starts[first:first + k], first))
+                self._pending_rows += k
+                first += k
+                if self._pending_rows >= ROW_GROUP_SEGMENTS:
+                    self._flush()
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write shard {self.name} in {self.location.uri}: {exc}") from exc
+        self.segments += n
+        self._tracks.append({
+            "track_id": track_id, "path": path, "label": label, "fingerprint": fingerprint,
+            "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration,
+        })
+
+    def _batch(self, track_id, path, label, fingerprint, size, mtime_ns, duration, rows, starts, first) -> pa.RecordBatch:
+        n = rows.shape[0]
+        values = pa.array(rows.reshape(-1), type=self.schema.field("mel").type.value_type)
+        return pa.RecordBatch.from_arrays(
             [
                 pa.array([track_id] * n, pa.string()),
                 pa.array([path] * n, pa.string()),
                 pa.array([label] * n, pa.string()),
-                pa.array(np.arange(n, dtype=np.int32)),
-                pa.array(np.asarray(list(starts), dtype=np.float64)),
-                mel_col,
+                pa.array(np.arange(first, first + n, dtype=np.int32)),
+                pa.array(np.asarray(starts, dtype=np.float64)),
+                pa.FixedSizeListArray.from_arrays(values, self.cfg.n_mels * self.cfg.n_frames),
                 pa.array([fingerprint] * n, pa.string()),
                 pa.array(np.full(n, size, np.int64)),
                 pa.array(np.full(n, mtime_ns, np.int64)),
@@ -149,29 +270,52 @@ class ShardWriter:
             ],
             schema=self.schema,
         )
-        self._batches.append(batch)
-        self._tracks.append({
-            "track_id": track_id, "path": path, "label": label, "fingerprint": fingerprint,
-            "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration,
-        })
+
+    def _open(self) -> None:
+        self._file = self.location.open_atomic(f"shards/{self.name}")
+        self._writer = pq.ParquetWriter(
+            self._file.stream, self.schema, compression=SHARD_COMPRESSION, compression_level=SHARD_COMPRESSION_LEVEL,
+            use_dictionary=["track_id", "path", "label", "fingerprint"],
+            write_statistics=["track_id", "segment_index", "label"])
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._open()
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._pending.clear()
+        self._pending_rows = 0
 
     def close(self) -> int:
-        """Write the shard atomically; returns its size in bytes (0 if it held no track)."""
+        """Finish the shard and rename it into place; returns its size in bytes (0 if it held no track)."""
         if not self._tracks:
+            self.abort()
             return 0
-        tracks_json = json.dumps(self._tracks)
+        try:
+            self._flush()
+            self._writer.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(self._tracks)})
+            self._writer.close()
+            self._file.commit()
+            return self.location.fs.get_file_info(self.location.join("shards", self.name)).size
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write shard {self.name} in {self.location.uri}: {exc}") from exc
 
-        def write(out):
-            with pq.ParquetWriter(out, self.schema, compression="zstd", compression_level=3,
-                                  use_dictionary=["track_id", "path", "label", "fingerprint"],
-                                  write_statistics=["track_id", "segment_index", "label"]) as w:
-                table = pa.Table.from_batches(self._batches, schema=self.schema)
-                w.write_table(table, row_group_size=ROW_GROUP_SEGMENTS)
-                w.add_key_value_metadata({TRACKS_KEY.decode(): tracks_json})
-
-        self.location.write_atomic(f"shards/{self.name}", write)
-        self._batches.clear()
-        return self.location.fs.get_file_info(self.location.join("shards", self.name)).size
+    def abort(self) -> None:
+        """Drop everything written so far (the temporary file is deleted)."""
+        self._pending.clear()
+        self._pending_rows = 0
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +336,8 @@ class Dataset:
 
     def __init__(self, location: Location | str):
         self.location = location if isinstance(location, Location) else Location.parse(location)
+        #: shard name -> track list read from its footer (shards are immutable but for rewrite_without)
+        self._footers: dict[str, list[dict[str, Any]]] = {}
 
     @property
     def uri(self) -> str:
@@ -217,12 +363,17 @@ class Dataset:
         return [self.location.join("shards", n) for n in self.shard_names()]
 
     def _read_footer_tracks(self, name: str) -> list[dict[str, Any]]:
+        cached = self._footers.get(name)
+        if cached is not None:
+            return cached
         with self.location.fs.open_input_file(self.location.join("shards", name)) as f:
             meta = pq.read_metadata(f).metadata or {}
         raw = meta.get(TRACKS_KEY)
         if raw is None:
             raise DatasetError(f"shard {name} has no track list in its footer (not written by genrecls?)")
-        return json.loads(raw)
+        tracks = json.loads(raw)
+        self._footers[name] = tracks
+        return tracks
 
     def track_entries(self) -> list[TrackEntry]:
         """Every (track, shard) pair recorded in shard footers, oldest shard first."""
@@ -252,27 +403,40 @@ class Dataset:
         return ds.to_table(columns=columns, filter=filter)
 
     def rewrite_without(self, shard: str, drop_track_ids: set[str]) -> None:
-        """Rewrite a shard without some tracks (atomic replace); deletes it if nothing is left."""
+        """Rewrite a shard without some tracks (atomic replace, row group by row group); deletes it if nothing is left."""
         import pyarrow.compute as pc
 
         path = self.location.join("shards", shard)
+        drop = pa.array(sorted(drop_track_ids), pa.string())
         with self.location.fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            table = pf.read()
             meta = dict(pf.metadata.metadata or {})
-        tracks = [t for t in json.loads(meta[TRACKS_KEY]) if t["track_id"] not in drop_track_ids]
-        if not tracks:
-            self.location.delete("shards", shard)
-            return
-        keep = pc.invert(pc.is_in(table.column("track_id"), pa.array(sorted(drop_track_ids), pa.string())))
-        table = table.filter(keep)
+            tracks = [t for t in json.loads(meta[TRACKS_KEY]) if t["track_id"] not in drop_track_ids]
+            if not tracks:
+                self.location.delete("shards", shard)
+                self._footers.pop(shard, None)
+                return
+            schema = pf.schema_arrow
 
-        def write(out):
-            with pq.ParquetWriter(out, table.schema, compression="zstd", compression_level=3) as w:
-                w.write_table(table, row_group_size=ROW_GROUP_SEGMENTS)
-                w.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(tracks)})
+            def write(out):
+                with pq.ParquetWriter(out, schema, compression=SHARD_COMPRESSION, compression_level=SHARD_COMPRESSION_LEVEL,
+                                      use_dictionary=["track_id", "path", "label", "fingerprint"],
+                                      write_statistics=["track_id", "segment_index", "label"]) as w:
+                    for i in range(pf.num_row_groups):
+                        table = pf.read_row_group(i)
+                        table = table.filter(pc.invert(pc.is_in(table.column("track_id"), drop)))
+                        if table.num_rows:
+                            w.write_table(table, row_group_size=max(table.num_rows, 1))
+                    w.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(tracks)})
 
-        self.location.write_atomic(f"shards/{shard}", write)
+            self._write(f"shards/{shard}", write)
+        self._footers[shard] = tracks
+
+    def _write(self, rel: str, writer) -> None:
+        try:
+            self.location.write_atomic(rel, writer)
+        except OSError as exc:
+            raise OutputError(f"cannot write {rel} in {self.uri}: {exc}") from exc
 
     def reconcile(self, drop_track_ids: Iterable[str] = ()) -> dict[str, int]:
         """Make every track live in exactly one shard (the newest) and drop the given tracks.
@@ -321,8 +485,7 @@ class Dataset:
         if not rows:
             return
         table = pa.Table.from_pylist(rows, schema=failure_schema())
-        self.location.write_atomic(f"failures/{name or new_shard_name()}",
-                                   lambda out: pq.write_table(table, out, compression="zstd"))
+        self._write(f"failures/{name or new_shard_name()}", lambda out: pq.write_table(table, out, compression="zstd"))
 
     def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
         """Rewrite the failures table as one part: drop paths that now have rows or that vanished."""

@@ -14,6 +14,7 @@ with a ``path`` column and an optional ``label`` column.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import unicodedata
@@ -87,6 +88,14 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def _stat_problem(rel_path: str, label: str | None, entry: os.DirEntry, exc: OSError) -> Problem:
+    if exc.errno == errno.ELOOP:
+        return Problem(rel_path, label, "symlink_loop", "symbolic link loop (the link points back to itself); not followed")
+    if exc.errno == errno.ENOENT and entry.is_symlink():
+        return Problem(rel_path, label, "missing", "broken symbolic link (its target does not exist)")
+    return Problem(rel_path, label, "unreadable", f"cannot stat file: {exc.strerror or exc}")
+
+
 def discover_folder(source: str | os.PathLike) -> Discovery:
     root = os.path.abspath(os.fspath(source))
     if not os.path.exists(root):
@@ -130,8 +139,7 @@ def discover_folder(source: str | os.PathLike) -> Discovery:
             try:
                 st = entry.stat(follow_symlinks=True)
             except OSError as exc:
-                reason = "symlink loop or broken link" if entry.is_symlink() else (exc.strerror or str(exc))
-                found.problems.append(Problem(rel(entry.path), label, "unreadable", f"cannot stat file: {reason}"))
+                found.problems.append(_stat_problem(rel(entry.path), label, entry, exc))
                 count += 1
                 continue
             ext = os.path.splitext(entry.name)[1].lower()
@@ -150,7 +158,11 @@ def discover_folder(source: str | os.PathLike) -> Discovery:
     for entry in top:
         if _hidden(entry.name):
             continue
-        if entry.is_dir(follow_symlinks=True):
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False  # a link loop: reported by the stat below
+        if is_dir:
             if walk(entry.path, entry.name) == 0:
                 found.problems.append(Problem(rel(entry.path), entry.name, "empty_label", f"label folder {entry.name!r} holds no audio files"))
         else:
@@ -161,7 +173,7 @@ def discover_folder(source: str | os.PathLike) -> Discovery:
             try:
                 st = entry.stat(follow_symlinks=True)
             except OSError as exc:
-                found.problems.append(Problem(rel(entry.path), None, "unreadable", f"cannot stat file: {exc.strerror or exc}"))
+                found.problems.append(_stat_problem(rel(entry.path), None, entry, exc))
                 continue
             found.tracks.append(Track(entry.path, rel(entry.path), None, st.st_size, st.st_mtime_ns))
     return found
@@ -181,7 +193,10 @@ def discover_manifest(manifest: str | os.PathLike, root: str | os.PathLike | Non
         raise FileNotFoundError(f"manifest {mpath} does not exist")
     base = os.path.abspath(os.fspath(root)) if root is not None else os.path.dirname(mpath)
     if mpath.lower().endswith(".parquet"):
-        table = pq.read_table(mpath)
+        try:
+            table = pq.read_table(mpath)
+        except Exception as exc:
+            raise ValueError(f"cannot read manifest {mpath} as Parquet: {exc}") from None
     else:
         try:
             table = pacsv.read_csv(mpath)

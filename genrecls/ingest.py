@@ -23,9 +23,9 @@ from typing import Any
 
 from .audio import AudioError
 from .config import Config, FeatureConfig
-from .dataset import Dataset, DatasetError, ShardWriter, new_shard_name
+from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
 from .discovery import Discovery, Track, discover
-from .pipeline import fingerprint_file, track_features
+from .pipeline import FeatureStream, fingerprint_file
 from .progress import Progress, format_duration, format_table
 from .runtime import log, ray_session
 from .storage import Location
@@ -58,42 +58,44 @@ def failure_row(rel_path: str, label: str | None, kind: str, reason: str,
 
 
 def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str) -> dict[str, Any]:
-    """Featurise a batch of tracks into one shard.  Runs inside a Ray task; never raises for a bad file."""
+    """Featurise a batch of tracks into one shard.  Runs inside a Ray task.
+
+    Never raises for a bad file (each is returned as a failure row and written to the
+    failures table); raises :class:`~genrecls.dataset.OutputError` if the dataset cannot be
+    written, after deleting its partial shard.
+    """
     loc = Location.parse(dataset_uri)
     writer = ShardWriter(loc, shard_name, cfg)
     failures, unchanged = [], []
-    audio_seconds, segments = 0.0, 0
-    for t in tasks:
-        try:
-            fingerprint = fingerprint_file(t.path)
-            if t.known_fingerprint is not None and fingerprint == t.known_fingerprint:
-                unchanged.append(t.rel_path)
-                continue
-            feats = track_features(t.path, cfg)
-            writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
-                             size=t.size, mtime_ns=t.mtime_ns, duration=feats.duration,
-                             mels=feats.mels, starts=feats.starts)
-            audio_seconds += feats.duration
-            segments += feats.mels.shape[0]
-        except AudioError as exc:
-            failures.append(failure_row(t.rel_path, t.label, exc.kind, str(exc), t.size, t.mtime_ns))
-        except PermissionError:
-            failures.append(failure_row(t.rel_path, t.label, "unreadable",
-                                        "permission denied (the file is not readable by this user)", t.size, t.mtime_ns))
-        except FileNotFoundError:
-            failures.append(failure_row(t.rel_path, t.label, "missing", "the file vanished during the run", t.size, t.mtime_ns))
-        except OSError as exc:
-            failures.append(failure_row(t.rel_path, t.label, "unreadable", f"I/O error: {exc.strerror or exc}", t.size, t.mtime_ns))
-        except MemoryError:
-            failures.append(failure_row(t.rel_path, t.label, "error", "out of memory while processing this file", t.size, t.mtime_ns))
-        except Exception as exc:  # a bug or an unforeseen file: record it, keep the rest of the batch
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            failures.append(failure_row(t.rel_path, t.label, "error",
-                                        f"unexpected {type(exc).__name__}: {exc} (at {os.path.basename(where.filename)}:{where.lineno})",
-                                        t.size, t.mtime_ns))
-    shard_bytes = writer.close()
-    if failures:
-        Dataset(loc).write_failures(failures, name=shard_name)
+    audio_seconds = 0.0
+    try:
+        for t in tasks:
+            buf = TrackBuffer(cfg)
+            try:
+                try:
+                    fingerprint = fingerprint_file(t.path)
+                    if t.known_fingerprint is not None and fingerprint == t.known_fingerprint:
+                        unchanged.append(t.rel_path)
+                        continue
+                    stream = FeatureStream(t.path, cfg)
+                    for mels, starts in stream:
+                        buf.append(mels, starts)
+                except OutputError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every problem with one file is recorded, never raised
+                    failures.append(_failure_of(t, exc))
+                    continue
+                writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
+                                 size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf)
+                audio_seconds += stream.duration
+            finally:
+                buf.close()
+        shard_bytes = writer.close()
+        if failures:
+            Dataset(loc).write_failures(failures, name=shard_name)
+    except BaseException:
+        writer.abort()
+        raise
     node = None
     try:
         import ray
@@ -102,9 +104,30 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
             node = ray.get_runtime_context().get_node_id()
     except Exception:
         pass
-    return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": segments,
+    return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": writer.segments,
             "audio_seconds": audio_seconds, "failures": failures, "unchanged": unchanged,
             "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
+
+
+def _failure_of(t: TrackTask, exc: Exception) -> dict[str, Any]:
+    """The failure row of a file that raised ``exc``: a short kind and a reason a person understands."""
+    if isinstance(exc, AudioError):
+        kind, reason = exc.kind, str(exc)
+    elif isinstance(exc, PermissionError):
+        kind, reason = "unreadable", "permission denied (the file is not readable by this user)"
+    elif isinstance(exc, FileNotFoundError):
+        kind, reason = "missing", "the file vanished during the run"
+    elif isinstance(exc, IsADirectoryError):
+        kind, reason = "unreadable", "the path is a folder, not a file"
+    elif isinstance(exc, OSError):
+        kind, reason = "unreadable", f"I/O error while reading the file: {exc.strerror or exc}"
+    elif isinstance(exc, MemoryError):
+        kind, reason = "error", "out of memory while processing this file"
+    else:  # a bug or an unforeseen file: record it, keep the rest of the batch
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        kind, reason = "error", (f"unexpected {type(exc).__name__}: {exc} "
+                                 f"(at {os.path.basename(where.filename)}:{where.lineno})")
+    return failure_row(t.rel_path, t.label, kind, reason, t.size, t.mtime_ns)
 
 
 def library_versions() -> dict[str, str]:
@@ -226,55 +249,88 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
     ds = Dataset(loc)
     summary = IngestSummary(dataset=loc.uri, discovered=len(found.tracks), ignored_files=found.ignored)
     versions = library_versions()
-    with loc.lock("genrecls ingest"):
-        check_features_match(ds, cfg.features)
-        repaired = ds.reconcile()
-        if repaired["temporaries_removed"] or repaired["rows_superseded"]:
-            log.info("repaired an interrupted run: %s", repaired)
-        if not ds.exists():
-            _write_manifest(ds, cfg, os.path.abspath(source), versions)
-        loc.write_text("config.json", cfg.to_json() + "\n")
-        todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
-        if todo:
-            with ray_session(address, workers, verbose=verbose):
-                _run_tasks(todo, cfg, loc, summary, workers, progress)
-        problems = [failure_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
-        ds.write_failures(problems)
-        for p in found.problems:
-            summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
-        summary.failed += len(problems)
-        vanished: set[str] = set()
-        if prune:
-            present = {t.track_id for t in found.tracks}
-            vanished = {tid for tid in ds.tracks() if tid not in present}
-            summary.pruned = len(vanished)
-        ds.reconcile(drop_track_ids=vanished)
-        live = {e.path for e in ds.tracks().values()}
-        ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
-        _write_manifest(ds, cfg, os.path.abspath(source) if os.path.exists(source) else source, versions)
+    try:
+        with loc.lock("genrecls ingest"):
+            _ingest_locked(found, source, ds, cfg, summary, versions, address=address, workers=workers,
+                           prune=prune, progress=progress, verbose=verbose)
+    except OutputError:
+        raise
+    except OSError as exc:  # the dataset folder cannot be created, locked or written
+        raise OutputError(f"cannot write the dataset at {loc.uri}: {exc.strerror or exc}") from exc
     summary.wall_seconds = time.monotonic() - t0
     return summary
 
 
-def _batches(todo: list[TrackTask], tracks_per_task: int, cpus: int) -> list[list[TrackTask]]:
-    # small runs: spread over every CPU (at least ~2 tasks each) rather than one fat task
-    size = max(1, min(tracks_per_task, math.ceil(len(todo) / max(1, 2 * cpus))))
+def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summary: IngestSummary,
+                   versions: dict[str, str], *, address, workers, prune, progress, verbose) -> None:
+    loc = ds.location
+    source_abs = os.path.abspath(source) if "://" not in source else source
+    check_features_match(ds, cfg.features)
+    repaired = ds.reconcile()
+    if repaired["temporaries_removed"] or repaired["rows_superseded"]:
+        log.info("repaired an interrupted run: %s", repaired)
+    if not ds.exists():
+        _write_manifest(ds, cfg, source_abs, versions)
+    loc.write_text("config.json", cfg.to_json() + "\n")
+    todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
+    try:
+        if todo:
+            with ray_session(address, workers, verbose=verbose):
+                _run_tasks(todo, cfg, loc, summary, workers, progress)
+    except BaseException:
+        try:  # leave the dataset as readers expect it: no temporaries, manifest matching the shards
+            ds.reconcile()
+            _write_manifest(ds, cfg, source_abs, versions)
+        except Exception:
+            pass
+        raise
+    problems = [failure_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
+    ds.write_failures(problems)
+    for p in found.problems:
+        summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
+    summary.failed += len(problems)
+    vanished: set[str] = set()
+    if prune:
+        present = {t.track_id for t in found.tracks}
+        vanished = {tid for tid in ds.tracks() if tid not in present}
+        summary.pruned = len(vanished)
+    ds.reconcile(drop_track_ids=vanished)
+    live = {e.path for e in ds.tracks().values()}
+    ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
+    _write_manifest(ds, cfg, source_abs, versions)
+
+
+def _batches(todo: list[TrackTask], tracks_per_task: int, slots: int) -> list[list[TrackTask]]:
+    # small runs: spread over every slot (at least ~2 tasks each) rather than one fat task
+    size = max(1, min(tracks_per_task, math.ceil(len(todo) / max(1, 2 * slots))))
     return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def _slots(workers: int | None, inflight_per_cpu: int) -> tuple[int, int]:
+    """(concurrent tasks, tasks in flight): every CPU of the cluster, or ``workers`` of them.
+
+    With every CPU, ``inflight_per_cpu`` tasks per CPU stay submitted so that no worker
+    waits for the driver; with fewer workers than CPUs, exactly ``workers`` tasks are in
+    flight, so that ``--workers`` limits concurrency on a shared cluster too.
+    """
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if workers and workers < cpus:
+        return workers, workers
+    return cpus, cpus * inflight_per_cpu
 
 
 def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
                workers: int | None, show_progress: bool) -> None:
     import ray
-    from ray.exceptions import RayError
+    from ray.exceptions import RayError, RayTaskError
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    if workers:
-        cpus = min(cpus, workers)
+    slots, max_inflight = _slots(workers, cfg.ingest.inflight_per_cpu)
     remote = ray.remote(process_batch).options(num_cpus=1, max_retries=cfg.ingest.max_task_retries,
                                                retry_exceptions=False, scheduling_strategy="SPREAD")
     single = ray.remote(process_batch).options(num_cpus=1, max_retries=1, retry_exceptions=False)
-    pending_batches = _batches(todo, cfg.ingest.tracks_per_task, cpus)
-    max_inflight = cpus * cfg.ingest.inflight_per_cpu
+    pending_batches = _batches(todo, cfg.ingest.tracks_per_task, slots)
     inflight: dict[Any, list[TrackTask]] = {}
     bar = Progress(len(todo), "tracks", enabled=show_progress)
     cfg_ref = ray.put(cfg.features)
@@ -282,47 +338,70 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     kinds: Counter[str] = Counter(summary.failures_by_kind)
     nodes, pids = set(), set()
     queue = list(reversed(pending_batches))
-    while queue or inflight:
-        while queue and len(inflight) < max_inflight:
-            batch = queue.pop()
-            fn = single if len(batch) == 1 and getattr(batch, "isolated", False) else remote
-            inflight[fn.remote(batch, cfg_ref, uri, new_shard_name())] = batch
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        for ref in ready:
-            batch = inflight.pop(ref)
-            try:
-                res = ray.get(ref)
-            except RayError as exc:
-                if len(batch) > 1:
-                    log.warning("a worker died %d times on a batch of %d tracks; retrying them one by one",
-                                cfg.ingest.max_task_retries + 1, len(batch))
-                    for t in batch:
-                        queue.append(_Isolated([t]))
-                    continue
-                t = batch[0]
-                reason = f"the worker process died while processing this file ({type(exc).__name__}); retried {cfg.ingest.max_task_retries + 1} times"
-                Dataset(loc).write_failures([failure_row(t.rel_path, t.label, "worker_crashed", reason, t.size, t.mtime_ns)])
-                res = {"shard": None, "tracks": 0, "segments": 0, "audio_seconds": 0.0, "failures": [{"kind": "worker_crashed"}],
-                       "unchanged": [], "shard_bytes": 0, "node": None, "pid": None}
-            summary.processed += len(batch)
-            summary.added += res["tracks"]
-            summary.unchanged_content += len(res["unchanged"])
-            summary.failed += len(res["failures"])
-            summary.segments_added += res["segments"]
-            summary.audio_seconds += res["audio_seconds"]
-            summary.shard_bytes += res["shard_bytes"]
-            summary.shards_written += 1 if res["shard"] else 0
-            for f in res["failures"]:
-                kinds[f["kind"]] += 1
-            if res["node"]:
-                nodes.add(res["node"])
-            if res["pid"]:
-                pids.add(res["pid"])
-            bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
-    bar.close()
-    summary.failures_by_kind = dict(kinds)
-    summary.nodes = sorted(nodes)
-    summary.worker_pids = sorted(pids)
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < max_inflight:
+                batch = queue.pop()
+                fn = single if isinstance(batch, _Isolated) else remote
+                inflight[fn.remote(batch, cfg_ref, uri, new_shard_name())] = batch
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                batch = inflight.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except RayError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(exc, RayTaskError) and isinstance(cause, DatasetError):
+                        raise cause from None  # OutputError in the task: the dataset cannot be written
+                    if len(batch) > 1:
+                        log.warning("a task failed on a batch of %d tracks (%s); retrying them one by one",
+                                    len(batch), type(exc).__name__)
+                        for t in batch:
+                            queue.append(_Isolated([t]))
+                        continue
+                    res = _crashed(batch[0], exc, cfg, loc)
+                summary.processed += len(batch)
+                summary.added += res["tracks"]
+                summary.unchanged_content += len(res["unchanged"])
+                summary.failed += len(res["failures"])
+                summary.segments_added += res["segments"]
+                summary.audio_seconds += res["audio_seconds"]
+                summary.shard_bytes += res["shard_bytes"]
+                summary.shards_written += 1 if res["shard"] else 0
+                for f in res["failures"]:
+                    kinds[f["kind"]] += 1
+                if res["node"]:
+                    nodes.add(res["node"])
+                if res["pid"]:
+                    pids.add(res["pid"])
+                bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
+    except BaseException:
+        for ref in inflight:  # interrupted or the output failed: stop the others (they delete their partial shards)
+            ray.cancel(ref)
+        raise
+    finally:
+        bar.close()
+        summary.failures_by_kind = dict(kinds)
+        summary.nodes = sorted(nodes)
+        summary.worker_pids = sorted(pids)
+
+
+def _crashed(t: TrackTask, exc: Exception, cfg: Config, loc: Location) -> dict[str, Any]:
+    """Record a track whose task kept failing on its own (its worker died, or a bug)."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        reason = f"processing this file failed: {type(cause).__name__ if cause else 'error'}: {cause}"
+        kind = "error"
+    else:
+        kind = "worker_crashed"
+        reason = (f"the worker process died while processing this file ({type(exc).__name__}); "
+                  f"tried {cfg.ingest.max_task_retries + 1} times in its batch and twice alone")
+    row = failure_row(t.rel_path, t.label, kind, reason, t.size, t.mtime_ns)
+    Dataset(loc).write_failures([row])
+    return {"shard": None, "tracks": 0, "segments": 0, "audio_seconds": 0.0, "failures": [row],
+            "unchanged": [], "shard_bytes": 0, "node": None, "pid": None}
 
 
 class _Isolated(list):

@@ -17,10 +17,18 @@ from .config import FeatureConfig
 from .features import log_mel
 from .segments import iter_segments, segment_starts
 
-__all__ = ["TrackFeatures", "fingerprint_file", "track_features", "sampled_track_features"]
+__all__ = ["TrackFeatures", "FeatureStream", "feature_batch", "fingerprint_file", "track_features", "sampled_track_features"]
 
-#: segments turned into spectrograms at once (bounded memory, good cache use)
+#: segments turned into spectrograms at once, at most (bounded memory)
 FEATURE_BATCH = 16
+#: target size of one batch's STFT frames: small enough to stay in cache (measured fastest)
+_BATCH_FRAME_BYTES = 4 << 20
+
+
+def feature_batch(cfg: FeatureConfig) -> int:
+    """Segments per :func:`log_mel` call: about 4 MiB of STFT frames (2 default segments)."""
+    per_segment = cfg.n_frames * cfg.n_fft * 4
+    return max(1, min(FEATURE_BATCH, _BATCH_FRAME_BYTES // per_segment))
 
 
 @dataclass
@@ -42,40 +50,73 @@ def fingerprint_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _features_of(segments, cfg: FeatureConfig) -> tuple[np.ndarray, list[float]]:
-    mels, starts, pending = [], [], []
+class FeatureStream:
+    """The spectrograms of one track, batch by batch as decoding goes (bounded memory).
 
-    def flush():
+    Iterating yields ``(mels, starts)``: float32 arrays of shape (k, n_mels, n_frames) and
+    the k segment start times in seconds.  Once the iteration has ended, ``duration`` holds
+    the seconds of audio decoded and ``segments`` the number of segments.
+
+    Raises :class:`AudioError` during the iteration for any unusable file (including at
+    the very end: a silent or truncated track is only known once it is decoded); the
+    batches already yielded must then be discarded.
+
+    Examples
+    --------
+    >>> stream = FeatureStream("song.flac", cfg)          # doctest: +SKIP
+    >>> for mels, starts in stream: ...                   # doctest: +SKIP
+    >>> stream.duration, stream.segments                  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, cfg: FeatureConfig):
+        self.path = path
+        self.cfg = cfg
+        self.duration = 0.0
+        self.segments = 0
+
+    def __iter__(self):
+        cfg = self.cfg
+        samples = 0
+        blocks = iter_mono_blocks(self.path, sample_rate=cfg.sample_rate, quality=cfg.resample_quality)
+
+        def counted():
+            nonlocal samples
+            try:
+                for b in blocks:
+                    samples += b.size
+                    yield b
+            finally:
+                blocks.close()
+
+        batch = feature_batch(cfg)
+        pending, starts = [], []
+        for seg in iter_segments(counted(), cfg):
+            pending.append(seg.samples)
+            starts.append(seg.start_sample / cfg.sample_rate)
+            if len(pending) >= batch:
+                self.segments += len(pending)
+                yield log_mel(np.stack(pending), cfg), starts
+                pending, starts = [], []
         if pending:
-            mels.append(log_mel(np.stack(pending), cfg))
-            pending.clear()
-
-    for seg in segments:
-        pending.append(seg.samples)
-        starts.append(seg.start_sample / cfg.sample_rate)
-        if len(pending) >= FEATURE_BATCH:
-            flush()
-    flush()
-    if not mels:
-        raise AudioError("too_short", "the track produced no segment")
-    return np.concatenate(mels), starts
+            self.segments += len(pending)
+            yield log_mel(np.stack(pending), cfg), starts
+        self.duration = samples / cfg.sample_rate
+        if self.segments == 0:
+            raise AudioError("too_short", "the track produced no segment")
 
 
 def track_features(path: str | os.PathLike, cfg: FeatureConfig) -> TrackFeatures:
-    """All segments of a track (up to ``cfg.max_segments_per_track``), decoded in blocks.
+    """All segments of a track (up to ``cfg.max_segments_per_track``), decoded in blocks, in memory.
 
-    Raises :class:`AudioError` with a recorded reason for any unusable file.
+    Raises :class:`AudioError` with a recorded reason for any unusable file.  Ingest uses
+    :class:`FeatureStream` instead, which never holds a long track's float32 spectrograms.
     """
-    total = [0]
-
-    def counted(blocks):
-        for b in blocks:
-            total[0] += b.size
-            yield b
-
-    blocks = iter_mono_blocks(path, sample_rate=cfg.sample_rate, quality=cfg.resample_quality)
-    mels, starts = _features_of(iter_segments(counted(blocks), cfg), cfg)
-    return TrackFeatures(mels, starts, total[0] / cfg.sample_rate)
+    stream = FeatureStream(path, cfg)
+    mels, starts = [], []
+    for m, s in stream:
+        mels.append(m)
+        starts.extend(s)
+    return TrackFeatures(np.concatenate(mels), starts, stream.duration)
 
 
 def sampled_track_features(path: str | os.PathLike, cfg: FeatureConfig, max_segments: int) -> TrackFeatures:
@@ -102,8 +143,9 @@ def sampled_track_features(path: str | os.PathLike, cfg: FeatureConfig, max_segm
         part = audio[: cfg.segment_samples]
         seg[: part.size] = part
         segments.append(seg)
-    mels = np.concatenate([log_mel(np.stack(segments[i:i + FEATURE_BATCH]), cfg)
-                           for i in range(0, len(segments), FEATURE_BATCH)])
+    batch = feature_batch(cfg)
+    mels = np.concatenate([log_mel(np.stack(segments[i:i + batch]), cfg)
+                           for i in range(0, len(segments), batch)])
     peak_db = float(mels.max())
     if peak_db <= 10 * np.log10(1e-10) + 1e-3:
         raise AudioError("silent", "the sampled segments are silent")

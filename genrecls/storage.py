@@ -1,7 +1,8 @@
 """Storage: local paths or any URI ``pyarrow.fs`` understands (``s3://``, ``gs://``, ``file://``).
 
-Every output file is written under a hidden temporary name (``.tmp-...``, which
-``pyarrow.dataset``, DuckDB globs and Polars skip) and renamed into place when complete.
+Every output file is written under a hidden temporary name (``.tmp-<id>-<name>.partial``:
+``pyarrow.dataset`` skips hidden files, and ``*.parquet`` globs in DuckDB and Polars, which
+do match dot files, do not match the suffix) and renamed into place when complete.
 On object stores the rename is a copy plus delete, still invisible to readers until done.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "LockedError", "TMP_PREFIX"]
+__all__ = ["Location", "AtomicFile", "LockedError", "TMP_PREFIX"]
 
 TMP_PREFIX = ".tmp-"
 
@@ -85,25 +86,27 @@ class Location:
         except FileNotFoundError:
             pass
 
-    def write_atomic(self, rel: str, writer: Callable[[Any], None]) -> None:
-        """Write ``rel`` by calling ``writer(output_stream)`` on a temporary file, then rename it into place."""
+    def open_atomic(self, rel: str) -> "AtomicFile":
+        """Open ``rel`` for writing under a temporary name; ``commit()`` renames it into place.
+
+        Readers never see a partial file: until ``commit()`` the bytes live in a hidden
+        ``.tmp-*`` file (removed by ``abort()``, or by :meth:`remove_temporaries` after a crash).
+        """
         folder, name = posixpath.split(rel)
         if folder:
             self.makedirs(folder)
-        tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
+        # hidden (pyarrow.dataset skips it) and not matching '*.parquet' (DuckDB and Polars globs match dot files)
+        tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}.partial")
+        return AtomicFile(self, rel, tmp)
+
+    def write_atomic(self, rel: str, writer: Callable[[Any], None]) -> None:
+        """Write ``rel`` by calling ``writer(output_stream)`` on a temporary file, then rename it into place."""
+        f = self.open_atomic(rel)
         try:
-            with self.fs.open_output_stream(self.join(tmp)) as out:
-                writer(out)
-            if self.is_local:
-                # make the bytes durable before they become visible under the final name
-                fd = os.open(self.join(tmp), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self.fs.move(self.join(tmp), self.join(rel))
+            writer(f.stream)
+            f.commit()
         except BaseException:
-            self.delete(tmp)
+            f.abort()
             raise
 
     def write_text(self, rel: str, text: str) -> None:
@@ -165,3 +168,41 @@ class Location:
             yield
         finally:
             os.close(fd)
+
+
+class AtomicFile:
+    """An output stream written under a temporary name and renamed into place on :meth:`commit`."""
+
+    def __init__(self, location: Location, rel: str, tmp: str):
+        self.location = location
+        self.rel = rel
+        self.tmp = tmp
+        self.stream = location.fs.open_output_stream(location.join(tmp))
+        self.done = False
+
+    def commit(self) -> None:
+        """Close the stream, make the bytes durable (local disks) and rename into place."""
+        loc = self.location
+        self.stream.close()
+        if loc.is_local:
+            fd = os.open(loc.join(self.tmp), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        loc.fs.move(loc.join(self.tmp), loc.join(self.rel))
+        self.done = True
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (best effort; never raises)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.stream.close()
+        except Exception:
+            pass
+        try:
+            self.location.delete(self.tmp)
+        except Exception:
+            pass

@@ -1,0 +1,399 @@
+"""Benchmark of ``genrecls classify``: throughput next to ingest, memory as the library grows, K.
+
+Three measurements, all on one local Ray of ``--cpus`` CPUs started by this script:
+
+1. **Throughput**: on a folder of real music (a subset of the game-music set, ``--real``)
+   and a folder of synthetic tracks, ``ingest`` then ``classify`` (each on a fresh output,
+   medians of ``--repeats`` runs): tracks/s and audio-seconds per wall-second, the ratio
+   classify/ingest (target >= 0.8), and the peak memory (PSS summed over this process and
+   every Ray process under it: raylet, GCS, workers, the model actors).
+2. **Memory at 1x and 4x the library**: classify of the real subset and of 4 copies of it
+   (symbolic links under 4 folders, so 4x the tracks); the peak must stay flat.
+3. **K (classify.max_segments)**: the real set is ingested (cached in ``--work``), a model
+   (``genrecls.models`` 'default' CNN) is trained on 60% of its tracks, and on the other 40%
+   track accuracy is measured when a track is scored on K evenly spaced segments (the
+   segments ``genrecls.segments.segment_starts`` picks), next to the cost of featurising K
+   sampled segments per track (``genrecls.pipeline.sampled_track_features``).
+
+The model used for throughput is the one trained in 3.  TensorFlow runs only in Ray
+workers (training and scoring tasks exit after use), so this process stays small.
+
+Run ``.venv/bin/python bench/classify.py`` (full) or ``--quick``; writes
+``bench/results/classify.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from genrecls.runtime import quiet_environment  # noqa: E402
+
+quiet_environment()
+
+from genrecls.classify import classify, read_predictions  # noqa: E402
+from genrecls.config import Config  # noqa: E402
+from genrecls.dataset import Dataset, mel_array  # noqa: E402
+from genrecls.ingest import ingest  # noqa: E402
+from genrecls.progress import format_table  # noqa: E402
+from genrecls.runtime import ray_session  # noqa: E402
+from genrecls.sample_data import make_sample_collection  # noqa: E402
+
+K_VALUES = [1, 2, 3, 4, 6, 8, 10, 15, 20, 0]  # 0 = every segment
+
+
+# -- memory --------------------------------------------------------------------------
+class TreeMemory:
+    """Samples the summed PSS (and RSS) of this process and all its descendants."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.psutil = psutil
+        self.interval = interval
+        self.peak_pss = 0
+        self.peak_rss = 0
+        self.peak_driver_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = self.psutil.Process()
+        procs = [me] + me.children(recursive=True)
+        pss = rss = 0
+        for p in procs:
+            try:
+                m = p.memory_full_info()
+                pss += getattr(m, "pss", m.rss)
+                rss += m.rss
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                pass
+        self.peak_pss = max(self.peak_pss, pss)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def mib(self) -> dict[str, float]:
+        return {"peak_pss_mib": round(self.peak_pss / 2**20, 1), "peak_rss_mib": round(self.peak_rss / 2**20, 1),
+                "peak_driver_rss_mib": round(self.peak_driver_rss / 2**20, 1)}
+
+
+# -- data ------------------------------------------------------------------------------
+def real_subset(real: Path, dest: Path, per_style: int, copies: int = 1) -> int:
+    """Symbolic links to ``per_style`` tracks of each style (spread over lengths), in ``copies`` folders."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    n = 0
+    for style in sorted(p for p in real.iterdir() if p.is_dir()):
+        files = sorted(f for f in style.iterdir() if f.is_file())
+        idx = np.unique(np.round(np.linspace(0, len(files) - 1, min(per_style, len(files)))).astype(int))
+        for c in range(copies):
+            folder = dest / (f"copy{c}" if copies > 1 else "") / style.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in idx:
+                (folder / files[i].name).symlink_to(files[i])
+                n += 1
+    return n
+
+
+def audio_seconds(folder: Path) -> float:
+    import soundfile as sf
+
+    return sum(sf.info(str(p)).duration for p in folder.rglob("*") if p.is_file())
+
+
+# -- model (in a Ray worker that exits afterwards) ------------------------------------
+def train_model(dataset: str, run: str, train_ids: list[str], epochs: int, per_track: int, seed: int = 0) -> dict:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import pyarrow.compute as pc
+
+    from genrecls.inference import export_model
+
+    ds = Dataset(dataset)
+    features = ds.feature_config()
+    table = ds.read_segments(columns=["track_id", "segment_index", "label", "mel"],
+                             filter=pc.field("track_id").isin(train_ids))
+    # at most per_track evenly spaced segments of each track: long tracks do not dominate
+    tids = table.column("track_id").to_pylist()
+    seg = np.asarray(table.column("segment_index").to_pylist())
+    counts = {t: 0 for t in tids}
+    for t in tids:
+        counts[t] += 1
+    keep = []
+    for i, t in enumerate(tids):
+        n = counts[t]
+        if n <= per_track or seg[i] in set(np.round(np.linspace(0, n - 1, per_track)).astype(int)):
+            keep.append(i)
+    table = table.take(keep)
+    x = mel_array(table.column("mel"), features.mel_shape)
+    labels = sorted(set(table.column("label").to_pylist()))
+    y = np.array([labels.index(v) for v in table.column("label").to_pylist()])
+    try:
+        from genrecls.models import build_model, keras
+
+        k = keras()
+        k.utils.set_random_seed(seed)
+        model = build_model("default", features.mel_shape, len(labels), mean=x.mean(axis=(0, 2)), std=x.std(axis=(0, 2)))
+        name = "default"
+    except ImportError:  # genrecls.models not there: a small CNN of the same shape of input/output
+        import tf_keras as k
+
+        k.utils.set_random_seed(seed)
+        norm = k.layers.Normalization(axis=None)
+        norm.adapt(x[:2000])
+        model = k.Sequential([k.Input(features.mel_shape), norm, k.layers.Reshape((*features.mel_shape, 1)),
+                              k.layers.Conv2D(16, 3, padding="same", activation="relu"), k.layers.MaxPooling2D(2),
+                              k.layers.Conv2D(32, 3, padding="same", activation="relu"), k.layers.MaxPooling2D(2),
+                              k.layers.GlobalAveragePooling2D(), k.layers.Dense(len(labels), activation="softmax")])
+        model.compile(k.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        name = "small"
+    counts_y = np.bincount(y, minlength=len(labels))
+    weights = {i: len(y) / (len(labels) * max(c, 1)) for i, c in enumerate(counts_y)}
+    t0 = time.perf_counter()
+    model.fit(x, y, epochs=epochs, batch_size=32, shuffle=True, class_weight=weights, verbose=0)
+    info = export_model(model, run, labels=labels, features=features, model_name=f"bench-{name}")
+    return {"model": name, "parameters": int(model.count_params()), "train_segments": int(len(y)),
+            "train_seconds": round(time.perf_counter() - t0, 1), "model_id": info["model_id"]}
+
+
+def accuracy_vs_k(dataset: str, run: str, test_ids: list[str]) -> dict:
+    """Track accuracy on held-out tracks when each is scored on K evenly spaced segments."""
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # as in the classify actors (genrecls.classify.Scorer)
+    import pyarrow.compute as pc
+    from sklearn.metrics import balanced_accuracy_score
+
+    from genrecls.inference import Predictor, aggregate_tracks
+
+    ds = Dataset(dataset)
+    shape = ds.feature_config().mel_shape
+    pred = Predictor(run)
+    table = ds.read_segments(columns=["track_id", "segment_index", "label", "mel"],
+                             filter=pc.field("track_id").isin(test_ids))
+    mels = mel_array(table.column("mel"), shape)
+    pred.predict(mels[:8])
+    t0 = time.process_time()  # CPU seconds: robust to other load on a shared machine
+    probs = pred.predict(mels, batch_size=256)
+    model_seconds = time.process_time() - t0
+    tids = np.asarray(table.column("track_id").to_pylist())
+    segs = np.asarray(table.column("segment_index").to_pylist())
+    truth = dict(zip(tids.tolist(), table.column("label").to_pylist()))
+    by_track: dict[str, list[int]] = {}
+    for i, t in enumerate(tids):
+        by_track.setdefault(t, []).append(i)
+    out = []
+    for k in K_VALUES:
+        rows_t, rows_i = [], []
+        for t, idx in by_track.items():
+            idx = sorted(idx, key=lambda i: segs[i])
+            n = len(idx)
+            pick = range(n) if k == 0 or n <= k else np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))
+            for j in pick:
+                rows_t.append(t)
+                rows_i.append(idx[j])
+        ids, tp = aggregate_tracks(rows_t, probs[rows_i])
+        y_true = [truth[t] for t in ids]
+        y_pred = [pred.labels[j] for j in tp.argmax(1)]
+        out.append({"k": k, "segments": len(rows_i), "track_accuracy": round(float(np.mean(np.array(y_true) == np.array(y_pred))), 4),
+                    "balanced_accuracy": round(float(balanced_accuracy_score(y_true, y_pred)), 4)})
+    return {"tracks": len(by_track), "segments": int(len(tids)), "model_cpu_ms_per_segment": round(1000 * model_seconds / len(tids), 2),
+            "by_k": out}
+
+
+def featurise_cpu_ms_per_segment(files: list[str], features) -> float:
+    """CPU milliseconds to decode and featurise one segment (whole tracks, as ingest does)."""
+    from genrecls.pipeline import track_features
+
+    t0, n = time.process_time(), 0
+    for f in files:
+        n += track_features(f, features).mels.shape[0]
+    return round(1000 * (time.process_time() - t0) / n, 2)
+
+
+def featurise_cost(files: list[str], features, k_values: list[int]) -> list[dict]:
+    """Seconds to featurise each file with at most K sampled segments (one core, this process)."""
+    from genrecls.pipeline import sampled_track_features
+
+    out = []
+    for k in k_values:
+        t0 = time.perf_counter()
+        segs = 0
+        for f in files:
+            segs += sampled_track_features(f, features, k).mels.shape[0]
+        out.append({"k": k, "seconds_per_track": round((time.perf_counter() - t0) / len(files), 3), "segments": segs})
+    return out
+
+
+# -- runs --------------------------------------------------------------------------------
+def timed(fn) -> tuple[float, dict, object]:
+    with TreeMemory() as mem:
+        t0 = time.perf_counter()
+        res = fn()
+        wall = time.perf_counter() - t0
+    return wall, mem.mib(), res
+
+
+def run_pair(folder: Path, run: Path, work: Path, cfg: Config, repeats: int, n_tracks: int, seconds: float) -> dict:
+    rows = {"ingest": [], "classify": []}
+    for r in range(repeats):
+        out = work / "out-ingest"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, mem, s = timed(lambda: ingest(str(folder), str(out), cfg, progress=False))
+        assert s.added == n_tracks, (s.added, n_tracks)
+        rows["ingest"].append({"wall_s": wall, **mem})
+        out = work / "out-classify"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, mem, s = timed(lambda: classify(str(folder), str(run), str(out), cfg, progress=False))
+        assert s["classified"] == n_tracks, s
+        rows["classify"].append({"wall_s": wall, **mem, "segments": s["segments"]})
+    result = {"tracks": n_tracks, "audio_hours": round(seconds / 3600, 3)}
+    for name, runs in rows.items():
+        wall = statistics.median(r["wall_s"] for r in runs)
+        result[name] = {"wall_s": round(wall, 2), "runs_wall_s": [round(r["wall_s"], 2) for r in runs],
+                        "tracks_per_s": round(n_tracks / wall, 3), "audio_s_per_s": round(seconds / wall, 1),
+                        "peak_pss_mib": max(r["peak_pss_mib"] for r in runs),
+                        "peak_driver_rss_mib": max(r["peak_driver_rss_mib"] for r in runs)}
+        if name == "classify":
+            result[name]["segments_scored"] = runs[0]["segments"]
+    result["ratio_classify_to_ingest"] = round(result["ingest"]["wall_s"] / result["classify"]["wall_s"], 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small folders, 1 repeat, a short training")
+    p.add_argument("--real", default="/tmp/game-music", help="real-music folder (<style>/<file>)")
+    p.add_argument("--work", default="/tmp/genrecls-bench-classify", help="scratch folder (datasets and model are cached here)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--repeats", type=int, help="runs per measurement (median); default 3, 1 with --quick")
+    p.add_argument("--actor-cpus", type=float, help="classify.actor_cpus for the throughput runs (default: the config default)")
+    p.add_argument("--skip-k", action="store_true", help="skip the K measurement (needs a trained model already cached)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
+    a = p.parse_args(argv)
+    import ray
+    from sklearn.model_selection import train_test_split
+
+    real, work = Path(a.real), Path(a.work) / ("quick" if a.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    repeats = a.repeats or (1 if a.quick else 3)
+    cfg = Config()
+    if a.actor_cpus is not None:
+        cfg = cfg.with_section(classify={"actor_cpus": a.actor_cpus})
+    import psutil
+
+    results: dict = {"quick": a.quick, "cpus": a.cpus, "repeats": repeats, "config": cfg.to_dict()["classify"],
+                     "load_average_start": list(os.getloadavg()), "machine_cpus": os.cpu_count(),
+                     "machine_memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    t_start = time.perf_counter()
+    with ray_session(workers=a.cpus):
+        # 3 first: the model is needed by everything else
+        print("== model and K: ingest of the real set (cached), training, accuracy vs K", flush=True)
+        per_style_k = 8 if a.quick else 1000
+        k_lib = work / "k-library"
+        if not k_lib.exists():
+            real_subset(real, k_lib, per_style_k)
+        k_ds = work / "k-dataset"
+        t0 = time.perf_counter()
+        s = ingest(str(k_lib), str(k_ds), cfg, progress=True)
+        results["k_ingest"] = {"tracks": s.discovered, "added_now": s.added, "wall_s": round(time.perf_counter() - t0, 1)}
+        tracks = Dataset(str(k_ds)).track_table()
+        ids, labels = tracks.column("track_id").to_pylist(), tracks.column("label").to_pylist()
+        train_ids, test_ids = train_test_split(ids, test_size=0.4, stratify=labels, random_state=0)
+        run = work / "run"
+        if not (run / "run.json").exists():
+            task = ray.remote(num_cpus=a.cpus, max_calls=1)(train_model)
+            results["model"] = ray.get(task.remote(str(k_ds), str(run), train_ids, 4 if a.quick else 8, 24 if a.quick else 30))
+            (work / "model.json").write_text(json.dumps(results["model"]))
+        else:
+            results["model"] = json.loads((work / "model.json").read_text())
+        print(f"model: {results['model']}", flush=True)
+        if not a.skip_k:
+            task = ray.remote(num_cpus=1, max_calls=1)(accuracy_vs_k)
+            results["k_accuracy"] = ray.get(task.remote(str(k_ds), str(run), test_ids))
+            # featurisation cost per track at each K: the longest held-out tracks (where K matters)
+            test_set = set(test_ids)
+            longest = sorted((e for e in Dataset(str(k_ds)).tracks().values() if e.track_id in test_set),
+                             key=lambda e: -e.duration_seconds)[: 3 if a.quick else 8]
+            results["k_cost"] = {"tracks": len(longest),
+                                 "median_track_seconds": round(statistics.median(e.duration_seconds for e in longest), 1),
+                                 "by_k": featurise_cost([str(k_lib / e.path) for e in longest], cfg.features, K_VALUES)}
+            print(format_table([(r["k"] or "all", r["segments"], r["track_accuracy"], r["balanced_accuracy"], c["seconds_per_track"])
+                                for r, c in zip(results["k_accuracy"]["by_k"], results["k_cost"]["by_k"])],
+                               ("K", "segments", "track_acc", "balanced_acc", "featurise_s/long_track")), flush=True)
+
+        # 1. throughput next to ingest
+        print("== throughput: ingest vs classify", flush=True)
+        per_style = 2 if a.quick else 5
+        real_1x = work / "real-1x"
+        n_real = real_subset(real, real_1x, per_style)
+        synth = work / "synth"
+        n_synth = len(make_sample_collection(str(synth), genres=4, tracks_per_genre=6 if a.quick else 12, seconds=30.0, seed=3))
+        synth_files = sorted(str(p) for p in synth.rglob("*") if p.is_file())[:8]
+        results["cpu_cost"] = {"featurise_ms_per_segment": featurise_cpu_ms_per_segment(synth_files, cfg.features),
+                               "model_ms_per_segment": (results.get("k_accuracy") or {}).get("model_cpu_ms_per_segment")}
+        print(f"CPU cost per segment (synthetic, one core): {results['cpu_cost']}", flush=True)
+        results["throughput"] = {}
+        for name, folder, n in (("real", real_1x, n_real), ("synthetic", synth, n_synth)):
+            results["throughput"][name] = run_pair(folder, run, work, cfg, repeats, n, audio_seconds(folder))
+            r = results["throughput"][name]
+            print(f"{name}: {r}", flush=True)
+
+        # 2. memory at 1x and 4x
+        print("== memory: classify at 1x and 4x the library", flush=True)
+        real_4x = work / "real-4x"
+        n_4x = real_subset(real, real_4x, per_style, copies=4)
+        results["memory"] = {}
+        for name, folder, n in (("1x", real_1x, n_real), ("4x", real_4x, n_4x)):
+            out = work / f"out-mem-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            wall, mem, s = timed(lambda: classify(str(folder), str(run), str(out), cfg, progress=False))
+            assert s["classified"] == n and read_predictions(out).num_rows == n
+            results["memory"][name] = {"tracks": n, "wall_s": round(wall, 2), **mem}
+            print(f"{name}: {results['memory'][name]}", flush=True)
+        results["memory"]["ratio_4x_to_1x_pss"] = round(results["memory"]["4x"]["peak_pss_mib"] / results["memory"]["1x"]["peak_pss_mib"], 3)
+    results["load_average_end"] = list(os.getloadavg())
+    results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    rows = []
+    for name, r in results["throughput"].items():
+        for step in ("ingest", "classify"):
+            rows.append((f"{name} ({r['tracks']} tracks, {r['audio_hours']} h)", step, r[step]["wall_s"], r[step]["tracks_per_s"],
+                         r[step]["audio_s_per_s"], r[step]["peak_pss_mib"]))
+        rows.append(("", "classify/ingest", f"{r['ratio_classify_to_ingest']:.2f}", "", "", ""))
+    print()
+    print(format_table(rows, ("folder", "step", "wall_s", "tracks/s", "audio_s/s", "peak_pss_MiB")))
+    m = results["memory"]
+    print(f"\nclassify peak memory (PSS, driver + Ray processes): 1x {m['1x']['peak_pss_mib']} MiB ({m['1x']['tracks']} tracks), "
+          f"4x {m['4x']['peak_pss_mib']} MiB ({m['4x']['tracks']} tracks): ratio {m['ratio_4x_to_1x_pss']}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

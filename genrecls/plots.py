@@ -1,0 +1,75 @@
+"""Figures of a run: learning curves and the per-track confusion matrix (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+__all__ = ["plot_curves", "plot_confusion"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, location, name: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    location.write_atomic(name, lambda out: out.write(buf.getvalue()))
+
+
+def plot_curves(history: Sequence[dict[str, Any]], location, name: str = "curves.png", *, title: str = "") -> None:
+    """Training and validation accuracy and loss per epoch (two panels), plus the best epoch."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "accuracy", "accuracy (segments)"), (axes[1], "loss", "loss (cross-entropy)")):
+        ax.plot(epochs, [h.get(key) for h in history], "o-", label="train", ms=3)
+        ax.plot(epochs, [h.get(f"val_{key}") for h in history], "s-", label="validation", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if history:
+            best = min(history, key=lambda h: h.get("val_loss", float("inf")))
+            ax.axvline(best["epoch"], color="grey", ls="--", lw=0.8, label=f"best (epoch {best['epoch']})")
+        ax.legend(fontsize=8)
+    if history:
+        axes[0].set_ylim(0, 1.02)
+    fig.suptitle(title or "learning curves")
+    fig.tight_layout()
+    _save(fig, location, name)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], location,
+                   name: str = "confusion_matrix.png", *, title: str = "") -> None:
+    """Confusion matrix in tracks (rows: true label, columns: predicted), colour = row share."""
+    import numpy as np
+
+    plt = _pyplot()
+    m = np.asarray(matrix, dtype=float)
+    rows = m.sum(axis=1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    n = len(labels)
+    size = max(4.0, 0.6 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if m[i, j]:
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's tracks")
+    ax.set_title(title or "confusion matrix (tracks)")
+    fig.tight_layout()
+    _save(fig, location, name)
+    plt.close(fig)

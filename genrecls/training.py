@@ -1,0 +1,847 @@
+"""Training: a data-parallel CNN genre classifier with Ray Train on the dataset's Parquet shards.
+
+The driver (:func:`train`) checks the dataset and the configuration, splits the tracks
+(:mod:`genrecls.split`), computes the input normalisation on the training split, and only
+then starts Ray Train's ``TensorflowTrainer``.  Each worker runs :func:`train_func`:
+
+* data enters through Ray Data: ``read_parquet`` on the shard files with the split's track
+  ids pushed down into the scan, decoded to ``x`` (float16, (n_mels, n_frames)) and ``y``;
+  the trainer splits it between workers (``streaming_split(equal=True)``) and each worker
+  reads its share with ``get_dataset_shard`` and ``iter_batches`` (local shuffle buffer);
+* ``MultiWorkerMirroredStrategy`` over tf-keras (see :mod:`genrecls.models`); every worker
+  runs exactly the same number of steps per epoch (computed by the driver from the equal
+  split; a worker that came up short would repeat its last batch rather than leave the
+  others waiting in an all-reduce);
+* the validation split is evaluated every epoch; learning rate follows a cosine decay
+  over ``train.epochs``; early stopping on validation loss (the best epoch's weights are
+  the ones exported); class weights inverse to the label frequencies; fixed seed;
+* a checkpoint every epoch through ``ray.train.report`` (weights, optimizer state, best
+  weights, history): a worker that dies makes Ray Train restart the group from the last
+  checkpoint (``FailureConfig(max_failures)``), and ``train(..., resume=True)``
+  (``genrecls train --resume RUN``) continues an interrupted run.
+
+What a run folder holds when done::
+
+    RUN/config.json          resolved configuration (features = the dataset's)
+    RUN/splits.parquet       track_id, label, split (train/val/test), group
+    RUN/normalisation.json   per-mel-band mean and std of the training split
+    RUN/plan.json            labels, class weights, steps, counts, dataset (written before training)
+    RUN/checkpoints/         Ray Train checkpoints (one per epoch, last two kept)
+    RUN/model/, model.keras  the model (genrecls.inference.export_model), run.json
+    RUN/history.json, curves.png, confusion_matrix.png, metrics.json, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import Config, ConfigError, FeatureConfig
+from .dataset import FEATURES_KEY, TRACKS_KEY, Dataset, DatasetError
+from .runtime import log, quiet_environment, ray_session
+from .split import SplitError, assign_splits, split_counts, write_splits
+from .storage import Location
+
+__all__ = ["TrainingError", "REQUIRED_COLUMNS", "check_dataset", "plan_training", "train", "train_func",
+           "learning_rate_at"]
+
+REQUIRED_COLUMNS = ("track_id", "label", "segment_index", "mel")
+#: below this stored size (training split), shuffle="auto" shuffles globally every epoch
+GLOBAL_SHUFFLE_MAX_BYTES = 4 << 30
+FOLDER_GROUP = "folder"
+
+
+class TrainingError(RuntimeError):
+    """Training could not finish (a worker failed more often than allowed, a bug...)."""
+
+
+# --------------------------------------------------------------------------------------
+# checks and plan (driver, before any worker starts)
+# --------------------------------------------------------------------------------------
+@dataclass
+class DatasetCheck:
+    dataset: Dataset
+    features: FeatureConfig
+    shard_paths: list[str]
+    tracks: list[dict[str, Any]]  # track_id, label, n_segments, shard, path (+ group)
+    labels: list[str]
+    unlabelled: int
+    stored_bytes: int
+    columns: list[str]
+
+
+def _shard_footer(ds: Dataset, name: str):
+    import pyarrow.parquet as pq
+
+    with ds.location.fs.open_input_file(ds.location.join("shards", name)) as f:
+        md = pq.read_metadata(f)
+        return md, md.schema.to_arrow_schema(), f.size()
+
+
+def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetCheck:
+    """Everything that can be wrong with a dataset before training, as a clear :class:`DatasetError`.
+
+    Checks: the dataset exists and has segments; every shard has the columns training needs
+    (and ``train.group_column``); every shard was written with the manifest's feature
+    configuration; ``cfg.features``, when not the default, equals the dataset's; at least two
+    labels.
+    """
+    cfg = cfg or Config()
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    manifest = ds.manifest()  # raises DatasetError when there is none
+    features = ds.feature_config()
+    if cfg.features != FeatureConfig() and cfg.features != features:
+        diff = {k: (v, getattr(cfg.features, k)) for k, v in asdict(features).items() if getattr(cfg.features, k) != v}
+        raise DatasetError(
+            f"{ds.uri} was built with other feature settings than the configuration asks for "
+            f"({', '.join(f'{k}: dataset {a!r}, asked {b!r}' for k, (a, b) in diff.items())}); "
+            "training uses the dataset's features: drop the features section or re-ingest")
+    names = ds.shard_names()
+    if not names:
+        raise DatasetError(f"{ds.uri} is empty: it holds no segments (no shards); ingest a library into it first")
+    expected_size = features.n_mels * features.n_frames
+    feature_json = json.dumps(asdict(features), sort_keys=True)
+    tracks: list[dict[str, Any]] = []
+    stored = 0
+    columns: list[str] | None = None
+    group = cfg.train.group_column
+    for name in names:
+        md, schema, size = _shard_footer(ds, name)
+        stored += size
+        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+        if group and group != FOLDER_GROUP and group not in schema.names:
+            missing.append(group)
+        if missing:
+            raise DatasetError(f"shard {name} of {ds.uri} lacks column(s) {missing} needed for training "
+                               f"(it has {schema.names})" + (f"; train.group_column={group!r} must name a column or "
+                                                             f"'{FOLDER_GROUP}'" if group in missing else ""))
+        mel_type = schema.field("mel").type
+        list_size = getattr(mel_type, "list_size", None)
+        if list_size != expected_size:
+            raise DatasetError(f"shard {name} stores mel as {mel_type}, but the dataset's features give "
+                               f"{features.n_mels}x{features.n_frames} = {expected_size} values per segment: "
+                               "mismatched feature configuration (a shard from another ingest?)")
+        kv = md.metadata or {}
+        if FEATURES_KEY in kv and json.dumps(json.loads(kv[FEATURES_KEY]), sort_keys=True) != feature_json:
+            raise DatasetError(f"shard {name} was written with other feature settings than {ds.uri}'s manifest: "
+                               "mismatched feature configuration; re-ingest into a fresh dataset")
+        if TRACKS_KEY not in kv:
+            raise DatasetError(f"shard {name} has no track list in its footer (not written by genrecls?)")
+        for t in json.loads(kv[TRACKS_KEY]):
+            tracks.append({"track_id": t["track_id"], "label": t.get("label"), "n_segments": int(t["n_segments"]),
+                           "path": t.get("path", ""), "shard": name})
+        columns = columns or list(schema.names)
+    latest = {t["track_id"]: t for t in tracks}  # oldest shard first: the newest entry wins
+    tracks = [t for t in latest.values() if t["n_segments"] > 0]
+    if not tracks:
+        raise DatasetError(f"{ds.uri} is empty: its shards hold no segments")
+    if group == FOLDER_GROUP:
+        for t in tracks:
+            t["group"] = t["path"].rsplit("/", 1)[0] if "/" in t["path"] else ""
+    elif group:
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        pds = pads.dataset(ds.shard_paths(), filesystem=ds.location.fs, format="parquet")
+        table = pds.to_table(columns=["track_id", group], filter=pc.field("segment_index") == 0)
+        groups = dict(zip(table.column("track_id").to_pylist(), table.column(group).to_pylist()))
+        for t in tracks:
+            t["group"] = groups.get(t["track_id"])
+    labelled = [t for t in tracks if t["label"]]
+    labels = sorted({t["label"] for t in labelled})
+    if len(labels) < 2:
+        what = f"only one label ({labels[0]!r}, {len(labelled)} tracks)" if labels else "no labelled track"
+        raise DatasetError(f"{ds.uri} has {what}; a classifier needs at least two labels "
+                           "(lay the library out as SOURCE/<label>/... or give a label column)")
+    return DatasetCheck(ds, features, ds.shard_paths(), labelled, labels, len(tracks) - len(labelled), stored,
+                        columns or [])
+
+
+@dataclass
+class TrainPlan:
+    """What the workers need, resolved by the driver; written to RUN/plan.json."""
+
+    dataset: str
+    shard_paths: list[str]
+    features: dict[str, Any]
+    labels: list[str]
+    model: str
+    workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    epochs: int
+    batch_size: int
+    val_batch_size: int
+    steps_per_epoch: int
+    val_steps: int
+    learning_rate: float
+    seed: int
+    augment: bool
+    shuffle: str
+    shuffle_buffer: int
+    cache: bool
+    early_stopping_patience: int
+    class_weights: list[float]
+    tracks_per_split: dict[str, dict[str, int]]
+    segments_per_split: dict[str, dict[str, int]]
+    unlabelled_tracks: int
+    notes: list[str] = field(default_factory=list)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @property
+    def mel_shape(self) -> tuple[int, int]:
+        f = FeatureConfig(**self.features)
+        return f.mel_shape
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _segments_per_split(tracks: list[dict[str, Any]], assignment: dict[str, str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {s: {"total": 0} for s in ("train", "val", "test")}
+    for t in tracks:
+        s = assignment[t["track_id"]]
+        out[s][t["label"]] = out[s].get(t["label"], 0) + t["n_segments"]
+        out[s]["total"] += t["n_segments"]
+    return out
+
+
+def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, cluster_cpus: float | None = None,
+                  object_store_bytes: float | None = None, labels: list[str] | None = None) -> tuple[TrainPlan, Any]:
+    """Split the tracks and size the epochs.  Returns (plan, split table).
+
+    Raises :class:`SplitError` or :class:`DatasetError` for data that cannot be trained on
+    (too few tracks of a label, too few segments for the workers).
+    """
+    t = cfg.train
+    table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
+                          group_column="group" if t.group_column else None, previous=splits)
+    assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
+    counts = split_counts(table)
+    segs = _segments_per_split(check.tracks, assignment)
+    labels = list(labels) if labels is not None else list(check.labels)
+    unknown = sorted(set(check.labels) - set(labels))
+    if unknown:
+        raise DatasetError(f"the dataset has labels the run was started without: {unknown}; start a new run")
+    missing_train = [l for l in labels if not counts["train"].get(l)]
+    if missing_train:
+        raise SplitError(f"label(s) {missing_train} have no track in the training split")
+    for s in ("val", "test"):
+        if not counts[s]["total"]:
+            raise SplitError(f"the {s} split is empty; add tracks or raise train.{s}_fraction")
+    workers = t.workers
+    notes = []
+    n_train, n_val = segs["train"]["total"], segs["val"]["total"]
+    per_worker = n_train // workers
+    if per_worker < 1:
+        raise DatasetError(f"{n_train} training segments cannot feed {workers} workers; use fewer workers")
+    batch = t.batch_size
+    if per_worker < batch:
+        notes.append(f"batch size lowered from {batch} to {per_worker}: each of {workers} workers gets {per_worker} training segments")
+        batch = per_worker
+    steps = per_worker // batch
+    val_per_worker = n_val // workers
+    if val_per_worker < 1:
+        raise DatasetError(f"{n_val} validation segments cannot be split between {workers} workers; use fewer workers")
+    val_batch = min(batch, val_per_worker)
+    val_steps = val_per_worker // val_batch
+    dropped = n_train - steps * batch * workers
+    if dropped:
+        notes.append(f"{dropped} of {n_train} training segments are left out of each epoch (equal steps on every worker; "
+                     "which ones changes with the shuffle)")
+    if t.class_weights:
+        n = np.array([segs["train"].get(l, 0) for l in labels], dtype=np.float64)
+        w = n.sum() / (len(labels) * np.maximum(n, 1))
+        class_weights = [float(v) for v in w]
+    else:
+        class_weights = [1.0] * len(labels)
+    if t.cpus_per_worker > 0:
+        cpw = float(t.cpus_per_worker)
+    else:
+        total = float(cluster_cpus or os.cpu_count() or 1)
+        spare = (total - 1) / workers
+        cpw = float(math.floor(spare)) if spare >= 1 else round(max(spare, 0.0), 3)
+        if cpw < 0.1:
+            cpw = round(min(1.0, total / workers) * 0.5, 3)
+    if cluster_cpus is not None and not t.gpu and cpw * workers > cluster_cpus + 1e-9:
+        raise ConfigError(f"train.workers: {workers} workers x {cpw} CPUs do not fit the cluster's {cluster_cpus:g} CPUs")
+    shuffle = t.shuffle
+    if shuffle == "auto":
+        train_bytes = check.stored_bytes * (n_train / max(1, sum(segs[s]["total"] for s in segs)))
+        shuffle = "global" if train_bytes <= GLOBAL_SHUFFLE_MAX_BYTES else "local"
+    decoded = sum(segs[s]["total"] for s in ("train", "val")) * (check.features.n_mels * check.features.n_frames * 2 + 4)
+    cache = t.cache == "on" or (t.cache == "auto" and object_store_bytes is not None and decoded <= object_store_bytes / 4)
+    plan = TrainPlan(
+        dataset=check.dataset.uri, shard_paths=check.shard_paths, features=asdict(check.features), labels=labels,
+        model=t.model, workers=workers, cpus_per_worker=cpw, use_gpu=t.gpu, epochs=t.epochs, batch_size=batch,
+        val_batch_size=val_batch, steps_per_epoch=steps, val_steps=val_steps, learning_rate=t.learning_rate,
+        seed=t.seed, augment=t.augment, shuffle=shuffle, shuffle_buffer=t.shuffle_buffer, cache=cache,
+        early_stopping_patience=t.early_stopping_patience, class_weights=class_weights,
+        tracks_per_split=counts, segments_per_split=segs, unlabelled_tracks=check.unlabelled, notes=notes)
+    return plan, table
+
+
+# --------------------------------------------------------------------------------------
+# Ray Data
+# --------------------------------------------------------------------------------------
+def _to_xy(batch, labels: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Shard rows (pyarrow) -> ``x`` float16 (n, n_mels, n_frames) and ``y`` int32 label index."""
+    mel = batch.column("mel").combine_chunks()
+    x = mel.flatten().to_numpy(zero_copy_only=False).reshape(len(mel), *shape).astype(np.float16, copy=False)
+    index = {l: i for i, l in enumerate(labels)}
+    y = np.fromiter((index[l] for l in batch.column("label").to_pylist()), dtype=np.int32, count=len(mel))
+    return {"x": x, "y": y}
+
+
+def _band_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = batch["x"].astype(np.float64)
+    return {"n": np.array([x.shape[0] * x.shape[2]], np.float64),
+            "s": x.sum(axis=(0, 2))[None, :], "ss": (x * x).sum(axis=(0, 2))[None, :]}
+
+
+def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bool = False):
+    """A Ray Dataset of ``x``/``y`` rows for the given tracks (the track filter is pushed into the Parquet scan)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    loc = Location.parse(plan.dataset)
+    kwargs: dict[str, Any] = {}
+    if not loc.is_local:
+        kwargs["filesystem"] = loc.fs
+    if shuffle_files:
+        from ray.data import FileShuffleConfig
+
+        kwargs["shuffle"] = FileShuffleConfig(seed=plan.seed)
+    ds = ray.data.read_parquet(plan.shard_paths, columns=["track_id", "label", "mel"], **kwargs)
+    ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
+    return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape})
+
+
+def decoded_bytes(plan: TrainPlan, segments: int) -> int:
+    n_mels, n_frames = plan.mel_shape
+    return segments * (n_mels * n_frames * 2 + 4)
+
+
+def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
+    """The ``train`` and ``val`` Ray Datasets handed to the trainer, and the one to compute statistics on.
+
+    Cached (``plan.cache``): read and decode once, shuffle once globally into blocks of about
+    256 segments, keep them in the object store; each epoch then only reorders the blocks
+    (plus each worker's local shuffle buffer).  Not cached: every epoch streams the shards
+    again, shuffled globally (``random_shuffle``) or by file order plus the local buffer.
+    """
+    train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local")
+    val = make_ray_dataset(plan, ids["val"])
+    if plan.cache:
+        n_train = plan.segments_per_split["train"]["total"]
+        blocks = max(2 * plan.workers, n_train // 256)
+        train = train.random_shuffle(seed=plan.seed).repartition(blocks).materialize()
+        val = val.materialize()
+        return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
+    epoch_train = train.random_shuffle(seed=plan.seed) if plan.shuffle == "global" else train
+    return {"train": epoch_train, "val": val}, train
+
+
+def normalisation_stats(train_ds) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-mel-band mean and std (dB) of a dataset of ``x`` rows, and the number of segments."""
+    n, s, ss, segments = 0.0, None, None, 0
+    for b in train_ds.map_batches(_band_moments, batch_format="numpy", batch_size=256).iter_batches(
+            batch_size=None, batch_format="numpy"):
+        n += float(b["n"].sum())
+        bs, bss = b["s"].sum(axis=0), b["ss"].sum(axis=0)
+        s = bs if s is None else s + bs
+        ss = bss if ss is None else ss + bss
+    if not n or s is None:
+        raise DatasetError("the training split holds no segment")
+    mean = s / n
+    var = np.maximum(ss / n - mean * mean, 0.0)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32), int(round(n))
+
+
+# --------------------------------------------------------------------------------------
+# the worker
+# --------------------------------------------------------------------------------------
+def learning_rate_at(epoch: int, epochs: int, base: float, floor: float = 0.05) -> float:
+    """Cosine decay from ``base`` (epoch 0) to ``floor * base`` (last epoch)."""
+    if epochs <= 1:
+        return base
+    return float(base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / (epochs - 1)))))
+
+
+def _epoch_generator(shard, *, steps: int, batch: int, buffer: int, seed: int | None, weights: np.ndarray | None,
+                     stats: dict[str, int]):
+    """Exactly ``steps`` batches from a worker's Ray Data shard; the rest of the epoch is drained."""
+
+    def gen():
+        it = iter(shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
+                                     local_shuffle_buffer_size=buffer or None,
+                                     local_shuffle_seed=seed if buffer else None))
+        last = None
+        for i in range(steps):
+            b = next(it, None)
+            if b is None:  # never with equal splits; repeating keeps the workers in step
+                stats["short"] = stats.get("short", 0) + 1
+                b = last
+            last = b
+            if i == steps - 1:
+                for _ in it:  # finish the epoch so that the next one starts cleanly
+                    stats["drained"] = stats.get("drained", 0) + 1
+            x, y = b["x"], b["y"].astype(np.int32)
+            if weights is not None:
+                yield x, y, weights[y]
+            else:
+                yield x, y
+
+    return gen
+
+
+def _tf_dataset(tf, gen, shape: tuple[int, int], weighted: bool):
+    spec = [tf.TensorSpec([None, *shape], tf.float16), tf.TensorSpec([None], tf.int32)]
+    if weighted:
+        spec.append(tf.TensorSpec([None], tf.float32))
+    ds = tf.data.Dataset.from_generator(gen, output_signature=tuple(spec))
+    ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=1)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.threading.private_threadpool_size = 1
+    return ds.with_options(options).prefetch(2)
+
+
+def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
+    np.savez(path, **{f"a{i:04d}": a for i, a in enumerate(arrays)})
+
+
+def _load_arrays(path: str) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return [z[k] for k in sorted(z.files)]
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train worker loop (one per worker process)."""
+    import tempfile
+
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = config.get("onednn", "1")  # oneDNN kernels: 1.5-3x faster CNN steps on CPU
+    import ray.train
+
+    from .models import build_model, import_tensorflow, keras
+
+    tf = import_tensorflow()
+    threads = max(1, int(math.ceil(config["cpus_per_worker"])))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # TensorFlow already initialised in this process
+        pass
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    k = keras()
+    k.utils.set_random_seed(int(config["seed"]))
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
+    shape = tuple(config["mel_shape"])
+    with strategy.scope():
+        model = build_model(config["model"], shape, len(config["labels"]), mean=config["mean"], std=config["std"],
+                            augment=config["augment"], learning_rate=config["learning_rate"])
+        model.optimizer.build(model.trainable_variables)
+
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": None, "wait": 0,
+                             "stopped": False, "restarts": []}
+    best_weights = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+            model.set_weights(_load_arrays(os.path.join(d, "weights.npz")))
+            for var, value in zip(model.optimizer.variables, _load_arrays(os.path.join(d, "optimizer.npz"))):
+                var.assign(value)
+            if os.path.exists(os.path.join(d, "best.npz")):
+                best_weights = _load_arrays(os.path.join(d, "best.npz"))
+        state.setdefault("restarts", []).append({"from_epoch": state["epoch"], "time": time.time(), "world_size": world})
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    weights = np.asarray(config["class_weights"], np.float32)
+    epochs, steps, vsteps = config["epochs"], config["steps_per_epoch"], config["val_steps"]
+    batch, vbatch = config["batch_size"], config["val_batch_size"]
+    patience = config["early_stopping_patience"]
+
+    class _Clock(k.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+            self.t1 = None
+
+        def on_test_begin(self, logs=None):
+            if self.t1 is None:
+                self.t1 = time.perf_counter()
+
+    clock = _Clock()
+    while state["epoch"] < epochs and not state["stopped"]:
+        epoch = state["epoch"]
+        lr = learning_rate_at(epoch, epochs, config["learning_rate"])
+        model.optimizer.learning_rate.assign(lr)
+        stats: dict[str, int] = {}
+        seed = int(config["seed"]) * 100_003 + epoch * 101 + rank
+        train_gen = _epoch_generator(train_shard, steps=steps, batch=batch, buffer=config["shuffle_buffer"], seed=seed,
+                                     weights=weights, stats=stats)
+        val_gen = _epoch_generator(val_shard, steps=vsteps, batch=vbatch, buffer=0, seed=None, weights=None, stats=stats)
+        if world > 1:
+            train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, train_gen, shape, True))
+            val_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, val_gen, shape, False))
+        else:
+            train_data, val_data = _tf_dataset(tf, train_gen, shape, True), _tf_dataset(tf, val_gen, shape, False)
+        t0 = time.perf_counter()
+        hist = model.fit(train_data, epochs=1, steps_per_epoch=steps, validation_data=val_data,
+                         validation_steps=vsteps, verbose=0, callbacks=[clock])
+        epoch_seconds = time.perf_counter() - t0
+        logs = {key: float(v[-1]) for key, v in hist.history.items()}
+        train_seconds = (clock.t1 or time.perf_counter()) - clock.t0
+        val_loss = logs["val_loss"]
+        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-4
+        weights_now = model.get_weights()  # collective under MWMS: every worker calls it
+        if improved:
+            state["best_val_loss"], state["best_epoch"], state["wait"] = val_loss, epoch + 1, 0
+            best_weights = weights_now
+        else:
+            state["wait"] += 1
+        if patience and state["wait"] >= patience:
+            state["stopped"] = True
+        record = {"epoch": epoch + 1, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
+                  "val_loss": val_loss, "val_accuracy": logs.get("val_accuracy"), "lr": lr,
+                  "train_seconds": round(train_seconds, 3), "epoch_seconds": round(epoch_seconds, 3),
+                  "segments_per_s": round(steps * batch * world / max(train_seconds, 1e-9), 2),
+                  "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0)}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        optimizer_values = [v.numpy() for v in model.optimizer.variables]
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "state.json"), "w") as f:
+                json.dump(state, f)
+            _save_arrays(os.path.join(d, "weights.npz"), weights_now)
+            _save_arrays(os.path.join(d, "optimizer.npz"), optimizer_values)
+            if best_weights is not None:
+                _save_arrays(os.path.join(d, "best.npz"), best_weights)
+            metrics = {**record, "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+                       "stopped": state["stopped"], "epochs": epochs, "restarts": len(state.get("restarts", [])),
+                       "pid": os.getpid()}
+            checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------
+def _epoch_printer(total_epochs: int, enabled: bool):
+    from ray.tune import Callback
+
+    class EpochPrinter(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not enabled:
+                return
+            r = result
+            line = (f"epoch {r.get('epoch')}/{total_epochs}: loss {r.get('loss', float('nan')):.4f} "
+                    f"acc {r.get('accuracy', float('nan')):.3f}  val_loss {r.get('val_loss', float('nan')):.4f} "
+                    f"val_acc {r.get('val_accuracy', float('nan')):.3f}  lr {r.get('lr', 0):.2e}  "
+                    f"{r.get('epoch_seconds', 0):.1f} s, {r.get('segments_per_s', 0):.0f} segments/s"
+                    + ("  (best)" if r.get("best_epoch") == r.get("epoch") else "")
+                    + ("  early stop" if r.get("stopped") else ""))
+            import sys
+
+            print(line, file=sys.stderr, flush=True)
+
+    return EpochPrinter()
+
+
+def _find_checkpoints(run: Location) -> list[tuple[int, str]]:
+    """(epoch, path) of every complete checkpoint under RUN/checkpoints, oldest first."""
+    import pyarrow.fs as pafs
+
+    out = []
+    sel = pafs.FileSelector(run.join("checkpoints"), recursive=True, allow_not_found=True)
+    for info in run.fs.get_file_info(sel):
+        if info.type == pafs.FileType.File and info.base_name == "state.json" and "/checkpoint_" in info.path:
+            folder = info.path.rsplit("/", 1)[0]
+            if run.fs.get_file_info(folder + "/weights.npz").type != pafs.FileType.File:
+                continue
+            with run.fs.open_input_stream(info.path) as f:
+                st = json.loads(f.read())
+            out.append((int(st["epoch"]), folder, info.mtime_ns or 0))
+    out.sort(key=lambda e: (e[0], e[2]))
+    return [(e, p) for e, p, _ in out]
+
+
+def _checkpoint_uri(run: Location, path: str) -> str:
+    if run.is_local:
+        return path
+    scheme = run.uri.split("://", 1)[0]
+    return f"{scheme}://{path}"
+
+
+def _read_checkpoint(run: Location, path: str) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    with run.fs.open_input_stream(path + "/state.json") as f:
+        state = json.loads(f.read())
+    name = "best.npz" if run.fs.get_file_info(path + "/best.npz").type == pafs.FileType.File else "weights.npz"
+    with tempfile.TemporaryDirectory() as d:
+        pafs.copy_files(path + "/" + name, os.path.join(d, name), source_filesystem=run.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return state, _load_arrays(os.path.join(d, name))
+
+
+def _quiet_ray_data_logs(verbose: bool = False) -> None:
+    """Ray Data configures its own loggers on import (INFO); keep them at ERROR unless verbose."""
+    import logging
+
+    import ray.data
+
+    if not verbose:
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    try:
+        ctx.print_on_execution_start = verbose
+    except Exception:
+        pass
+
+
+def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resume_from: str | None,
+                 max_failures: int, progress: bool) -> Any:
+    from .models import import_tensorflow
+
+    import_tensorflow()  # ray.train.tensorflow imports TensorFlow: do it quietly first
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    resources = {"CPU": plan.cpus_per_worker}
+    worker_config = {
+        "model": plan.model, "labels": plan.labels, "mel_shape": list(plan.mel_shape), "mean": plan.mean,
+        "std": plan.std, "augment": plan.augment, "learning_rate": plan.learning_rate, "seed": plan.seed,
+        "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "val_steps": plan.val_steps,
+        "batch_size": plan.batch_size, "val_batch_size": plan.val_batch_size, "shuffle_buffer": plan.shuffle_buffer,
+        "class_weights": plan.class_weights, "early_stopping_patience": plan.early_stopping_patience,
+        "cpus_per_worker": plan.cpus_per_worker,
+    }
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_func,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=resources,
+                                     trainer_resources={"CPU": 0}),
+        run_config=RunConfig(name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             storage_path=run.join("checkpoints") if run.is_local else run.uri + "/checkpoints",
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[_epoch_printer(plan.epochs, progress)], verbose=0),
+        datasets=datasets,
+        resume_from_checkpoint=Checkpoint(resume_from) if resume_from else None,
+    )
+    return trainer.fit()
+
+
+def _versions() -> dict[str, str]:
+    from .ingest import library_versions
+
+    return library_versions()
+
+
+def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str | None = None,
+          workers: int | None = None, resume: bool = False, splits: Any = None, progress: bool = True,
+          verbose: bool = False) -> dict[str, Any]:
+    """Train a genre classifier on a dataset; write everything into ``run_dir``.
+
+    Parameters
+    ----------
+    dataset : dataset folder or URI written by ``genrecls ingest``.
+    run_dir : the run folder to create (or, with ``resume``, to continue).
+    cfg : configuration (``train`` section; features come from the dataset).
+    address : Ray cluster to join; None starts a local Ray (or uses one already initialised).
+    workers : training workers (overrides ``cfg.train.workers``).
+    resume : continue the run in ``run_dir`` from its last checkpoint (its splits, labels and
+        normalisation are kept); a finished run is only re-exported and re-evaluated.
+    splits : a fixed assignment (mapping, table, Parquet path or run folder of ``track_id, split``):
+        its tracks keep their side, new tracks are assigned (e.g. a champion's holdout).
+    progress : print one line per epoch on stderr.
+
+    Returns
+    -------
+    dict with ``run``, ``model_id``, ``metrics`` (as in metrics.json), ``history``, ``epochs_run``,
+    ``best_epoch``, ``train_seconds``, ``restarts``.
+
+    Raises
+    ------
+    DatasetError, SplitError, ConfigError
+        for bad input, before any worker starts.
+    TrainingError
+        when training failed (a worker failed more than ``train.max_failures`` times...).
+    """
+    quiet_environment(verbose)
+    cfg = (cfg or Config()).validate()
+    if workers is not None:
+        cfg = cfg.with_section(train={"workers": int(workers)})
+    run = Location.parse(run_dir)
+    t_start = time.monotonic()
+    check = check_dataset(dataset, cfg)
+    cfg = cfg.with_section(features=check.features)
+    if resume:
+        if not run.exists("plan.json"):
+            raise FileNotFoundError(f"{run.uri} holds no run to resume (no plan.json); start one with 'genrecls train DATASET --out {run_dir}'")
+        old_plan = run.read_json("plan.json")
+        if old_plan["features"] != asdict(check.features):
+            raise DatasetError(f"cannot resume {run.uri}: {check.dataset.uri} has other feature settings than the run")
+        if old_plan["model"] != cfg.train.model:
+            cfg = cfg.with_section(train={"model": old_plan["model"]})
+        splits = run.child("splits.parquet").uri
+        labels = old_plan["labels"]
+    else:
+        if run.exists("plan.json") or run.exists("run.json"):
+            raise FileExistsError(f"{run.uri} already holds a training run; pass --resume to continue it "
+                                  "or choose another --out")
+        labels = None
+    from .models import MODELS
+
+    if cfg.train.model not in MODELS:
+        raise ConfigError(f"train.model: unknown model {cfg.train.model!r}; known: {sorted(MODELS)}")
+    # a first plan without Ray: every data error surfaces before anything starts
+    plan, table = plan_training(check, cfg, splits=splits, labels=labels)
+    run.makedirs()
+    with run.lock("genrecls train"):
+        with ray_session(address, None, verbose=verbose):
+            import ray
+
+            _quiet_ray_data_logs(verbose)
+            cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+            store = float(ray.cluster_resources().get("object_store_memory", 0)) or None
+            if cfg.train.gpu and ray.cluster_resources().get("GPU", 0) < cfg.train.workers:
+                raise ConfigError(f"train.gpu: {cfg.train.workers} workers need {cfg.train.workers} GPUs; "
+                                  f"the cluster has {ray.cluster_resources().get('GPU', 0):g}")
+            plan, table = plan_training(check, cfg, splits=splits, cluster_cpus=cluster_cpus, object_store_bytes=store,
+                                        labels=labels)
+            assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
+            ids = {s: sorted(t for t, v in assignment.items() if v == s) for s in ("train", "val", "test")}
+            resolved = cfg.with_section(train={"workers": plan.workers})
+            run.write_text("config.json", resolved.to_json() + "\n")
+            write_splits(table, run)
+            done = _find_checkpoints(run) if resume else []
+            resume_from = _checkpoint_uri(run, done[-1][1]) if done else None
+            finished = False
+            if done:
+                st, _ = _read_checkpoint(run, done[-1][1])
+                finished = st.get("stopped") or st["epoch"] >= plan.epochs
+                log.info("resuming %s from epoch %d", run.uri, st["epoch"])
+            datasets, stats_source = prepare_datasets(plan, ids) if not finished else ({}, None)
+            if resume and run.exists("normalisation.json"):
+                norm = run.read_json("normalisation.json")
+            else:
+                mean, std, n = normalisation_stats(stats_source)
+                norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "mel band", "units": "dB",
+                        "computed_on": "train split", "values": n}
+                run.write_json("normalisation.json", norm)
+            plan.mean, plan.std = norm["mean"], norm["std"]
+            run.write_json("plan.json", plan.to_dict())
+            if not finished:
+                result = _run_trainer(plan, run, datasets, resume_from, cfg.train.max_failures, progress)
+                if result.error is not None:
+                    raise TrainingError(f"training failed: {type(result.error).__name__}: {result.error}") from result.error
+        found = _find_checkpoints(run)
+        if not found:
+            raise TrainingError(f"training finished without a checkpoint in {run.uri}/checkpoints")
+        state, best = _read_checkpoint(run, found[-1][1])
+        return _finish(run, check, cfg, plan, state, best, table, time.monotonic() - t_start)
+
+
+def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, state: dict[str, Any],
+            best: list[np.ndarray], table, wall: float) -> dict[str, Any]:
+    """Export the best weights, evaluate per segment and per track, write figures and report."""
+    from .evaluation import evaluate_predictor
+    from .inference import Predictor, export_model
+    from .models import build_model, import_tensorflow, model_summary
+    from .plots import plot_confusion, plot_curves
+
+    import_tensorflow()
+    model = build_model(plan.model, plan.mel_shape, len(plan.labels), mean=plan.mean, std=plan.std,
+                        augment=plan.augment, learning_rate=plan.learning_rate)
+    model.set_weights(best)
+    history = state["history"]
+    versions = _versions()
+    info = export_model(model, run, labels=plan.labels, features=check.features, model_name=plan.model, extra={
+        "dataset": check.dataset.uri, "normalisation": {"file": "normalisation.json", "axis": "mel band",
+                                                        "inside_model": plan.model != "tutorial"},
+        "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"], "versions": versions,
+        "model": model_summary(model), "splits": "splits.parquet", "config": "config.json"})
+    run.write_json("history.json", history)
+    plot_curves(history, run, title=f"{info['model_id']} ({plan.model})")
+    predictor = Predictor(run)
+    assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
+    groups = {s: [t for t, v in assignment.items() if v == s] for s in ("val", "test")}
+    metrics = evaluate_predictor(predictor, check.dataset, groups)
+    metrics.update({
+        "model_id": info["model_id"], "model": plan.model, "dataset": check.dataset.uri,
+        "tracks_per_split": plan.tracks_per_split, "segments_per_split": plan.segments_per_split,
+        "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"],
+        "train_accuracy_last_epoch": history[-1]["accuracy"] if history else None,
+        "scope": {"dataset": check.dataset.uri, "tracks": "the run's validation and test splits"},
+    })
+    run.write_json("metrics.json", metrics)
+    plot_confusion(metrics["test_confusion"]["matrix"], plan.labels, run,
+                   title=f"test confusion matrix ({metrics['test_tracks']} tracks)")
+    train_seconds = sum(h["epoch_seconds"] for h in history)
+    summary = {"run": run.uri, "model_id": info["model_id"], "metrics": metrics, "history": history,
+               "epochs_run": state["epoch"], "best_epoch": state.get("best_epoch"), "stopped_early": state.get("stopped"),
+               "train_seconds": train_seconds, "wall_seconds": wall, "restarts": state.get("restarts", []),
+               "versions": versions, "notes": plan.notes}
+    run.write_text("report.md", format_report(summary, plan, cfg, info))
+    return summary
+
+
+def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:
+    """A human-readable report of a run (report.md)."""
+    from .evaluation import format_metrics
+    from .progress import format_duration, format_table
+
+    m = summary["metrics"]
+    h = summary["history"]
+    lines = [f"# Training run {summary['model_id']}", ""]
+    lines.append(f"- dataset: `{plan.dataset}` ({sum(plan.tracks_per_split[s]['total'] for s in plan.tracks_per_split)} "
+                 f"labelled tracks, {len(plan.labels)} labels{f', {plan.unlabelled_tracks} unlabelled tracks ignored' if plan.unlabelled_tracks else ''})")
+    lines.append(f"- model: `{plan.model}` ({info['model']['parameters']:,} weights); input {plan.mel_shape[0]}x{plan.mel_shape[1]} "
+                 "log-mel dB, normalised per mel band inside the model with training-split statistics"
+                 if plan.model != "tutorial" else
+                 f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
+    lines.append(f"- training: {plan.workers} Ray Train worker(s) x {plan.cpus_per_worker:g} CPU{' + GPU' if plan.use_gpu else ''}, "
+                 f"batch {plan.batch_size} per worker, {plan.steps_per_epoch} steps per epoch, {summary['epochs_run']} of "
+                 f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']}, "
+                 f"learning rate {plan.learning_rate:g} with cosine decay, shuffle {plan.shuffle}, seed {plan.seed}, "
+                 f"class weights {'on' if cfg.train.class_weights else 'off'}, augmentation {'on' if plan.augment and plan.model != 'tutorial' else 'off'}")
+    sps = [r["segments_per_s"] for r in h[1:]] or [r["segments_per_s"] for r in h]
+    lines.append(f"- time: {format_duration(summary['train_seconds'])} in epochs, {format_duration(summary['wall_seconds'])} in all; "
+                 f"median {float(np.median(sps)) if sps else 0:.0f} training segments/s")
+    if summary["restarts"]:
+        lines.append(f"- restarts from a checkpoint: {len(summary['restarts'])} "
+                     f"(at epochs {', '.join(str(r['from_epoch']) for r in summary['restarts'])})")
+    for note in plan.notes:
+        lines.append(f"- note: {note}")
+    lines += ["", "## Split (by track, stratified by label)", ""]
+    rows = []
+    for label in plan.labels + ["total"]:
+        rows.append((label, *[plan.tracks_per_split[s].get(label, 0) for s in ("train", "val", "test")],
+                     *[plan.segments_per_split[s].get(label, 0) for s in ("train", "val", "test")]))
+    lines += ["```", format_table(rows, ("label", "train tracks", "val tracks", "test tracks", "train segs", "val segs", "test segs")), "```"]
+    lines += ["", "## Metrics", "", "```", format_metrics(m), "```", ""]
+    lines += ["## Per epoch", "", "```", format_table(
+        [(r["epoch"], f"{r['loss']:.4f}", f"{r['accuracy']:.3f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
+          f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
+        ("epoch", "loss", "acc", "val loss", "val acc", "lr", "seconds")), "```", ""]
+    lines += ["![learning curves](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""Classification of a library as a streaming Ray job (issue 4) and its kill-and-resume fault (issue 6).
+
+A real model is trained here (a tiny tf-keras CNN fitted on the ``sample_dataset`` segments)
+and exported with :func:`genrecls.inference.export_model`; the library is real audio written
+by the tests (MP3, WAV, FLAC, OGG) plus broken files; Ray is the session's real local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from genrecls.classify import CSV_NAME, PARTS, classify, read_predictions, resolve_run
+from genrecls.config import Config
+from genrecls.dataset import Dataset, mel_array
+from genrecls.discovery import track_id_for
+from genrecls.inference import Predictor, aggregate_tracks, export_model
+from genrecls.sample_data import make_sample_collection, synthesize, write_audio
+from genrecls.storage import Location, LockedError
+
+REPO = Path(__file__).resolve().parents[1]
+GENRES = ["classical", "electronic", "jazz", "rock"]
+BROKEN = {"broken/empty.mp3", "broken/noise.wav", "broken/cut.flac"}
+#: small batches so parts fill often: the kill test needs several parts
+TEST_CLASSIFY = {"max_segments": 8, "batch_size": 24, "tracks_per_task": 2, "part_rows": 4, "top_k": 3}
+
+
+def train_tiny_model(dataset: Path, run: Path, *, epochs: int = 12, seed: int = 0) -> dict:
+    """Fit a small CNN on a dataset's segments (raw dB in, softmax out) and export it as a run."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tf_keras as keras
+
+    ds = Dataset(str(dataset))
+    features = ds.feature_config()
+    table = ds.read_segments(columns=["label", "mel"])
+    x = mel_array(table.column("mel"), features.mel_shape)
+    labels = sorted(set(table.column("label").to_pylist()))
+    y = np.array([labels.index(v) for v in table.column("label").to_pylist()])
+    keras.utils.set_random_seed(seed)
+    norm = keras.layers.Normalization(axis=None)
+    norm.adapt(x)
+    model = keras.Sequential([
+        keras.Input(features.mel_shape),
+        norm,
+        keras.layers.Reshape((*features.mel_shape, 1)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(labels), activation="softmax"),
+    ])
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=16, shuffle=True, verbose=0)
+    return export_model(model, str(run), labels=labels, features=features, model_name="tiny-test")
+
+
+@pytest.fixture(scope="module")
+def trained_run(sample_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    train_tiny_model(sample_dataset, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def library(sample_library, tmp_path_factory):
+    """Training tracks at their dataset paths, unseen tracks two folders deep, a long track, broken files."""
+    root = tmp_path_factory.mktemp("classify") / "lib"
+    for genre in GENRES:  # two tracks per genre that the model was trained on (evaluation check)
+        for src in sorted((Path(sample_library) / genre).iterdir())[:2]:
+            (root / genre).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / genre / src.name)
+    make_sample_collection(str(root / "unseen" / "deep"), genres=4, tracks_per_genre=3, seconds=6.0, seed=11)
+    (root / "long").mkdir()
+    write_audio(str(root / "long" / "rock_long.flac"), synthesize("rock", 20.0, seed=99), 44100)
+    (root / "broken").mkdir()
+    (root / "broken" / "empty.mp3").write_bytes(b"")
+    (root / "broken" / "noise.wav").write_bytes(np.random.default_rng(0).bytes(50_000))
+    good = (root / "unseen" / "deep" / "jazz" / "jazz_000.flac").read_bytes()
+    (root / "broken" / "cut.flac").write_bytes(good[: len(good) // 3])
+    (root / "broken" / "notes.txt").write_text("not audio; ignored")
+    return root
+
+
+class WorkerKiller:
+    """SIGKILLs the first Ray worker process (of this test's own Ray) running a task named ``what``."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set() and not self.killed:
+            for p in me.children(recursive=True):
+                try:
+                    if self.what in p.name() or self.what in " ".join(p.cmdline()[:1]):
+                        p.kill()
+                        self.killed.append(p.pid)
+                        break
+                except psutil.Error:
+                    continue
+            time.sleep(0.02)
+
+    def __enter__(self) -> "WorkerKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def good_paths(root: Path) -> set[str]:
+    paths = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix != ".txt"}
+    return paths - BROKEN
+
+
+def classify_cfg(small_cfg) -> Config:
+    return small_cfg.with_section(classify=TEST_CLASSIFY)
+
+
+@pytest.fixture(scope="module")
+def first(library, trained_run, small_cfg, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predictions") / "pred"
+    summary = classify(str(library), str(trained_run), str(out), classify_cfg(small_cfg), progress=False)
+    return summary, out
+
+
+def test_one_row_per_good_track_failures_for_broken_ones(first, library, trained_run):
+    summary, out = first
+    table = read_predictions(out)
+    rows = table.to_pylist()
+    paths = [r["path"] for r in rows]
+    assert Counter(paths).most_common(1)[0][1] == 1
+    assert set(paths) == good_paths(library)
+    assert summary["classified"] == len(rows) == summary["tracks_total"] == 21
+    # broken files: recorded with a reason, the job went on
+    fails = pq.read_table(out / "failures").to_pylist()
+    assert {f["path"] for f in fails} == BROKEN
+    kinds = {f["path"]: f["kind"] for f in fails}
+    assert kinds["broken/empty.mp3"] == "empty" and kinds["broken/cut.flac"] in ("undecodable", "truncated")
+    assert all(f["reason"] for f in fails)
+    assert summary["failed"] == 3 and sum(summary["failures_by_kind"].values()) == 3
+    # probabilities sum to 1, top-1 and top-k agree with them
+    labels = Predictor(str(trained_run)).labels
+    assert labels == GENRES
+    probs = np.array([[r[f"prob_{g}"] for g in labels] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    for r, p in zip(rows, probs):
+        assert r["genre"] == labels[int(np.argmax(p))]
+        assert r["confidence"] == pytest.approx(p.max())
+        assert [e["genre"] for e in r["top_k"]] == [labels[j] for j in np.argsort(-p, kind="stable")[:3]]
+        assert [e["probability"] for e in r["top_k"]] == pytest.approx(sorted(p, reverse=True)[:3])
+        assert r["track_id"] == track_id_for(r["path"])
+        assert r["model_id"] == summary["model_id"] and r["classified_at"] is not None
+    # long tracks are scored on at most max_segments evenly spaced segments
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["long/rock_long.flac"]["n_segments"] == TEST_CLASSIFY["max_segments"]
+    assert by_path["long/rock_long.flac"]["duration"] == pytest.approx(20.0, abs=0.05)
+    assert {r["n_segments"] for p, r in by_path.items() if not p.startswith("long/")} == {6}
+    # unseen tracks of a separable set: mostly right (chance is 25%)
+    unseen = [r for r in rows if r["path"].startswith("unseen/")] + [by_path["long/rock_long.flac"]]
+    truth = [r["path"].split("/")[2] if r["path"].startswith("unseen/") else "rock" for r in unseen]
+    accuracy = np.mean([r["genre"] == t for r, t in zip(unseen, truth)])
+    assert accuracy >= 0.75, (accuracy, [(r["path"], r["genre"]) for r in unseen])
+    assert sum(summary["genre_distribution"].values()) == 21
+    assert (out / "config.json").is_file() and (out / "classify.json").is_file()
+    assert Config.from_dict(__import__("json").loads((out / "config.json").read_text())).features.n_mels == 32
+
+
+def test_predictions_equal_the_evaluation_rule_on_dataset_segments(first, sample_dataset, trained_run):
+    """Same decoding and features as ingest: classify == mean of the model's probabilities on stored segments."""
+    _, out = first
+    table = read_predictions(out)
+    labels = GENRES
+    mine = {r["track_id"]: [r[f"prob_{g}"] for g in labels] for r in table.to_pylist() if r["path"].split("/")[0] in GENRES}
+    assert len(mine) == 8
+    ds = Dataset(str(sample_dataset))
+    seg = ds.read_segments(columns=["track_id", "mel"])
+    keep = [i for i, t in enumerate(seg.column("track_id").to_pylist()) if t in mine]
+    seg = seg.take(keep)
+    probs = Predictor(str(trained_run)).predict(mel_array(seg.column("mel"), ds.feature_config().mel_shape))
+    ids, track_probs = aggregate_tracks(seg.column("track_id").to_pylist(), probs)
+    for tid, p in zip(ids, track_probs):
+        np.testing.assert_allclose(mine[tid], p, atol=1e-5)
+
+
+def test_rerun_adds_nothing_then_only_new_or_changed_files(first, library, trained_run, small_cfg, tmp_path):
+    _, out = first
+    lib, out2 = tmp_path / "lib", tmp_path / "pred"
+    shutil.copytree(library, lib)  # copy2 keeps sizes and mtimes: the same tracks to classify
+    shutil.copytree(out, out2)
+    cfg = classify_cfg(small_cfg)
+    before = read_predictions(out2)
+    again = classify(str(lib), str(trained_run), str(out2), cfg, progress=False)
+    assert again["classified"] == 0 and again["failed"] == 0
+    assert again["skipped_done"] == 21 and again["skipped_known_failures"] == 3
+    assert read_predictions(out2).sort_by("path").equals(before.sort_by("path"))
+    # two new files and one changed file: only those are classified
+    (lib / "new" / "sub").mkdir(parents=True)
+    write_audio(str(lib / "new" / "sub" / "a.ogg"), synthesize("jazz", 4.0, seed=501), 44100)
+    write_audio(str(lib / "new" / "b.wav"), synthesize("classical", 4.0, seed=502), 44100)
+    changed = lib / "unseen" / "deep" / "rock" / "rock_001.wav"
+    write_audio(str(changed), synthesize("rock", 5.0, seed=503), 44100)
+    third = classify(str(lib), str(trained_run), str(out2), cfg, progress=False)
+    assert third["classified"] == 3 and third["skipped_done"] == 20
+    table = read_predictions(out2)
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 23 == third["tracks_total"]
+    row = {r["path"]: r for r in table.to_pylist()}["unseen/deep/rock/rock_001.wav"]
+    assert row["mtime_ns"] == changed.stat().st_mtime_ns and row["n_segments"] == 5
+    assert third["rows_superseded"] == 1
+
+
+def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_prediction(library, trained_run, small_cfg, ray_local, tmp_path):
+    out = tmp_path / "pred"
+    address = ray_local.get_runtime_context().gcs_address
+    sets = [f"classify.{k}={v}" for k, v in TEST_CLASSIFY.items()]
+    cmd = [sys.executable, "-m", "genrecls", "classify", str(library), "--model", str(trained_run), "--out", str(out),
+           "--address", address, "-q"] + [x for s in sets for x in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.monotonic() + 120
+    try:
+        while not list((out / PARTS).glob("part-*.parquet")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no part written in 120 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = read_predictions(out).num_rows
+    assert 0 < done_before < 21, "the run was not stopped half-way"
+    # the re-run loses a decoding worker too (SIGKILL of a Ray worker of this test's cluster)
+    with WorkerKiller("featurise_batch") as killer:
+        summary = classify(str(library), str(trained_run), str(out), classify_cfg(small_cfg), progress=False)
+    assert killer.killed, "no decoding worker was seen"
+    assert summary["skipped_done"] == done_before and summary["classified"] == 21 - done_before
+    paths = read_predictions(out).column("path").to_pylist()
+    assert sorted(paths) == sorted(good_paths(library))  # every track exactly once
+    assert not [p for p in (out / PARTS).iterdir() if p.name.startswith(".tmp-")]
+    assert {f["path"] for f in pq.read_table(out / "failures").to_pylist()} == BROKEN
+
+
+def test_job_script_strict_and_csv(first, library, trained_run, ray_local, tmp_path):
+    """jobs/classify.py runs the CLI on the cluster it is in; --strict exits 1 for broken files; --csv."""
+    _, out = first
+    out2 = tmp_path / "pred"
+    shutil.copytree(out, out2)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "classify.py"), str(library), "--model", str(trained_run),
+                          "--out", str(out2), "--csv", "--strict", "-q"], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "--strict: 3 file(s)" in res.stderr and "genre distribution" in res.stdout
+    csv = pacsv.read_csv(out2 / CSV_NAME)
+    parquet = read_predictions(out2)
+    assert csv.num_rows == parquet.num_rows == 21
+    assert sorted(csv.column("path").to_pylist()) == sorted(parquet.column("path").to_pylist())
+    assert {f"prob_{g}" for g in GENRES} <= set(csv.column_names)
+    first_row = csv.slice(0, 1).to_pylist()[0]
+    assert first_row["top_k"].split(";")[0].split(":")[0] == first_row["genre"]
+
+
+def test_run_level_errors_are_clear(library, trained_run, small_cfg, ray_local, tmp_path):
+    out = tmp_path / "pred"
+    with Location.parse(str(out)).lock("another classify"):
+        with pytest.raises(LockedError, match="another classify"):
+            classify(str(library), str(trained_run), str(out), classify_cfg(small_cfg), progress=False)
+    with pytest.raises(FileNotFoundError, match="neither a genrecls run"):
+        resolve_run(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        classify(str(tmp_path / "nowhere"), str(trained_run), str(out), progress=False)
+    gpu = classify_cfg(small_cfg).with_section(classify={"gpu": True})
+    if not ray_local.cluster_resources().get("GPU"):
+        with pytest.raises(ValueError, match="no GPU"):
+            classify(str(library), str(trained_run), str(out), gpu, progress=False)

@@ -1,0 +1,94 @@
+"""Configuration: one typed object, validated once, with errors that name the parameter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genrecls.config import Config, ConfigError, FeatureConfig, IngestConfig, load_config
+
+
+def test_defaults_are_the_tutorials_and_valid():
+    cfg = Config().validate()
+    f = cfg.features
+    assert (f.sample_rate, f.segment_samples, f.n_fft, f.hop_length, f.n_mels, f.dtype) == (22050, 100_000, 2048, 512, 128, "float16")
+    assert f.n_frames == 196 and f.mel_shape == (128, 196)
+    assert f.segment_seconds == pytest.approx(100_000 / 22050)
+    assert cfg.ingest == IngestConfig()
+
+
+def test_overrides_parse_values_by_type():
+    cfg = Config().override(["features.n_mels=64", "features.fmax=8000", "features.fmax=null",
+                             "features.tail=pad", "ingest.strict=yes", "ingest.tracks_per_task=8.0",
+                             "features.min_track_seconds=0.25"])
+    assert cfg.features.n_mels == 64 and cfg.features.fmax is None and cfg.features.tail == "pad"
+    assert cfg.ingest.strict is True and cfg.ingest.tracks_per_task == 8
+    assert cfg.features.min_track_seconds == 0.25
+
+
+@pytest.mark.parametrize("override,message", [
+    ("features.sample_rate=500", "features.sample_rate: must be >= 1000"),
+    ("features.n_mels=5000", "features.n_mels: must be in"),
+    ("features.fmax=20000", "features.fmax: must be in"),
+    ("features.fmin=-1", "features.fmin"),
+    ("features.hop_length=0", "features.hop_length"),
+    ("features.segment_samples=1000", "features.segment_samples: must be >= n_fft"),
+    ("features.segment_hop=0", "features.segment_hop: must be >= 1"),
+    ("features.max_segments_per_track=-1", "features.max_segments_per_track"),
+    ("features.tail=keep", "features.tail: 'keep' is not one of"),
+    ("features.short_track=skip", "features.short_track"),
+    ("features.dtype=float64", "features.dtype"),
+    ("features.resample_quality=best", "features.resample_quality"),
+    ("features.top_db=0", "features.top_db: must be > 0"),
+    ("features.n_mels=3.5", "features.n_mels: expected an integer"),
+    ("features.n_mels=many", "features.n_mels: expected an integer"),
+    ("ingest.tracks_per_task=0", "ingest.tracks_per_task: must be >= 1"),
+    ("ingest.inflight_per_cpu=0", "ingest.inflight_per_cpu"),
+    ("ingest.max_task_retries=-1", "ingest.max_task_retries"),
+    ("ingest.strict=maybe", "ingest.strict: expected true or false"),
+    ("features.colour=blue", "features: unknown key(s) ['colour']"),
+    ("sound.n_mels=3", "unknown configuration section 'sound'"),
+    ("n_mels=3", "must look like section.key=value"),
+    ("features.n_mels", "must look like section.key=value"),
+])
+def test_bad_values_name_the_parameter(override, message):
+    with pytest.raises(ConfigError) as err:
+        Config().override([override])
+    assert message in str(err.value)
+
+
+def test_a_config_file_in_toml_or_json_and_the_resolved_config_round_trip(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[features]\nn_mels = 64\nsample_rate = 16000\n\n[ingest]\ntracks_per_task = 4\n')
+    cfg = load_config(toml, ["features.hop_length=256"])
+    assert (cfg.features.n_mels, cfg.features.sample_rate, cfg.features.hop_length, cfg.ingest.tracks_per_task) == (64, 16000, 256, 4)
+    resolved = tmp_path / "config.json"
+    resolved.write_text(cfg.to_json())  # what every run writes next to its output
+    assert load_config(resolved) == cfg
+    assert json.loads(cfg.to_json())["features"]["n_mels"] == 64
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[features\nn_mels = 3")
+    with pytest.raises(ConfigError, match="cannot parse configuration file"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"features": {"n_mels": 0}}))
+    with pytest.raises(ConfigError, match="features.n_mels"):
+        load_config(wrong)
+    with pytest.raises(ConfigError, match="unknown configuration section"):
+        Config.from_dict({"feature": {}})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        Config.from_dict({"features": [1, 2]})
+
+
+def test_with_section_updates_and_validates():
+    cfg = Config().with_section(features={"n_mels": 32, "n_fft": 512, "hop_length": 256})
+    assert cfg.features.mel_shape == (32, 1 + 100_000 // 256)
+    with pytest.raises(ConfigError, match="features.n_mels"):
+        Config().with_section(features={"n_mels": 0})
+    assert Config().with_section(features=FeatureConfig(n_mels=16)).features.n_mels == 16

@@ -1,0 +1,190 @@
+"""Faults during an ingest (issue 6), each on a real local Ray.
+
+* a Ray worker process is killed while ingest tasks run: the dataset equals an undisturbed run's;
+* the ingest driver (the CLI) is killed with SIGKILL half-way: the same command, run again,
+  ends with exactly the undisturbed run's rows and no temporary file;
+* two ingests start on the same output at once: one proceeds, the other stops (exit 2);
+* the output folder is read-only, or its disk fills up: a clear error, no corrupt shard.
+
+The undisturbed run is the session's ``sample_dataset``; rows are compared by content
+(track_id, segment_index, path, label, start, the mel bytes), not by shard layout.
+The CLI runs join the session's Ray (``--address``) so that no test pays a second Ray start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from genrecls.dataset import Dataset, OutputError
+from genrecls.ingest import ingest
+
+
+def content(out) -> list[tuple]:
+    t = pads.dataset(os.path.join(str(out), "shards"), format="parquet").to_table()
+    mel = t.column("mel")
+    return sorted((r["track_id"], r["segment_index"], r["path"], r["label"], r["start_seconds"],
+                   hashlib.sha1(mel[i].values.to_numpy(zero_copy_only=False).tobytes()).hexdigest())
+                  for i, r in enumerate(t.drop(["mel"]).to_pylist()))
+
+
+def temporaries(out) -> list[str]:
+    return [n for folder in ("shards", "failures") if os.path.isdir(os.path.join(out, folder))
+            for n in os.listdir(os.path.join(out, folder)) if n.startswith(".tmp-")]
+
+
+def task_processes() -> list[psutil.Process]:
+    """Ray worker processes of this test session's Ray that are running an ingest task now."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::process_batch"):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "genrecls", "ingest", *args]
+
+
+@pytest.fixture
+def cluster_args(ray_local, small_cfg, tmp_path):
+    """CLI flags: the small features, one or two tracks per task (many tasks), the session's Ray."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(small_cfg.with_section(ingest={"tracks_per_task": 1}).to_json())
+    address = ray_local.get_runtime_context().gcs_address
+    return ["--config", str(cfg), "--address", address, "-q"]
+
+
+def test_a_killed_worker_changes_nothing(sample_library, sample_dataset, small_cfg, ray_local, tmp_path):
+    out = tmp_path / "ds"
+    cfg = small_cfg.with_section(ingest={"tracks_per_task": 2})
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(s=ingest(str(sample_library), str(out), cfg, progress=False)))
+    run.start()
+    killed = []
+    deadline = time.monotonic() + 120
+    while run.is_alive() and not killed and time.monotonic() < deadline:
+        for p in task_processes():
+            try:
+                p.kill()  # SIGKILL a worker in the middle of an ingest task
+                killed.append(p.pid)
+                break
+            except psutil.Error:
+                pass
+        time.sleep(0.005)
+    run.join(timeout=300)
+    assert killed, "no ingest task was caught running"
+    assert done["s"].failed == 0 and done["s"].added == 24
+    assert content(out) == content(sample_dataset)
+    assert not temporaries(out)
+
+
+def test_a_killed_driver_then_the_same_command_gives_the_undisturbed_rows(sample_library, sample_dataset, cluster_args, tmp_path):
+    out = tmp_path / "ds"
+    args = cli([str(sample_library), "--out", str(out), *cluster_args])
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None:
+        if os.path.isdir(out / "shards") and any(n.endswith(".parquet") for n in os.listdir(out / "shards")):
+            break
+        time.sleep(0.005)
+    assert driver.poll() is None, f"the ingest ended before it could be killed: {driver.stderr.read()[-2000:]}"
+    driver.send_signal(signal.SIGKILL)  # half-way: at the first complete shard
+    driver.wait()
+    # Ray stops the dead driver's tasks; wait until none runs any more
+    deadline = time.monotonic() + 60
+    while task_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # what readers see meanwhile: complete shards only (temporaries are hidden and not *.parquet)
+    partial = Dataset(str(out))
+    assert 0 < len(partial.tracks()) < 24
+    for e in partial.track_entries():
+        assert pq.read_metadata(out / "shards" / e.shard).num_rows >= e.n_segments
+    assert all(n.endswith(".parquet") and not n.startswith(".") for n in pads.dataset(
+        str(out / "shards"), format="parquet").files for n in [os.path.basename(n)])
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert content(out) == content(sample_dataset)
+    assert not temporaries(out)
+    assert Dataset(str(out)).manifest()["counts"]["tracks"] == 24
+
+
+def test_two_ingests_on_the_same_output(sample_library, sample_dataset, cluster_args, tmp_path):
+    out = tmp_path / "ds"
+    args = cli([str(sample_library), "--out", str(out), *cluster_args])
+    a = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = [(p.wait(timeout=300), *p.communicate()) for p in (a, b)]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    loser = next(r for r in results if r[0] == 2)
+    assert "is in use by genrecls ingest (pid" in loser[2] and "wait for it to finish" in loser[2]
+    assert content(out) == content(sample_dataset)
+    assert not temporaries(out)
+
+
+def _mount_tmpfs(path, options: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); "
+                    "the full-disk and read-only cases need one")
+
+
+def _umount(path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_read_only_output_is_a_clear_error(sample_library, small_cfg, ray_local, tmp_path, capsys):
+    from genrecls.cli import main
+
+    out = tmp_path / "ro"
+    if os.geteuid() == 0:
+        _mount_tmpfs(out, "ro,size=1m")  # root writes through permissions: a read-only mount it cannot
+    else:
+        os.makedirs(out)
+        os.chmod(out, 0o555)
+    try:
+        with pytest.raises(OutputError, match="cannot write the dataset at .*(Read-only|Permission denied)"):
+            ingest(str(sample_library), str(out / "ds"), small_cfg, progress=False)
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(small_cfg.to_json())
+        assert main(["ingest", str(sample_library), "--out", str(out), "--config", str(cfg), "-q"]) == 2
+        assert "error: cannot write the dataset" in capsys.readouterr().err
+        assert os.listdir(out) == []
+    finally:
+        if os.geteuid() == 0:
+            _umount(out)
+        else:
+            os.chmod(out, 0o755)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_corrupt_shard(sample_library, small_cfg, ray_local, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root")
+    out = tmp_path / "full"
+    _mount_tmpfs(out, "size=96k")
+    try:
+        with pytest.raises(OutputError, match="No space left on device"):
+            ingest(str(sample_library), str(out), small_cfg, progress=False)
+        assert not temporaries(out)
+        ds = Dataset(str(out))
+        for name in ds.shard_names():  # whatever was committed is whole
+            meta = pq.read_metadata(out / "shards" / name)
+            assert meta.num_rows == sum(t["n_segments"] for t in json.loads(meta.metadata[b"genrecls.tracks"]))
+    finally:
+        _umount(out)
