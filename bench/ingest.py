@@ -265,8 +265,10 @@ def profile_stages(files: list[str], root: str) -> dict:
         threadpoolctl.threadpool_limits(1)
     except ImportError:
         pass
-    from genrecls import audio, features
+    from genrecls import audio, features, ingest
     from genrecls.config import FeatureConfig
+
+    getattr(ingest, "_tune_allocator", lambda: None)()  # as process_batch does in a worker (when the code has it)
     from genrecls.dataset import ShardWriter
     from genrecls.segments import iter_segments
     from genrecls.storage import Location
@@ -401,6 +403,11 @@ def main(argv=None) -> int:
     if "tutorial" not in skip:
         tutorial(files[:1])  # imports and first-call costs outside the clock
 
+    import genrecls.ingest
+
+    one_in_same_ray = "genrecls" not in skip and "one" not in skip and hasattr(genrecls.ingest, "_slots")
+    result["setup"]["one_worker_method"] = ("--workers 1 on the same 2-CPU Ray, interleaved" if one_in_same_ray
+                                            else "a separate 1-CPU Ray, after the other runs")
     for r in range(a.repeats):
         if "tutorial" not in skip:
             t0 = time.perf_counter()
@@ -421,11 +428,15 @@ def main(argv=None) -> int:
                                  "shard_bytes": summary.shard_bytes,
                                  "bytes_per_segment": summary.shard_bytes / max(summary.segments_added, 1),
                                  "worker_pids": len(summary.worker_pids)}
+            if one_in_same_ray:  # --workers 1 on the same Ray: exactly one task at a time, interleaved
+                wall, _ = genrecls_run(a.data, os.path.join(work, "ds1"), 1)
+                runs.setdefault("genrecls_one_worker", []).append(wall)
         print(f"repeat {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items()), flush=True)
     if pool is not None:
         pool.close()
         pool.join()
-    if "genrecls" not in skip and "one" not in skip:
+    if "genrecls" not in skip and "one" not in skip and not one_in_same_ray:
+        # code without a concurrency limit for --workers on a running Ray: a Ray of 1 CPU instead
         _ray_start(1)
         genrecls_run(warm, os.path.join(work, "warm-ds"), 1)
         for r in range(a.repeats):

@@ -39,7 +39,15 @@ file, ``model_id`` and ``classified_at`` (UTC).
 Re-runs: a track already classified by the same model with the same path, size and
 modification time is skipped, so a re-run adds only new or changed files, and a run killed
 at any point and re-run ends with exactly one prediction per track (parts appear only
-complete; a reconcile step at the end keeps one row per path, of the current model).
+complete; a reconcile step at the end keeps one row per path, of the current model).  An
+output folder holds the predictions of one model: run another model on it and every track
+is classified again, the old rows being dropped at the end of the run.
+
+Faults: a bad file is recorded in ``failures/`` (as ingest records it) and the job goes on.
+A decoding task whose worker process dies is retried by Ray; a batch that keeps killing its
+worker (a file that crashes a native decoder) is dropped after ``DECODE_MAX_RETRIES``
+retries and its tracks are retried one by one, so that only the culprit is recorded, as
+``worker_crashed``.  Model actors that die are restarted by Ray Data.
 """
 
 from __future__ import annotations
@@ -444,12 +452,31 @@ def _actors(ccfg: ClassifyConfig) -> int:
     return 1
 
 
+def _quiet_ray_data_console() -> None:
+    """Ray Data installs its own INFO console handler on import; keep the console to errors.
+
+    Its session log file (``logs/ray-data/ray-data.log``) still gets everything.
+    """
+    import logging
+
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.ERROR)
+
+
 def _stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig,
-            workers: int | None, tracks_per_task: int) -> Iterator[pa.Table]:
+            workers: int | None, tracks_per_task: int, verbose: bool = False) -> Iterator[pa.Table]:
     """Build the Ray Data pipeline and yield its output blocks as they are produced."""
     import ray
     import ray.data
 
+    if not verbose:
+        try:
+            _quiet_ray_data_console()
+        except ImportError:  # another Ray version: its console stays as Ray configures it
+            pass
     if ccfg.gpu and int(ray.cluster_resources().get("GPU", 0)) < 1:
         raise ValueError("classify.gpu: the Ray cluster has no GPU; drop --gpu or join a cluster with GPUs")
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -589,12 +616,12 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                     if rows >= ccfg.part_rows:
                         flush()
 
-                for block in _stream(todo, run_loc, features, ccfg, workers, ccfg.tracks_per_task):
+                for block in _stream(todo, run_loc, features, ccfg, workers, ccfg.tracks_per_task, verbose):
                     consume(block)
                 lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(seen), pa.string()))))
                 if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
                     log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
-                    for block in _stream(lost, run_loc, features, ccfg, workers, 1):
+                    for block in _stream(lost, run_loc, features, ccfg, workers, 1, verbose):
                         consume(block)
                     for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(seen), pa.string())))).to_pylist():
                         pending_fail.append(failure_row(

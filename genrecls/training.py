@@ -301,12 +301,6 @@ def _to_xy(batch, labels: list[str], shape: tuple[int, int]) -> dict[str, np.nda
     return {"x": x, "y": y}
 
 
-def _band_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    x = batch["x"].astype(np.float64)
-    return {"n": np.array([x.shape[0] * x.shape[2]], np.float64),
-            "s": x.sum(axis=(0, 2))[None, :], "ss": (x * x).sum(axis=(0, 2))[None, :]}
-
-
 def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bool = False):
     """A Ray Dataset of ``x``/``y`` rows for the given tracks (the track filter is pushed into the Parquet scan)."""
     import ray.data
@@ -344,7 +338,7 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
     if plan.cache:
         n_train = plan.segments_per_split["train"]["total"]
         blocks = max(2 * plan.workers, n_train // 256)
-        train = train.random_shuffle(seed=plan.seed).repartition(blocks).materialize()
+        train = train.repartition(blocks, shuffle=True).materialize()  # every block mixes rows of every shard
         val = val.materialize()
         return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
     epoch_train = train.random_shuffle(seed=plan.seed) if plan.shuffle == "global" else train
@@ -352,19 +346,19 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
 
 
 def normalisation_stats(train_ds) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-mel-band mean and std (dB) of a dataset of ``x`` rows, and the number of segments."""
-    n, s, ss, segments = 0.0, None, None, 0
-    for b in train_ds.map_batches(_band_moments, batch_format="numpy", batch_size=256).iter_batches(
-            batch_size=None, batch_format="numpy"):
-        n += float(b["n"].sum())
-        bs, bss = b["s"].sum(axis=0), b["ss"].sum(axis=0)
+    """Per-mel-band mean and std (dB) of a dataset of ``x`` rows, and the number of values per band."""
+    n, s, ss = 0, None, None
+    for b in train_ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        x = b["x"].astype(np.float64)
+        n += x.shape[0] * x.shape[2]
+        bs, bss = x.sum(axis=(0, 2)), np.einsum("imt,imt->m", x, x)
         s = bs if s is None else s + bs
         ss = bss if ss is None else ss + bss
     if not n or s is None:
         raise DatasetError("the training split holds no segment")
     mean = s / n
     var = np.maximum(ss / n - mean * mean, 0.0)
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32), int(round(n))
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32), int(n)
 
 
 # --------------------------------------------------------------------------------------
@@ -507,6 +501,8 @@ def train_func(config: dict[str, Any]) -> None:
         val_loss = logs["val_loss"]
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-4
         weights_now = model.get_weights()  # collective under MWMS: every worker calls it
+        if config.get("debug_dir"):
+            _save_arrays(os.path.join(config["debug_dir"], f"rank{rank}-epoch{epoch}.npz"), weights_now)
         if improved:
             state["best_val_loss"], state["best_epoch"], state["wait"] = val_loss, epoch + 1, 0
             best_weights = weights_now
@@ -631,7 +627,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
         "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "val_steps": plan.val_steps,
         "batch_size": plan.batch_size, "val_batch_size": plan.val_batch_size, "shuffle_buffer": plan.shuffle_buffer,
         "class_weights": plan.class_weights, "early_stopping_patience": plan.early_stopping_patience,
-        "cpus_per_worker": plan.cpus_per_worker,
+        "cpus_per_worker": plan.cpus_per_worker, "debug_dir": os.environ.get("GENRECLS_DEBUG_DIR"),
     }
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_func,
@@ -691,6 +687,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
         cfg = cfg.with_section(train={"workers": int(workers)})
     run = Location.parse(run_dir)
     t_start = time.monotonic()
+    timings: dict[str, float] = {}
     check = check_dataset(dataset, cfg)
     cfg = cfg.with_section(features=check.features)
     if resume:
@@ -739,6 +736,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
                 st, _ = _read_checkpoint(run, done[-1][1])
                 finished = st.get("stopped") or st["epoch"] >= plan.epochs
                 log.info("resuming %s from epoch %d", run.uri, st["epoch"])
+            timings["start"] = time.monotonic() - t_start
             datasets, stats_source = prepare_datasets(plan, ids) if not finished else ({}, None)
             if resume and run.exists("normalisation.json"):
                 norm = run.read_json("normalisation.json")
@@ -749,15 +747,23 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
                 run.write_json("normalisation.json", norm)
             plan.mean, plan.std = norm["mean"], norm["std"]
             run.write_json("plan.json", plan.to_dict())
+            timings["data"] = time.monotonic() - t_start - timings["start"]
             if not finished:
+                t_fit = time.monotonic()
                 result = _run_trainer(plan, run, datasets, resume_from, cfg.train.max_failures, progress)
+                timings["trainer"] = time.monotonic() - t_fit
                 if result.error is not None:
                     raise TrainingError(f"training failed: {type(result.error).__name__}: {result.error}") from result.error
         found = _find_checkpoints(run)
         if not found:
             raise TrainingError(f"training finished without a checkpoint in {run.uri}/checkpoints")
         state, best = _read_checkpoint(run, found[-1][1])
-        return _finish(run, check, cfg, plan, state, best, table, time.monotonic() - t_start)
+        t_finish = time.monotonic()
+        summary = _finish(run, check, cfg, plan, state, best, table, time.monotonic() - t_start)
+        timings["export_and_evaluation"] = time.monotonic() - t_finish
+        summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        summary["wall_seconds"] = time.monotonic() - t_start
+        return summary
 
 
 def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, state: dict[str, Any],

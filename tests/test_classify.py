@@ -218,14 +218,31 @@ def test_rerun_adds_nothing_then_only_new_or_changed_files(first, library, train
     write_audio(str(lib / "new" / "b.wav"), synthesize("classical", 4.0, seed=502), 44100)
     changed = lib / "unseen" / "deep" / "rock" / "rock_001.wav"
     write_audio(str(changed), synthesize("rock", 5.0, seed=503), 44100)
-    third = classify(str(lib), str(trained_run), str(out2), cfg, progress=False)
-    assert third["classified"] == 3 and third["skipped_done"] == 20
+    gone = next((lib / "unseen" / "deep" / "classical").iterdir())
+    gone.unlink()  # and one file removed: --prune drops its prediction
+    third = classify(str(lib), str(trained_run), str(out2), cfg, prune=True, progress=False)
+    assert third["classified"] == 3 and third["skipped_done"] == 19
     table = read_predictions(out2)
     paths = table.column("path").to_pylist()
-    assert len(paths) == len(set(paths)) == 23 == third["tracks_total"]
+    assert len(paths) == len(set(paths)) == 22 == third["tracks_total"]
+    assert gone.relative_to(lib).as_posix() not in paths
     row = {r["path"]: r for r in table.to_pylist()}["unseen/deep/rock/rock_001.wav"]
     assert row["mtime_ns"] == changed.stat().st_mtime_ns and row["n_segments"] == 5
-    assert third["rows_superseded"] == 1
+    assert third["rows_superseded"] == 2  # the changed file's old row and the removed file's row
+
+
+def test_another_model_reclassifies_and_replaces_the_old_predictions(first, library, sample_dataset, small_cfg, tmp_path):
+    _, out = first
+    lib, out2 = tmp_path / "lib", tmp_path / "pred"
+    shutil.copytree(library / "unseen" / "deep" / "jazz", lib / "unseen" / "deep" / "jazz")
+    shutil.copytree(out, out2)
+    other = train_tiny_model(sample_dataset, tmp_path / "run2", epochs=1)
+    summary = classify(str(lib), str(tmp_path / "run2"), str(out2), classify_cfg(small_cfg), progress=False)
+    assert summary["skipped_done"] == 0 and summary["classified"] == 3
+    table = read_predictions(out2)
+    assert sorted(table.column("path").to_pylist()) == sorted(f"unseen/deep/jazz/{p.name}" for p in lib.rglob("*.*"))
+    assert set(table.column("model_id").to_pylist()) == {other["model_id"]}
+    assert summary["rows_superseded"] == 21  # an output folder holds the predictions of one model
 
 
 def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_prediction(library, trained_run, small_cfg, ray_local, tmp_path):

@@ -140,6 +140,10 @@ class RayProcesses:
         env.update(worker_env())
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
                    PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+        # Ray Data 2.60 reads Parquet footers with 32 one-CPU actors per read by default: on a
+        # cluster of a few CPUs that is a new worker process per actor, minutes on 2 cores,
+        # and it can stall the listing (ray-project/ray#65406).  Small clusters want a few.
+        env.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
         self.env = env
         self.procs: list[subprocess.Popen] = []
         self.gcs_port = self.dashboard_port = 0
@@ -245,7 +249,9 @@ class RayProcesses:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = RayProcesses(nodes=2, cpus_per_node=2)
+    # 3 logical CPUs per node: a training worker of 2 CPUs fits a node only once (so the two
+    # workers land on different nodes) and leaves a CPU per node for Ray Data
+    cluster = RayProcesses(nodes=2, cpus_per_node=3)
     try:
         yield cluster.start()
     finally:
@@ -255,16 +261,25 @@ def two_nodes():
 @pytest.fixture(scope="module")
 def cfg_file(tmp_path_factory, small_cfg):
     path = tmp_path_factory.mktemp("cluster-cfg") / "config.json"
-    cfg = small_cfg.with_section(train={"epochs": 1, "batch_size": 16, "workers": 2, "early_stopping_patience": 0})
+    cfg = small_cfg.with_section(train={"epochs": 1, "batch_size": 16, "workers": 2, "cpus_per_worker": 2,
+                                        "early_stopping_patience": 0})
     path.write_text(cfg.to_json())
     return path
 
 
+#: a driver process of its own; it first waits until its own view of the cluster has every
+#: CPU, so that the ingest plans for (and spreads its tasks over) both nodes
 INGEST_DRIVER = """
-import json, sys
+import json, sys, time
+import ray
 from genrecls.config import load_config
 from genrecls.ingest import ingest
-source, out, config, address = sys.argv[1:5]
+from genrecls.runtime import worker_env
+source, out, config, address, cpus = sys.argv[1:6]
+ray.init(address=address, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": worker_env()})
+deadline = time.monotonic() + 60
+while ray.cluster_resources().get("CPU", 0) < float(cpus) and time.monotonic() < deadline:
+    time.sleep(0.5)
 summary = ingest(source, out, load_config(config), address=address, progress=False)
 print("SUMMARY " + json.dumps(summary.to_dict()))
 """
@@ -280,7 +295,7 @@ def _summary(proc: subprocess.CompletedProcess) -> dict:
 def cluster_dataset(two_nodes, sample_library, cfg_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cluster-ingest") / "ds"
     proc = two_nodes.run([sys.executable, "-c", INGEST_DRIVER, str(sample_library), str(out), str(cfg_file),
-                          two_nodes.address])
+                          two_nodes.address, str(two_nodes.nodes * two_nodes.cpus_per_node)])
     return out, _summary(proc)
 
 
@@ -291,7 +306,7 @@ def test_ingest_tasks_run_on_both_nodes(cluster_dataset, sample_library):
     assert len(summary["nodes"]) >= 2, f"ingest tasks ran on {summary['nodes']} only"
     ds = Dataset(str(out))
     assert len(ds.tracks()) == n_tracks
-    # the shards are written by tasks on both nodes, each track in exactly one shard
+    # every segment of every track is stored exactly once, whichever node wrote its shard
     table = pads.dataset(str(out / "shards"), format="parquet").to_table(columns=["track_id", "segment_index"])
     pairs = list(zip(table.column("track_id").to_pylist(), table.column("segment_index").to_pylist()))
     assert len(pairs) == len(set(pairs)) == ds.manifest()["counts"]["segments"]
@@ -318,10 +333,14 @@ def test_training_runs_on_the_two_node_cluster(two_nodes, cluster_dataset, cfg_f
     dataset, _ = cluster_dataset
     run = tmp_path / "run"
     proc = two_nodes.run([sys.executable, "-c", TRAIN_DRIVER, str(dataset), str(run), str(cfg_file), two_nodes.address])
-    _summary(proc)
+    result = _summary(proc)
     info = read_run_info(str(run))
     assert info["labels"] == Dataset(str(dataset)).manifest()["labels"]
-    assert (run / "model").is_dir()
+    assert (run / "model").is_dir() and result["epochs_run"] == 1
+    # the two Ray Train workers (2 CPUs each, 3 per node) ran on different nodes
+    actors = two_nodes.get("/api/v0/actors?limit=10000&detail=1")["data"]["result"]["result"]
+    workers = [a for a in actors if "TrainWorker" in (a.get("class_name") or "")]
+    assert len({a["node_id"] for a in workers}) == 2, [(a.get("class_name"), a.get("node_id")) for a in workers]
 
 
 def test_ray_job_submit_runs_jobs_ingest(two_nodes, sample_library, cfg_file, tmp_path):
