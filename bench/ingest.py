@@ -14,7 +14,9 @@ On one folder of 44.1 kHz stereo MP3s (generated with :mod:`genrecls.sample_data
    in a fresh process: Python, Ray start-up and worker imports included).
 
 Throughput is audio-seconds per wall-second (x real time), the median of ``--repeats``
-runs.  Also measured: the peak RSS of a worker ingesting one long track (default 3 hours,
+runs, the methods interleaved within each repeat.  Because the machine may be shared, the
+CPU seconds spent by this process and all its children (pool and Ray workers) are also
+recorded for every run, giving a load-independent audio-seconds-per-CPU-second figure.  Also measured: the peak RSS of a worker ingesting one long track (default 3 hours,
 44.1 kHz stereo FLAC; ``process_batch`` run in a fresh process, exactly what a Ray task
 runs), bytes per stored segment, and whether float16 storage holds up (max abs dB error
 against float32; a logistic regression on mean-pooled mels trained on each).
@@ -131,7 +133,7 @@ def _ray_start(workers: int) -> None:
     quiet_environment()
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": worker_env()})
 
 
@@ -334,6 +336,20 @@ def profile_stages(files: list[str], root: str) -> dict:
 
 
 # -- main ---------------------------------------------------------------------------------
+def tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and every live descendant (pool and Ray workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for p in me.children(recursive=True):
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -408,30 +424,33 @@ def main(argv=None) -> int:
     one_in_same_ray = "genrecls" not in skip and "one" not in skip and hasattr(genrecls.ingest, "_slots")
     result["setup"]["one_worker_method"] = ("--workers 1 on the same 2-CPU Ray, interleaved" if one_in_same_ray
                                             else "a separate 1-CPU Ray, after the other runs")
+    cpu = result["cpu_seconds"] = {}
+
+    def timed(name, fn):
+        """Run fn; record its wall time, and the CPU time of this process and all its children."""
+        c0, t0 = tree_cpu(), time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+        runs.setdefault(name, []).append(wall)
+        cpu.setdefault(name, []).append(tree_cpu() - c0)
+        return out
+
     for r in range(a.repeats):
         if "tutorial" not in skip:
-            t0 = time.perf_counter()
-            tutorial(files)
-            runs.setdefault("tutorial", []).append(time.perf_counter() - t0)
+            timed("tutorial", lambda: tutorial(files))
         if pool is not None:
-            t0 = time.perf_counter()
-            pool.map(_decode, files, chunksize=1)
-            runs.setdefault("decode_floor_all_cores", []).append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for f in files:
-                _decode(f)
-            runs.setdefault("decode_floor_one_core", []).append(time.perf_counter() - t0)
+            timed("decode_floor_all_cores", lambda: pool.map(_decode, files, chunksize=1))
+            timed("decode_floor_one_core", lambda: [_decode(f) for f in files])
         if "genrecls" not in skip:
-            wall, summary = genrecls_run(a.data, os.path.join(work, "ds"), a.workers)
-            runs.setdefault("genrecls_all_cores", []).append(wall)
+            summary = timed("genrecls_all_cores", lambda: genrecls_run(a.data, os.path.join(work, "ds"), a.workers)[1])
             result["dataset"] = {"segments": summary.segments_added, "shards": summary.shards_written,
                                  "shard_bytes": summary.shard_bytes,
                                  "bytes_per_segment": summary.shard_bytes / max(summary.segments_added, 1),
                                  "worker_pids": len(summary.worker_pids)}
             if one_in_same_ray:  # --workers 1 on the same Ray: exactly one task at a time, interleaved
-                wall, _ = genrecls_run(a.data, os.path.join(work, "ds1"), 1)
-                runs.setdefault("genrecls_one_worker", []).append(wall)
-        print(f"repeat {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items()), flush=True)
+                timed("genrecls_one_worker", lambda: genrecls_run(a.data, os.path.join(work, "ds1"), 1))
+        print(f"repeat {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in runs.items())
+              + f"; load {load()[0]}", flush=True)
     if pool is not None:
         pool.close()
         pool.join()
@@ -440,9 +459,8 @@ def main(argv=None) -> int:
         _ray_start(1)
         genrecls_run(warm, os.path.join(work, "warm-ds"), 1)
         for r in range(a.repeats):
-            wall, _ = genrecls_run(a.data, os.path.join(work, "ds1"), 1)
-            runs.setdefault("genrecls_one_worker", []).append(wall)
-            print(f"1 worker, repeat {r + 1}/{a.repeats}: {wall:.2f}s", flush=True)
+            timed("genrecls_one_worker", lambda: genrecls_run(a.data, os.path.join(work, "ds1"), 1))
+            print(f"1 worker, repeat {r + 1}/{a.repeats}: {runs['genrecls_one_worker'][-1]:.2f}s", flush=True)
     if "genrecls" not in skip:
         import ray
 
@@ -465,6 +483,16 @@ def main(argv=None) -> int:
     if "genrecls_cli_cold_all_cores" in med and "tutorial" in med:
         ratios["cold_cli_vs_tutorial"] = med["genrecls_cli_cold_all_cores"] / med["tutorial"]
     result["ratios"] = ratios
+    # load-independent view: audio seconds per CPU second spent (this process and its children)
+    eff = result["x_realtime_per_cpu_second"] = {k: secs / median(v) for k, v in cpu.items() if median(v)}
+    if "genrecls_all_cores" in eff:
+        g = eff["genrecls_all_cores"]
+        result["cpu_ratios"] = {
+            k: v for k, v in {
+                # with every core busy, genrecls would run at (cores x g); the tutorial uses one core
+                "vs_tutorial_if_cores_free": a.workers * g / eff["tutorial"] if "tutorial" in eff else None,
+                "vs_decode_floor": g / eff["decode_floor_all_cores"] if "decode_floor_all_cores" in eff else None,
+            }.items() if v is not None}
 
     if "memory" not in skip and a.long_hours > 0:
         print(f"memory probe: a {a.long_hours:g} h track...", flush=True)
@@ -497,6 +525,10 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         t = result["targets"].get(k)
         print(f"{k:32s} {v:9.2f}" + (f"   target {t['target']}: {'met' if t['met'] else 'MISSED'}" if t else ""))
+    if eff:
+        print("audio seconds per CPU second (load-independent): " + ", ".join(f"{k} {v:.0f}" for k, v in eff.items()))
+        if result.get("cpu_ratios"):
+            print("  CPU-time ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_ratios"].items()))
     if "dataset" in result:
         print(f"bytes per stored segment: {result['dataset']['bytes_per_segment']:.0f} "
               f"({result['dataset']['segments']} segments, {result['dataset']['shards']} shards)")

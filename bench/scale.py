@@ -9,10 +9,13 @@ On one library, in one run, ``genrecls.ingest.ingest`` into a fresh dataset on:
    machine with ``ray.cluster_utils.Cluster`` (separate raylets, object stores and worker
    pools, tasks spread over both; the ``nodes`` column says how many ran tasks).
 
-Each configuration starts its Ray and warms its workers with a small ingest before the
-clock starts (the steady state of a long run); then ``--repeats`` timed ingests, each into
-an empty dataset.  Throughput is audio-seconds per wall-second (x real time), the median
-of the repeats; ratios are against configuration 1.
+Each timed ingest runs in a freshly started Ray whose workers were warmed by a small ingest
+before the clock starts (the steady state of a long run), into an empty dataset.  The
+configurations take turns, ``--repeats`` rounds in the order 1-2-3, 3-2-1, 1-2-3..., so that
+the drifting load of a shared machine hits them alike.  Throughput is audio-seconds per
+wall-second (x real time), the median of the rounds; ratios are against configuration 1.
+Also measured: the stored bytes per segment and what the driver alone spends per track and
+per shard footer (a no-op re-run), the inputs of the scaling estimate in docs/cluster.md.
 
 The library: ``--source`` (a folder of ``<label>/<file>``), by default a balanced subset of
 about ``--hours`` of audio (tracks up to ``--max-track-seconds``) from the real-music dev set at /tmp/game-music when it exists
@@ -194,25 +197,37 @@ def _ingest_once(lib: Library, source: str, out: str, *, fresh: bool = True):
 
 
 def bench_ingest(a: argparse.Namespace, lib: Library, work: str) -> dict[str, Any]:
-    """Ingest throughput of each configuration in CONFIGS on the same library."""
-    out: dict[str, Any] = {"configs": {}}
-    for key, (label, make) in CONFIGS.items():
-        print(f"{label}: starting Ray and warming the workers...", flush=True)
-        runs, nodes, pids = [], set(), set()
-        with make():
-            _ingest_once(lib, lib.warm, os.path.join(work, "warm-ds"))
-            for r in range(a.repeats):
+    """Ingest throughput of each configuration in CONFIGS on the same library.
+
+    The machine may be shared, and its load drifts: the configurations take turns, one
+    timed run each per round, in the order 1-2-3 then 3-2-1 (so a drift hits them alike),
+    each round in a freshly started and warmed Ray.
+    """
+    keys = list(CONFIGS)
+    acc: dict[str, dict[str, Any]] = {k: {"runs": [], "nodes": set(), "pids": set()} for k in keys}
+    stored = None
+    for r in range(a.repeats):
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            label, make = CONFIGS[key]
+            with make():
+                _ingest_once(lib, lib.warm, os.path.join(work, "warm-ds"))
                 wall, s = _ingest_once(lib, lib.source, os.path.join(work, "ds"))
-                runs.append(wall)
-                nodes.update(s.nodes)
-                pids.update(s.worker_pids)
-                print(f"  repeat {r + 1}/{a.repeats}: {wall:.2f} s, {s.audio_seconds / wall:.0f}x real time, "
-                      f"{len(s.nodes)} node(s), {s.shards_written} shards", flush=True)
+            acc[key]["runs"].append(wall)
+            acc[key]["nodes"].update(s.nodes)
+            acc[key]["pids"].update(s.worker_pids)
+            stored = (s.shard_bytes, s.segments_added)
+            print(f"round {r + 1}/{a.repeats}, {label}: {wall:.2f} s, {s.audio_seconds / wall:.0f}x real time, "
+                  f"{len(s.nodes)} node(s), {s.shards_written} shards; load {load()[0]}", flush=True)
+    out: dict[str, Any] = {"configs": {}, "order": "rounds alternating 1-2-3 / 3-2-1, fresh Ray per run"}
+    for key in keys:
+        runs = acc[key]["runs"]
         med = statistics.median(runs)
-        out["configs"][key] = {"label": label, "runs_seconds": runs, "median_seconds": med,
+        out["configs"][key] = {"label": CONFIGS[key][0], "runs_seconds": runs, "median_seconds": med,
                                "audio_seconds_per_second": lib.audio_seconds / med,
                                "tracks_per_second": lib.tracks / med,
-                               "nodes_used": len(nodes), "worker_processes": len(pids)}
+                               "nodes_used": len(acc[key]["nodes"]), "worker_processes": len(acc[key]["pids"])}
+    out["bytes_per_segment"] = stored[0] / max(stored[1], 1)
+    out["segments"] = stored[1]
     base = out["configs"][BASELINE]["audio_seconds_per_second"]
     out["ratios_vs_1_worker"] = {k: v["audio_seconds_per_second"] / base for k, v in out["configs"].items()}
     out["driver"] = driver_costs(lib, os.path.join(work, "ds"))
@@ -265,6 +280,7 @@ def print_ingest(res: dict[str, Any]) -> None:
               f"{res['ratios_vs_1_worker'][key]:6.2f} {c['nodes_used']:6d}   {', '.join(f'{x:.2f}' for x in c['runs_seconds'])}")
 
 
+    print(f"stored: {res['segments']} segments, {res['bytes_per_segment'] / 1024:.1f} KiB per segment")
     d = res["driver"]
     print(f"driver, no-op re-run of {d['tracks']} tracks / {d['shards']} shards (local disk): {d['noop_rerun_seconds']:.2f} s "
           f"({d['noop_rerun_ms_per_track']:.1f} ms per track); discovery {d['discovery_ms_per_track']:.2f} ms per track, "
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", help="library folder (<label>/<file>); default: a subset of the dev set, or generated")
     p.add_argument("--hours", type=float, default=0.5, help="audio taken from the dev set (default 0.5 h)")
-    p.add_argument("--max-track-seconds", type=float, default=240.0, help="longest dev-set track taken (default 240)")
+    p.add_argument("--max-track-seconds", type=float, default=120.0, help="longest dev-set track taken (default 120)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="generated 16 x 15 s tracks, 1 repeat")

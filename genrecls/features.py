@@ -140,7 +140,8 @@ def log_mel(segments: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
     Parameters
     ----------
-    segments : array of shape (n, segment_samples) or (segment_samples,), float
+    segments : array of shape (n, segment_samples) or (segment_samples,), float; or a list of
+        n 1-D arrays of one length (saves stacking them first)
     cfg : feature configuration (``n_fft``, ``hop_length``, ``n_mels``, ``fmin``, ``fmax``,
         ``top_db``, ``sample_rate``)
 
@@ -159,18 +160,25 @@ def log_mel(segments: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """
     import scipy.fft
 
-    x = np.asarray(segments, dtype=np.float32)
-    single = x.ndim == 1
-    if single:
-        x = x[None, :]
-    if x.ndim != 2:
-        raise ValueError(f"segments must be 1-D or 2-D, got shape {x.shape}")
-    n, length = x.shape
     n_fft, hop = cfg.n_fft, cfg.hop_length
     half = n_fft // 2
+    if isinstance(segments, (list, tuple)):  # equal-length 1-D segments: copied once, into the padded batch
+        rows = [np.asarray(r) for r in segments]
+        if not rows or any(r.ndim != 1 or r.size != rows[0].size for r in rows):
+            raise ValueError("segments given as a list must be 1-D arrays of one length")
+        single, n, length = False, len(rows), rows[0].size
+    else:
+        x = np.asarray(segments, dtype=np.float32)
+        single = x.ndim == 1
+        if single:
+            x = x[None, :]
+        if x.ndim != 2:
+            raise ValueError(f"segments must be 1-D or 2-D, got shape {x.shape}")
+        (n, length), rows = x.shape, x
     n_frames = 1 + length // hop
     padded = np.zeros((n, length + 2 * half), np.float32)
-    padded[:, half: half + length] = x
+    for i in range(n):
+        padded[i, half: half + length] = rows[i]
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=1)[:, ::hop][:, :n_frames]
     windowed = frames * hann_window(n_fft)  # (n, frames, n_fft), contiguous
     spec = scipy.fft.rfft(windowed, axis=-1, workers=1, overwrite_x=True)

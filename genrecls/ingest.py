@@ -9,6 +9,13 @@ killing its worker is split so that only the poisonous file is recorded as faile
 
 Re-running the same command is safe at any point: tracks land in a shard only whole,
 shards appear only complete, and a reconcile step keeps each track in exactly one shard.
+
+A bad file never stops the run (it becomes a row of the failures table, with a reason);
+a dataset that cannot be written (read-only, disk full) stops it with
+:class:`~genrecls.dataset.OutputError` after removing partial files.  A worker's memory
+is bounded whatever a track's length: audio is decoded in blocks, a track's spectrograms
+beyond 64 MB wait in a temporary file (:class:`~genrecls.dataset.TrackBuffer`), and shards
+are written row group by row group.
 """
 
 from __future__ import annotations

@@ -95,11 +95,11 @@ class FeatureStream:
             starts.append(seg.start_sample / cfg.sample_rate)
             if len(pending) >= batch:
                 self.segments += len(pending)
-                yield log_mel(np.stack(pending), cfg), starts
+                yield log_mel(pending, cfg), starts
                 pending, starts = [], []
         if pending:
             self.segments += len(pending)
-            yield log_mel(np.stack(pending), cfg), starts
+            yield log_mel(pending, cfg), starts
         self.duration = samples / cfg.sample_rate
         if self.segments == 0:
             raise AudioError("too_short", "the track produced no segment")

@@ -75,7 +75,8 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, **kwargs)
+        # "local": always a new embedded Ray, even if `ray start` runs a cluster on this machine
+        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, **kwargs)
     _quiet_ray_data()
     try:
         yield

@@ -32,7 +32,11 @@ class Segment:
 
 
 class Segmenter:
-    """Accumulates blocks and emits segments as they fill; memory is one segment plus one block."""
+    """Accumulates blocks and emits segments as they fill; memory is one segment plus one block.
+
+    The samples wait in one reused buffer (no re-allocation per block); each emitted
+    segment is a copy, so it stays valid after later pushes.
+    """
 
     def __init__(self, cfg: FeatureConfig):
         self.length = cfg.segment_samples
@@ -42,7 +46,8 @@ class Segmenter:
         self.min_samples = int(round(cfg.min_track_seconds * cfg.sample_rate))
         self.cap = cfg.max_segments_per_track or None
         self.sample_rate = cfg.sample_rate
-        self._buf = np.zeros(0, np.float32)
+        self._buf = np.zeros(self.length + (1 << 16), np.float32)
+        self._n = 0  # valid samples in _buf
         self._buf_start = 0  # absolute sample index of _buf[0]
         self._next_start = 0  # absolute start of the next segment
         self._emitted = 0
@@ -53,23 +58,41 @@ class Segmenter:
         """True once the cap on segments is reached: the caller may stop decoding."""
         return self.cap is not None and self._emitted >= self.cap
 
+    @property
+    def buffered(self) -> int:
+        """Samples held, waiting for the segments that still need them."""
+        return self._n
+
     def push(self, block: np.ndarray) -> list[Segment]:
         self.total_samples += block.size
         if self.full:
             return []
-        self._buf = np.concatenate([self._buf, block]) if self._buf.size else block.astype(np.float32, copy=False)
+        skip = max(0, self._next_start - (self._buf_start + self._n))  # hop > length: samples no segment uses
+        if skip:
+            take = min(skip, block.size)
+            block = block[take:]
+            self._buf_start += take
+        need = self._n + block.size
+        if need > self._buf.size:
+            grown = np.empty(max(need, 2 * self._buf.size), np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n: need] = block
+        self._n = need
         out = []
         while not self.full:
             offset = self._next_start - self._buf_start
-            if offset + self.length > self._buf.size:
+            if offset + self.length > self._n:
                 break
             out.append(Segment(self._emitted, self._next_start, self._buf[offset: offset + self.length].copy()))
             self._emitted += 1
             self._next_start += self.hop
         # keep only what later segments still need
-        drop = min(self._next_start - self._buf_start, self._buf.size)
+        drop = min(self._next_start - self._buf_start, self._n)
         if drop > 0:
-            self._buf = self._buf[drop:]
+            left = self._n - drop
+            self._buf[:left] = self._buf[drop: self._n].copy() if left > drop else self._buf[drop: self._n]
+            self._n = left
             self._buf_start += drop
         return out
 
@@ -92,7 +115,7 @@ class Segmenter:
                 )
             return [self._padded_tail()]
         offset = self._next_start - self._buf_start
-        remaining = self._buf.size - max(offset, 0)
+        remaining = self._n - max(offset, 0)
         if self.tail == "pad" and remaining >= self.length // 2 and offset >= 0:
             return [self._padded_tail()]
         return []
@@ -100,7 +123,7 @@ class Segmenter:
     def _padded_tail(self) -> Segment:
         offset = max(self._next_start - self._buf_start, 0)
         seg = np.zeros(self.length, np.float32)
-        part = self._buf[offset: offset + self.length]
+        part = self._buf[offset: min(offset + self.length, self._n)]
         seg[: part.size] = part
         s = Segment(self._emitted, self._next_start, seg)
         self._emitted += 1

@@ -328,17 +328,16 @@ def decoded_bytes(plan: TrainPlan, segments: int) -> int:
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
     """The ``train`` and ``val`` Ray Datasets handed to the trainer, and the one to compute statistics on.
 
-    Cached (``plan.cache``): read and decode once, shuffle once globally into blocks of about
-    256 segments, keep them in the object store; each epoch then only reorders the blocks
-    (plus each worker's local shuffle buffer).  Not cached: every epoch streams the shards
+    Cached (``plan.cache``): read and decode once, shuffle the rows once globally, keep the
+    blocks in the object store; each epoch then only reorders the blocks (plus each
+    worker's local shuffle buffer).  Not cached: every epoch streams the shards
     again, shuffled globally (``random_shuffle``) or by file order plus the local buffer.
     """
     train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local")
     val = make_ray_dataset(plan, ids["val"])
     if plan.cache:
-        n_train = plan.segments_per_split["train"]["total"]
-        blocks = max(2 * plan.workers, n_train // 256)
-        train = train.repartition(blocks, shuffle=True).materialize()  # every block mixes rows of every shard
+        # a real row shuffle once: shards hold a few labels each (ingest order), every block must mix them
+        train = train.random_shuffle(seed=plan.seed).materialize()
         val = val.materialize()
         return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
     epoch_train = train.random_shuffle(seed=plan.seed) if plan.shuffle == "global" else train
@@ -501,8 +500,6 @@ def train_func(config: dict[str, Any]) -> None:
         val_loss = logs["val_loss"]
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-4
         weights_now = model.get_weights()  # collective under MWMS: every worker calls it
-        if config.get("debug_dir"):
-            _save_arrays(os.path.join(config["debug_dir"], f"rank{rank}-epoch{epoch}.npz"), weights_now)
         if improved:
             state["best_val_loss"], state["best_epoch"], state["wait"] = val_loss, epoch + 1, 0
             best_weights = weights_now
@@ -514,7 +511,8 @@ def train_func(config: dict[str, Any]) -> None:
                   "val_loss": val_loss, "val_accuracy": logs.get("val_accuracy"), "lr": lr,
                   "train_seconds": round(train_seconds, 3), "epoch_seconds": round(epoch_seconds, 3),
                   "segments_per_s": round(steps * batch * world / max(train_seconds, 1e-9), 2),
-                  "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0)}
+                  "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0),
+                  "pid": os.getpid()}  # of rank 0, which writes the checkpoint
         state["history"].append(record)
         state["epoch"] = epoch + 1
         optimizer_values = [v.numpy() for v in model.optimizer.variables]
@@ -526,8 +524,7 @@ def train_func(config: dict[str, Any]) -> None:
             if best_weights is not None:
                 _save_arrays(os.path.join(d, "best.npz"), best_weights)
             metrics = {**record, "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
-                       "stopped": state["stopped"], "epochs": epochs, "restarts": len(state.get("restarts", [])),
-                       "pid": os.getpid()}
+                       "stopped": state["stopped"], "epochs": epochs, "restarts": len(state.get("restarts", []))}
             checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -565,8 +562,9 @@ def _find_checkpoints(run: Location) -> list[tuple[int, str]]:
     for info in run.fs.get_file_info(sel):
         if info.type == pafs.FileType.File and info.base_name == "state.json" and "/checkpoint_" in info.path:
             folder = info.path.rsplit("/", 1)[0]
-            if run.fs.get_file_info(folder + "/weights.npz").type != pafs.FileType.File:
-                continue
+            if any(run.fs.get_file_info(f"{folder}/{n}").type != pafs.FileType.File
+                   for n in ("weights.npz", "optimizer.npz")):
+                continue  # incomplete (a copy cut short)
             with run.fs.open_input_stream(info.path) as f:
                 st = json.loads(f.read())
             out.append((int(st["epoch"]), folder, info.mtime_ns or 0))
@@ -627,7 +625,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
         "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "val_steps": plan.val_steps,
         "batch_size": plan.batch_size, "val_batch_size": plan.val_batch_size, "shuffle_buffer": plan.shuffle_buffer,
         "class_weights": plan.class_weights, "early_stopping_patience": plan.early_stopping_patience,
-        "cpus_per_worker": plan.cpus_per_worker, "debug_dir": os.environ.get("GENRECLS_DEBUG_DIR"),
+        "cpus_per_worker": plan.cpus_per_worker,
     }
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_func,

@@ -26,7 +26,7 @@ def ray_local():
     from genrecls.runtime import worker_env
 
     if not ray.is_initialized():
-        ray.init(num_cpus=TEST_CPUS, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=TEST_CPUS, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", runtime_env={"env_vars": worker_env()})
     yield ray
     ray.shutdown()

@@ -105,6 +105,10 @@ def test_shapes_and_errors():
     assert log_mel(np.zeros((3, 8000)), cfg).shape == (3, 32, 32)  # float64 input accepted
     with pytest.raises(ValueError, match="1-D or 2-D"):
         log_mel(np.zeros((2, 2, 8000)), cfg)
+    segs = music(cfg, 3, "reggae")
+    np.testing.assert_array_equal(log_mel(list(segs), cfg), log_mel(segs, cfg))  # a list is stacked on the fly
+    with pytest.raises(ValueError, match="of one length"):
+        log_mel([segs[0], segs[1][:4000]], cfg)
 
 
 def test_silence_is_the_amin_floor():

@@ -108,7 +108,7 @@ def test_memory_is_one_segment_plus_one_block():
     seg = Segmenter(cfg(segment_hop=100))
     for b in ramp_blocks(50_000):
         seg.push(b)
-        assert seg._buf.size < 100 + 80  # never the whole stream
+        assert seg.buffered < 100 + 80  # never the whole stream
 
 
 def test_overlap_is_allowed_but_hop_must_be_positive():
