@@ -204,7 +204,7 @@ def bench_ingest(a: argparse.Namespace, lib: Library, work: str) -> dict[str, An
     each round in a freshly started and warmed Ray.
     """
     keys = list(CONFIGS)
-    acc: dict[str, dict[str, Any]] = {k: {"runs": [], "nodes": set(), "pids": set()} for k in keys}
+    acc: dict[str, dict[str, Any]] = {k: {"runs": [], "nodes": 0, "pids": 0} for k in keys}
     stored = None
     for r in range(a.repeats):
         for key in (keys if r % 2 == 0 else keys[::-1]):
@@ -213,8 +213,8 @@ def bench_ingest(a: argparse.Namespace, lib: Library, work: str) -> dict[str, An
                 _ingest_once(lib, lib.warm, os.path.join(work, "warm-ds"))
                 wall, s = _ingest_once(lib, lib.source, os.path.join(work, "ds"))
             acc[key]["runs"].append(wall)
-            acc[key]["nodes"].update(s.nodes)
-            acc[key]["pids"].update(s.worker_pids)
+            acc[key]["nodes"] = max(acc[key]["nodes"], len(s.nodes))
+            acc[key]["pids"] = max(acc[key]["pids"], len(s.worker_pids))
             stored = (s.shard_bytes, s.segments_added)
             print(f"round {r + 1}/{a.repeats}, {label}: {wall:.2f} s, {s.audio_seconds / wall:.0f}x real time, "
                   f"{len(s.nodes)} node(s), {s.shards_written} shards; load {load()[0]}", flush=True)
@@ -225,7 +225,7 @@ def bench_ingest(a: argparse.Namespace, lib: Library, work: str) -> dict[str, An
         out["configs"][key] = {"label": CONFIGS[key][0], "runs_seconds": runs, "median_seconds": med,
                                "audio_seconds_per_second": lib.audio_seconds / med,
                                "tracks_per_second": lib.tracks / med,
-                               "nodes_used": len(acc[key]["nodes"]), "worker_processes": len(acc[key]["pids"])}
+                               "nodes_used": acc[key]["nodes"], "worker_processes": acc[key]["pids"]}
     out["bytes_per_segment"] = stored[0] / max(stored[1], 1)
     out["segments"] = stored[1]
     base = out["configs"][BASELINE]["audio_seconds_per_second"]

@@ -7,6 +7,7 @@ Layout of a dataset folder (local path or URI)::
       config.json             the resolved configuration of the last ingest
       shards/part-*.parquet   one row per segment (zstd); each track lives in exactly one shard
       failures/part-*.parquet one row per file that could not be used, with its reason
+      touched/part-*.parquet  files whose stat changed but content did not (skipped without re-reading)
       .lock                   held while an ingest writes
 
 Segment rows: ``track_id, path, label, segment_index, start_seconds, mel`` (a fixed-size
@@ -494,6 +495,35 @@ class Dataset:
             return
         table = pa.Table.from_pylist(rows, schema=failure_schema())
         self._write(f"failures/{name or new_shard_name()}", lambda out: pq.write_table(table, out, compression="zstd"))
+
+    # -- touched files -----------------------------------------------------------------
+    # A file whose size or modification time changed but whose content did not keeps its
+    # rows; its new stat is recorded here (track_id, size, mtime_ns, fingerprint) so that the
+    # next run skips it without reading it again.
+    def touched(self) -> dict[str, tuple[int, int, str]]:
+        """track_id -> (size, mtime_ns, fingerprint) of files seen unchanged under a new stat."""
+        out: dict[str, tuple[int, int, str]] = {}
+        for n in self.location.list("touched", suffix=".parquet"):
+            with self.location.fs.open_input_file(self.location.join("touched", n)) as f:
+                for r in pq.read_table(f).to_pylist():  # names are time-ordered: later overrides earlier
+                    out[r["track_id"]] = (r["size"], r["mtime_ns"], r["fingerprint"])
+        return out
+
+    def record_touched(self, rows: dict[str, tuple[int, int, str]]) -> None:
+        """Rewrite the touched table as one part: ``rows`` merged over the current one, for live tracks only."""
+        names = self.location.list("touched", suffix=".parquet")
+        merged = {**self.touched(), **rows}
+        index = self.tracks()
+        keep = {tid: v for tid, v in merged.items()
+                if tid in index and index[tid].fingerprint == v[2] and (index[tid].size, index[tid].mtime_ns) != v[:2]}
+        if keep == self.touched() and len(names) <= 1:
+            return
+        if keep:
+            table = pa.table({"track_id": list(keep), "size": [v[0] for v in keep.values()],
+                              "mtime_ns": [v[1] for v in keep.values()], "fingerprint": [v[2] for v in keep.values()]})
+            self._write(f"touched/{new_shard_name()}", lambda out: pq.write_table(table, out, compression="zstd"))
+        for n in names:
+            self.location.delete("touched", n)
 
     def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
         """Rewrite the failures table as one part: drop paths that now have rows or that vanished."""

@@ -84,7 +84,7 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
                 try:
                     fingerprint = fingerprint_file(t.path)
                     if t.known_fingerprint is not None and fingerprint == t.known_fingerprint:
-                        unchanged.append(t.rel_path)
+                        unchanged.append((t.track_id, t.size, t.mtime_ns, fingerprint))
                         continue
                     stream = FeatureStream(t.path, cfg)
                     for mels, starts in stream:
@@ -217,12 +217,14 @@ class IngestSummary:
 
 def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[TrackTask], int, int]:
     index = ds.tracks()
+    touched = ds.touched()
     known_failures = {} if retry_failed else {
         r["path"]: (r["size"], r["mtime_ns"]) for r in ds.failures().to_pylist()}
     todo, unchanged, known_failed = [], 0, 0
     for t in found.tracks:
         e = index.get(t.track_id)
-        if e is not None and e.path == t.rel_path and e.size == t.size and e.mtime_ns == t.mtime_ns and e.label == t.label:
+        if e is not None and e.path == t.rel_path and e.label == t.label and (
+                (e.size, e.mtime_ns) == (t.size, t.mtime_ns) or touched.get(t.track_id) == (t.size, t.mtime_ns, e.fingerprint)):
             unchanged += 1
             continue
         if e is None and known_failures.get(t.rel_path) == (t.size, t.mtime_ns):
@@ -336,6 +338,8 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         vanished = {tid for tid in ds.tracks() if tid not in present}
         summary.pruned = len(vanished)
     ds.reconcile(drop_track_ids=vanished)
+    if ds.location.exists("touched"):
+        ds.record_touched({})  # forget entries of tracks re-processed or pruned since
     live = {e.path for e in ds.tracks().values()}
     ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
     _write_manifest(ds, cfg, source_abs, versions)
@@ -378,6 +382,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     uri = loc.uri
     kinds: Counter[str] = Counter(summary.failures_by_kind)
     nodes, pids = set(), set()
+    touched: dict[str, tuple[int, int, str]] = {}
     queue = list(reversed(pending_batches))
     try:
         while queue or inflight:
@@ -404,6 +409,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                 summary.processed += len(batch)
                 summary.added += res["tracks"]
                 summary.unchanged_content += len(res["unchanged"])
+                touched.update({tid: (size, mtime, fp) for tid, size, mtime, fp in res["unchanged"]})
                 summary.failed += len(res["failures"])
                 summary.segments_added += res["segments"]
                 summary.audio_seconds += res["audio_seconds"]
@@ -416,6 +422,8 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                 if res["pid"]:
                     pids.add(res["pid"])
                 bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
+        if touched:
+            Dataset(loc).record_touched(touched)
     except BaseException:
         for ref in inflight:  # interrupted or the output failed: stop the others (they delete their partial shards)
             ray.cancel(ref)

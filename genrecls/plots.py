@@ -27,6 +27,8 @@ def _save(fig, location, name: str) -> None:
 def plot_curves(history: Sequence[dict[str, Any]], location, name: str = "curves.png", *, title: str = "") -> None:
     """Training and validation accuracy and loss per epoch (two panels), plus the best epoch."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "accuracy", "accuracy (segments)"), (axes[1], "loss", "loss (cross-entropy)")):
@@ -34,6 +36,7 @@ def plot_curves(history: Sequence[dict[str, Any]], location, name: str = "curves
         ax.plot(epochs, [h.get(f"val_{key}") for h in history], "s-", label="validation", ms=3)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if history:
             best = min(history, key=lambda h: h.get("val_loss", float("inf")))

@@ -320,11 +320,6 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
                           fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape})
 
 
-def decoded_bytes(plan: TrainPlan, segments: int) -> int:
-    n_mels, n_frames = plan.mel_shape
-    return segments * (n_mels * n_frames * 2 + 4)
-
-
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
     """The ``train`` and ``val`` Ray Datasets handed to the trainer, and the one to compute statistics on.
 
@@ -428,14 +423,16 @@ def train_func(config: dict[str, Any]) -> None:
     from .models import build_model, import_tensorflow, keras
 
     tf = import_tensorflow()
-    threads = max(1, int(math.ceil(config["cpus_per_worker"])))
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    except RuntimeError:  # TensorFlow already initialised in this process
-        pass
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # TensorFlow threads: the node's cores shared by the workers on it (the Ray CPU reservation is
+    # smaller on purpose, to leave Ray Data room to schedule its read tasks)
+    threads = config.get("threads") or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
+    except RuntimeError:  # TensorFlow already initialised in this process
+        pass
     k = keras()
     k.utils.set_random_seed(int(config["seed"]))
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
@@ -444,6 +441,9 @@ def train_func(config: dict[str, Any]) -> None:
         model = build_model(config["model"], shape, len(config["labels"]), mean=config["mean"], std=config["std"],
                             augment=config["augment"], learning_rate=config["learning_rate"])
         model.optimizer.build(model.trainable_variables)
+    # same initial weights everywhere (MWMS also broadcasts them); then each worker draws its own
+    # augmentation masks and dropout
+    tf.random.set_seed(int(config["seed"]) * 1009 + 1 + rank)
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": None, "wait": 0,
                              "stopped": False, "restarts": []}
