@@ -4,11 +4,13 @@ Three measurements, all on one local Ray of ``--cpus`` CPUs started by this scri
 
 1. **Throughput**: on a folder of real music (a subset of the game-music set, ``--real``)
    and a folder of synthetic tracks, ``ingest`` then ``classify`` (each on a fresh output,
-   medians of ``--repeats`` runs): tracks/s and audio-seconds per wall-second, the ratio
-   classify/ingest (target >= 0.8), and the peak memory (PSS summed over this process and
-   every Ray process under it: raylet, GCS, workers, the model actors).
-2. **Memory at 1x and 4x the library**: classify of the real subset and of 4 copies of it
-   (symbolic links under 4 folders, so 4x the tracks); the peak must stay flat.
+   medians of ``--repeats`` runs): tracks/s and audio-seconds per wall-second end to end,
+   and the ratio classify/ingest (target >= 0.8).  Each folder is also run at 4x its size
+   (4 folders of symbolic links): the steady-state rate ``(N4 - N1) / (T4 - T1)`` cancels the
+   start-up costs (Ray, and for classify the model actor's TensorFlow import and model load).
+2. **Memory at 1x and 4x the library**: the peak memory of those runs (PSS summed over this
+   process and every Ray process under it: raylet, GCS, workers, the model actors) must
+   stay flat as the library grows.
 3. **K (classify.max_segments)**: the real set is ingested (cached in ``--work``), a model
    (``genrecls.models`` 'default' CNN) is trained on 60% of its tracks, and on the other 40%
    track accuracy is measured when a track is scored on K evenly spaced segments (the
@@ -43,7 +45,7 @@ from genrecls.runtime import quiet_environment  # noqa: E402
 
 quiet_environment()
 
-from genrecls.classify import classify, read_predictions  # noqa: E402
+from genrecls.classify import read_predictions  # noqa: E402
 from genrecls.config import Config  # noqa: E402
 from genrecls.dataset import Dataset, mel_array  # noqa: E402
 from genrecls.ingest import ingest  # noqa: E402
@@ -56,12 +58,13 @@ K_VALUES = [1, 2, 3, 4, 6, 8, 10, 15, 20, 0]  # 0 = every segment
 
 # -- memory --------------------------------------------------------------------------
 class TreeMemory:
-    """Samples the summed PSS (and RSS) of this process and all its descendants."""
+    """Samples the summed PSS (and RSS) of a process (default: this one) and all its descendants."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, pid: int | None = None, interval: float = 0.2):
         import psutil
 
         self.psutil = psutil
+        self.pid = pid
         self.interval = interval
         self.peak_pss = 0
         self.peak_rss = 0
@@ -70,8 +73,11 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        me = self.psutil.Process()
-        procs = [me] + me.children(recursive=True)
+        try:
+            me = self.psutil.Process(self.pid)
+            procs = [me] + me.children(recursive=True)
+        except self.psutil.NoSuchProcess:
+            return
         pss = rss = 0
         for p in procs:
             try:
@@ -82,7 +88,10 @@ class TreeMemory:
                 pass
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_rss = max(self.peak_rss, rss)
-        self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
+        try:
+            self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
+        except self.psutil.NoSuchProcess:
+            pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -118,6 +127,20 @@ def real_subset(real: Path, dest: Path, per_style: int, copies: int = 1) -> int:
             for i in idx:
                 (folder / files[i].name).symlink_to(files[i])
                 n += 1
+    return n
+
+
+def linked_copies(src: Path, dest: Path, copies: int) -> int:
+    """``copies`` folders of symbolic links to every file of ``src`` (same layout): a library ``copies`` times larger."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    n = 0
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        for c in range(copies):
+            target = dest / f"copy{c}" / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
+            n += 1
     return n
 
 
@@ -249,33 +272,45 @@ def featurise_cost(files: list[str], features, k_values: list[int]) -> list[dict
 
 
 # -- runs --------------------------------------------------------------------------------
-def timed(fn) -> tuple[float, dict, object]:
-    with TreeMemory() as mem:
-        t0 = time.perf_counter()
-        res = fn()
-        wall = time.perf_counter() - t0
-    return wall, mem.mib(), res
+def run_command(args: list[str]) -> tuple[float, dict]:
+    """Run ``python -m genrecls ARGS`` (its own local Ray), sampling the memory of its process tree."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "genrecls", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with TreeMemory(proc.pid) as mem:
+        out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"genrecls {' '.join(args)} failed ({proc.returncode}):\n{out}\n{err}")
+    return wall, mem.mib()
 
 
-def run_pair(folder: Path, run: Path, work: Path, cfg: Config, repeats: int, n_tracks: int, seconds: float) -> dict:
+def run_pair(folder: Path, run: Path, work: Path, cpus: int, sets: list[str], repeats: int, n_tracks: int,
+             seconds: float) -> dict:
+    """``genrecls ingest`` then ``genrecls classify`` on a folder, each from scratch, ``repeats`` times."""
     rows = {"ingest": [], "classify": []}
+    common = ["--workers", str(cpus), "-q"] + [x for v in sets for x in ("--set", v)]
     for r in range(repeats):
         out = work / "out-ingest"
         shutil.rmtree(out, ignore_errors=True)
-        wall, mem, s = timed(lambda: ingest(str(folder), str(out), cfg, progress=False))
-        assert s.added == n_tracks, (s.added, n_tracks)
+        wall, mem = run_command(["ingest", str(folder), "--out", str(out), *common])
+        assert Dataset(str(out)).manifest()["counts"]["tracks"] == n_tracks
         rows["ingest"].append({"wall_s": wall, **mem})
         out = work / "out-classify"
         shutil.rmtree(out, ignore_errors=True)
-        wall, mem, s = timed(lambda: classify(str(folder), str(run), str(out), cfg, progress=False))
-        assert s["classified"] == n_tracks, s
+        wall, mem = run_command(["classify", str(folder), "--model", str(run), "--out", str(out), *common])
+        s = json.loads((out / "classify.json").read_text())["last_run"]
+        assert s["classified"] == n_tracks == read_predictions(out).num_rows, s
         rows["classify"].append({"wall_s": wall, **mem, "segments": s["segments"]})
     result = {"tracks": n_tracks, "audio_hours": round(seconds / 3600, 3)}
     for name, runs in rows.items():
         wall = statistics.median(r["wall_s"] for r in runs)
         result[name] = {"wall_s": round(wall, 2), "runs_wall_s": [round(r["wall_s"], 2) for r in runs],
                         "tracks_per_s": round(n_tracks / wall, 3), "audio_s_per_s": round(seconds / wall, 1),
-                        "peak_pss_mib": max(r["peak_pss_mib"] for r in runs),
+                        "peak_pss_mib": statistics.median(r["peak_pss_mib"] for r in runs),
+                        "runs_peak_pss_mib": [r["peak_pss_mib"] for r in runs],
                         "peak_driver_rss_mib": max(r["peak_driver_rss_mib"] for r in runs)}
         if name == "classify":
             result[name]["segments_scored"] = runs[0]["segments"]
@@ -300,9 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     real, work = Path(a.real), Path(a.work) / ("quick" if a.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     repeats = a.repeats or (1 if a.quick else 3)
-    cfg = Config()
-    if a.actor_cpus is not None:
-        cfg = cfg.with_section(classify={"actor_cpus": a.actor_cpus})
+    sets = [] if a.actor_cpus is None else [f"classify.actor_cpus={a.actor_cpus}"]
+    cfg = Config().override(sets)
     import psutil
 
     results: dict = {"quick": a.quick, "cpus": a.cpus, "repeats": repeats, "config": cfg.to_dict()["classify"],
@@ -345,50 +379,60 @@ def main(argv: list[str] | None = None) -> int:
                                 for r, c in zip(results["k_accuracy"]["by_k"], results["k_cost"]["by_k"])],
                                ("K", "segments", "track_acc", "balanced_acc", "featurise_s/long_track")), flush=True)
 
-        # 1. throughput next to ingest
-        print("== throughput: ingest vs classify", flush=True)
-        per_style = 2 if a.quick else 5
-        real_1x = work / "real-1x"
-        n_real = real_subset(real, real_1x, per_style)
-        synth = work / "synth"
-        n_synth = len(make_sample_collection(str(synth), genres=4, tracks_per_genre=6 if a.quick else 12, seconds=30.0, seed=3))
-        synth_files = sorted(str(p) for p in synth.rglob("*") if p.is_file())[:8]
-        results["cpu_cost"] = {"featurise_ms_per_segment": featurise_cpu_ms_per_segment(synth_files, cfg.features),
-                               "model_ms_per_segment": (results.get("k_accuracy") or {}).get("model_cpu_ms_per_segment")}
-        print(f"CPU cost per segment (synthetic, one core): {results['cpu_cost']}", flush=True)
-        results["throughput"] = {}
-        for name, folder, n in (("real", real_1x, n_real), ("synthetic", synth, n_synth)):
-            results["throughput"][name] = run_pair(folder, run, work, cfg, repeats, n, audio_seconds(folder))
-            r = results["throughput"][name]
-            print(f"{name}: {r}", flush=True)
-
-        # 2. memory at 1x and 4x
-        print("== memory: classify at 1x and 4x the library", flush=True)
-        real_4x = work / "real-4x"
-        n_4x = real_subset(real, real_4x, per_style, copies=4)
-        results["memory"] = {}
-        for name, folder, n in (("1x", real_1x, n_real), ("4x", real_4x, n_4x)):
-            out = work / f"out-mem-{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            wall, mem, s = timed(lambda: classify(str(folder), str(run), str(out), cfg, progress=False))
-            assert s["classified"] == n and read_predictions(out).num_rows == n
-            results["memory"][name] = {"tracks": n, "wall_s": round(wall, 2), **mem}
-            print(f"{name}: {results['memory'][name]}", flush=True)
-        results["memory"]["ratio_4x_to_1x_pss"] = round(results["memory"]["4x"]["peak_pss_mib"] / results["memory"]["1x"]["peak_pss_mib"], 3)
+    # 1. and 2. throughput next to ingest, and memory, at 1x and 4x the library: each command in its
+    # own process with its own local Ray, as a user runs it, so its process tree is all it uses
+    print("== throughput and memory: ingest vs classify at 1x and 4x", flush=True)
+    per_style = 2 if a.quick else 3
+    synth = work / "synth"
+    make_sample_collection(str(synth), genres=4, tracks_per_genre=6 if a.quick else 12, seconds=30.0, seed=3)
+    synth_files = sorted(str(p) for p in synth.rglob("*") if p.is_file())
+    results["cpu_cost"] = {"featurise_ms_per_segment": featurise_cpu_ms_per_segment(synth_files[:8], cfg.features),
+                           "model_ms_per_segment": (results.get("k_accuracy") or {}).get("model_cpu_ms_per_segment")}
+    print(f"CPU cost per segment (synthetic, one core): {results['cpu_cost']}", flush=True)
+    folders = {
+        "real": {"1x": (work / "real-1x", real_subset(real, work / "real-1x", per_style)),
+                 "4x": (work / "real-4x", real_subset(real, work / "real-4x", per_style, copies=4))},
+        "synthetic": {"1x": (synth, len(synth_files)),
+                      "4x": (work / "synth-4x", linked_copies(synth, work / "synth-4x", 4))},
+    }
+    results["throughput"] = {}
+    for name, sizes in folders.items():
+        res = {}
+        for size, (folder, n) in sizes.items():
+            res[size] = run_pair(folder, run, work, a.cpus, sets, repeats, n, audio_seconds(folder))
+            print(f"{name} {size}: {res[size]}", flush=True)
+        one, four = res["1x"], res["4x"]
+        marginal = {}
+        for step in ("ingest", "classify"):  # start-up costs cancel out: steady-state rates
+            dt = four[step]["wall_s"] - one[step]["wall_s"]
+            marginal[step] = {"tracks_per_s": round((four["tracks"] - one["tracks"]) / dt, 3) if dt > 0 else None,
+                              "audio_s_per_s": round(3600 * (four["audio_hours"] - one["audio_hours"]) / dt, 1) if dt > 0 else None}
+        res["marginal"] = marginal
+        if marginal["ingest"]["tracks_per_s"] and marginal["classify"]["tracks_per_s"]:
+            res["marginal"]["ratio_classify_to_ingest"] = round(
+                marginal["classify"]["tracks_per_s"] / marginal["ingest"]["tracks_per_s"], 3)
+        res["classify_peak_pss_4x_to_1x"] = round(four["classify"]["peak_pss_mib"] / one["classify"]["peak_pss_mib"], 3)
+        results["throughput"][name] = res
     results["load_average_end"] = list(os.getloadavg())
     results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
 
     rows = []
-    for name, r in results["throughput"].items():
+    for name, res in results["throughput"].items():
+        for size in ("1x", "4x"):
+            r = res[size]
+            for step in ("ingest", "classify"):
+                rows.append((f"{name} {size} ({r['tracks']} tracks, {r['audio_hours']} h)", step, r[step]["wall_s"],
+                             r[step]["tracks_per_s"], r[step]["audio_s_per_s"], r[step]["peak_pss_mib"]))
+            rows.append(("", "classify/ingest", f"{r['ratio_classify_to_ingest']:.2f}", "", "", ""))
+        m = res["marginal"]
         for step in ("ingest", "classify"):
-            rows.append((f"{name} ({r['tracks']} tracks, {r['audio_hours']} h)", step, r[step]["wall_s"], r[step]["tracks_per_s"],
-                         r[step]["audio_s_per_s"], r[step]["peak_pss_mib"]))
-        rows.append(("", "classify/ingest", f"{r['ratio_classify_to_ingest']:.2f}", "", "", ""))
+            rows.append((f"{name} steady state (4x - 1x)", step, "", m[step]["tracks_per_s"], m[step]["audio_s_per_s"], ""))
+        rows.append(("", "classify/ingest", f"{m.get('ratio_classify_to_ingest', float('nan')):.2f}", "", "", ""))
     print()
     print(format_table(rows, ("folder", "step", "wall_s", "tracks/s", "audio_s/s", "peak_pss_MiB")))
-    m = results["memory"]
-    print(f"\nclassify peak memory (PSS, driver + Ray processes): 1x {m['1x']['peak_pss_mib']} MiB ({m['1x']['tracks']} tracks), "
-          f"4x {m['4x']['peak_pss_mib']} MiB ({m['4x']['tracks']} tracks): ratio {m['ratio_4x_to_1x_pss']}")
+    for name, res in results["throughput"].items():
+        print(f"classify peak memory on {name} (PSS, driver + Ray processes): 1x {res['1x']['classify']['peak_pss_mib']} MiB, "
+              f"4x {res['4x']['classify']['peak_pss_mib']} MiB: ratio {res['classify_peak_pss_4x_to_1x']}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")

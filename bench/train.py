@@ -178,9 +178,9 @@ def main() -> int:
                      "load_at_start": load(), "accuracy": [], "throughput": {}}
     os.makedirs(a.work, exist_ok=True)
     if a.quick:
-        synth = ensure_synthetic(a.work, 4, 8, 12.0, base)
+        synth = ensure_synthetic(a.work, 4, 10, 45.0, base)  # 10 segments per track, 400 in all
     else:
-        synth = ensure_synthetic(a.work, 8, 12, 30.0, base)
+        synth = ensure_synthetic(a.work, 8, 12, 60.0, base)  # 13 segments per track, 1248 in all
     sets = [("synthetic", synth)]
     if not a.quick:
         real = ensure_real(a.real, a.source, base)

@@ -274,7 +274,8 @@ def _demo():
 @command("train", "train a CNN genre classifier on a dataset with Ray Train (data-parallel workers)")
 def _train():
     def add(p):
-        p.add_argument("dataset", help="dataset folder or URI written by 'genrecls ingest'")
+        p.add_argument("dataset", nargs="?", help="dataset folder or URI written by 'genrecls ingest' "
+                       "(with --resume: default the run's dataset)")
         p.add_argument("--out", metavar="RUN", help="run folder to create (model, metrics, figures, report)")
         p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint "
                        "(its config.json is the base configuration; --epochs etc. still apply)")
@@ -302,6 +303,13 @@ def _train():
         if a.out and a.resume and os.path.abspath(a.out) != os.path.abspath(a.resume):
             raise ValueError("--out and --resume name different runs; give one of them")
         run_dir = a.resume or a.out
+        dataset = a.dataset
+        if dataset is None:
+            plan = os.path.join(a.resume or "", "plan.json")
+            if not a.resume or not os.path.isfile(plan):
+                raise ValueError("give the DATASET to train on")
+            with open(plan) as f:
+                dataset = json.load(f)["dataset"]
         extra = [f"train.{k}={v}" for k, v in (("model", a.model), ("epochs", a.epochs), ("batch_size", a.batch_size),
                                                 ("learning_rate", a.learning_rate), ("seed", a.seed)) if v is not None]
         if a.gpu:
@@ -311,7 +319,7 @@ def _train():
             config_file = os.path.join(a.resume, "config.json")
         cfg = load_config(config_file, list(a.overrides or []) + extra)
         try:
-            summary = train(a.dataset, run_dir, cfg, address=a.address, workers=a.workers, resume=bool(a.resume),
+            summary = train(dataset, run_dir, cfg, address=a.address, workers=a.workers, resume=bool(a.resume),
                             splits=a.splits, progress=not a.quiet, verbose=a.verbose)
         except FileExistsError as exc:
             print(f"genrecls train: error: {exc}", file=sys.stderr)

@@ -314,7 +314,15 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
         from ray.data import FileShuffleConfig
 
         kwargs["shuffle"] = FileShuffleConfig(seed=plan.seed)
-    ds = ray.data.read_parquet(plan.shard_paths, columns=["track_id", "label", "mel"], **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    v2 = getattr(ctx, "use_datasource_v2", None)
+    if v2:  # the file list is known: Ray 2.5x's V2 reader adds a ListFiles stage costing seconds per epoch
+        ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(plan.shard_paths, columns=["track_id", "label", "mel"], **kwargs)
+    finally:
+        if v2:
+            ctx.use_datasource_v2 = v2
     ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
     return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape})
@@ -517,12 +525,14 @@ def train_func(config: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         optimizer_values = [v.numpy() for v in model.optimizer.variables]
         with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "state.json"), "w") as f:
-                json.dump(state, f)
             _save_arrays(os.path.join(d, "weights.npz"), weights_now)
             _save_arrays(os.path.join(d, "optimizer.npz"), optimizer_values)
             if best_weights is not None:
                 _save_arrays(os.path.join(d, "best.npz"), best_weights)
+            # sizes let a reader tell a complete checkpoint from one whose copy was cut short
+            files = {n: os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}
+            with open(os.path.join(d, "state.json"), "w") as f:
+                json.dump({**state, "files": files}, f)
             metrics = {**record, "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
                        "stopped": state["stopped"], "epochs": epochs, "restarts": len(state.get("restarts", []))}
             checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
@@ -562,11 +572,16 @@ def _find_checkpoints(run: Location) -> list[tuple[int, str]]:
     for info in run.fs.get_file_info(sel):
         if info.type == pafs.FileType.File and info.base_name == "state.json" and "/checkpoint_" in info.path:
             folder = info.path.rsplit("/", 1)[0]
-            if any(run.fs.get_file_info(f"{folder}/{n}").type != pafs.FileType.File
-                   for n in ("weights.npz", "optimizer.npz")):
-                continue  # incomplete (a copy cut short)
-            with run.fs.open_input_stream(info.path) as f:
-                st = json.loads(f.read())
+            try:
+                with run.fs.open_input_stream(info.path) as f:
+                    st = json.loads(f.read())
+            except (OSError, ValueError):
+                continue
+            expected = st.get("files") or {"weights.npz": None, "optimizer.npz": None}
+            sizes = {n: run.fs.get_file_info(f"{folder}/{n}") for n in expected}
+            if any(i.type != pafs.FileType.File or (expected[n] is not None and i.size != expected[n])
+                   for n, i in sizes.items()):
+                continue  # incomplete: its copy was cut short
             out.append((int(st["epoch"]), folder, info.mtime_ns or 0))
     out.sort(key=lambda e: (e[0], e[2]))
     return [(e, p) for e, p, _ in out]

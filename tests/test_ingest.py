@@ -220,9 +220,13 @@ def test_default_features_end_to_end(ray_local, tmp_path):
     root = tmp_path / "lib"
     os.makedirs(root / "rock")
     write_audio(str(root / "rock" / "song.mp3"), synthesize("rock", 14.0, seed=2), 44100)
+    write_audio(str(root / "rock" / "one second.wav"), synthesize("rock", 1.0, seed=3), 44100)  # < one 4.5 s segment
     s = ingest(str(root), str(tmp_path / "ds"), Config(), progress=False)
-    assert (s.added, s.segments_added) == (1, 3)
-    t = Dataset(str(tmp_path / "ds")).read_segments()
+    assert (s.added, s.segments_added, s.failed) == (2, 4, 0)
+    ds = Dataset(str(tmp_path / "ds"))
+    short = ds.tracks()[track_id_for("rock/one second.wav")]
+    assert short.n_segments == 1 and short.duration_seconds == pytest.approx(1.0, abs=1e-3)  # padded, kept
+    t = ds.read_segments(filter=pc.field("path") == "rock/song.mp3")
     assert t.schema.field("mel").type.list_size == 128 * 196
     assert str(t.schema.field("mel").type.value_type) == "halffloat"
     assert t.column("start_seconds").to_pylist() == pytest.approx([0, 100000 / 22050, 200000 / 22050])

@@ -1,8 +1,9 @@
 """Training with Ray Train on real local Ray, real Parquet shards and real TensorFlow.
 
 One 2-worker run of the default model on an easy generated set is shared by the artefact,
-accuracy and evaluation tests; the resume and worker-failure tests interrupt real runs
-(a killed driver process, a killed RayTrainWorker process).  Bad input is checked without
+accuracy, evaluation and worker-failure tests: a RayTrainWorker process is killed (SIGKILL)
+after its first checkpoint and the run must still finish.  The resume test kills a real
+driver process after its first checkpoint and continues the run.  Bad input is checked without
 Ray: it must fail before any worker starts.
 """
 
@@ -51,18 +52,51 @@ def easy_dataset(tmp_path_factory, easy_cfg, ray_local):
     return str(root / "ds")
 
 
+def _wait_for_checkpoint(run: str, min_epoch: int, timeout: float, proc=None):
+    from genrecls.training import _find_checkpoints
+
+    deadline = time.monotonic() + timeout
+    loc = Location.parse(run)
+    while time.monotonic() < deadline:
+        found = _find_checkpoints(loc) if loc.exists("checkpoints") else []
+        if found and found[-1][0] >= min_epoch:
+            return found[-1]
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the training process ended early (exit {proc.returncode})")
+        time.sleep(0.3)
+    raise AssertionError(f"no checkpoint of epoch >= {min_epoch} in {run} after {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, easy_dataset, easy_cfg):
+    """The shared 2-worker run, during which a RayTrainWorker process is killed after the first checkpoint."""
+    import psutil
+
     from genrecls.training import train
 
     run = str(tmp_path_factory.mktemp("trained") / "run")
-    t0 = time.monotonic()
-    summary = train(easy_dataset, run, easy_cfg, progress=False)
-    summary["test_seconds"] = time.monotonic() - t0
-    return run, summary
+    killed: list[int] = []
+    errors: list[BaseException] = []
+
+    def killer():
+        try:
+            _, path = _wait_for_checkpoint(run, 1, timeout=600)
+            pid = json.load(open(os.path.join(path, "state.json")))["history"][-1]["pid"]
+            name = psutil.Process(pid).cmdline()[0]
+            assert "RayTrainWorker" in name, name  # only ever a training worker of this run
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except BaseException as exc:  # surfaced by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = train(easy_dataset, run, easy_cfg.with_section(train={"max_failures": 2}), progress=False)
+    thread.join(timeout=10)
+    return run, {**summary, "killed": killed, "killer_errors": errors}
 
 
-# -- one 2-worker run -------------------------------------------------------------------
+# -- one 2-worker run (with a worker killed half-way) ------------------------------------
 def test_two_worker_run_leaves_every_artefact(trained, easy_dataset):
     run, summary = trained
     for name in ("model/saved_model.pb", "model.keras", "run.json", "config.json", "splits.parquet", "plan.json",
@@ -148,19 +182,20 @@ def test_a_run_folder_is_never_overwritten(trained, easy_dataset, easy_cfg):
 
 
 # -- interruptions ----------------------------------------------------------------------
-def _wait_for_checkpoint(run: str, min_epoch: int, timeout: float, proc=None):
-    from genrecls.training import _find_checkpoints
+def test_killed_worker_restarts_from_the_last_checkpoint(trained):
+    """FailureConfig restarts the worker group from the last checkpoint; the run still finishes."""
+    from genrecls.inference import Predictor
 
-    deadline = time.monotonic() + timeout
-    loc = Location.parse(run)
-    while time.monotonic() < deadline:
-        found = _find_checkpoints(loc) if loc.exists("checkpoints") else []
-        if found and found[-1][0] >= min_epoch:
-            return found[-1]
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the training process ended early (exit {proc.returncode})")
-        time.sleep(0.3)
-    raise AssertionError(f"no checkpoint of epoch >= {min_epoch} in {run} after {timeout} s")
+    run, summary = trained
+    assert not summary["killer_errors"], summary["killer_errors"]
+    assert summary["killed"], "no worker was killed"
+    assert summary["epochs_run"] == EPOCHS and [h["epoch"] for h in summary["history"]] == list(range(1, EPOCHS + 1))
+    assert len(summary["restarts"]) >= 1 and summary["restarts"][0]["from_epoch"] >= 1
+    assert summary["restarts"][0]["world_size"] == 2
+    assert summary["history"][-1]["pid"] != summary["killed"][0]  # later epochs ran in a new worker process
+    probs = Predictor(run).predict(np.zeros((2, 32, 32), np.float32) - 40)
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert "restarts from a checkpoint: " in open(os.path.join(run, "report.md")).read()
 
 
 def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path):
@@ -170,7 +205,7 @@ def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, 
     run = str(tmp_path / "run")
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "genrecls", "train", easy_dataset, "--out", run, "--address", address,
-           "--workers", "1", "--epochs", "3", "--model", "tutorial", "-q",
+           "--workers", "1", "--epochs", "2", "--model", "tutorial", "-q",
            "--set", "train.early_stopping_patience=0", "--set", "train.batch_size=16"]
     for k, v in asdict(easy_cfg.features).items():
         cmd += ["--set", f"features.{k}={json.dumps(v)}"]
@@ -180,53 +215,17 @@ def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole session we started, nothing else
         proc.wait()
-    assert epoch < 3 and not os.path.exists(os.path.join(run, "metrics.json"))
+    assert epoch < 2 and not os.path.exists(os.path.join(run, "metrics.json"))
     first = json.load(open(os.path.join(_wait_for_checkpoint(run, 1, 5)[1], "state.json")))["history"][0]
     cfg = load_config(os.path.join(run, "config.json"))
-    assert cfg.train.model == "tutorial" and cfg.train.epochs == 3
+    assert cfg.train.model == "tutorial" and cfg.train.epochs == 2
     summary = train(easy_dataset, run, cfg, resume=True, progress=False)
-    assert summary["epochs_run"] == 3
-    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    assert summary["epochs_run"] == 2
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert summary["history"][0] == first  # the interrupted run's epochs are kept, not redone
     assert summary["restarts"] and summary["restarts"][0]["from_epoch"] >= 1
     assert os.path.exists(os.path.join(run, "model", "saved_model.pb"))
     assert json.load(open(os.path.join(run, "run.json")))["model_name"] == "tutorial"
-
-
-def test_killed_worker_restarts_from_the_last_checkpoint(easy_dataset, easy_cfg, ray_local, tmp_path):
-    """SIGKILL a RayTrainWorker after the first checkpoint: FailureConfig restarts the group from it."""
-    import psutil
-
-    from genrecls.inference import Predictor
-    from genrecls.training import train
-
-    run = str(tmp_path / "run")
-    cfg = easy_cfg.with_section(train={"epochs": 3, "max_failures": 2})
-    killed: list[int] = []
-    errors: list[BaseException] = []
-
-    def killer():
-        try:
-            _, path = _wait_for_checkpoint(run, 1, timeout=300)
-            pid = json.load(open(os.path.join(path, "state.json")))["history"][-1]["pid"]
-            name = psutil.Process(pid).cmdline()[0]
-            assert "RayTrainWorker" in name, name  # only ever a training worker of this run
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except BaseException as exc:  # surfaced in the main thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = train(easy_dataset, run, cfg, progress=False)
-    thread.join(timeout=10)
-    assert not errors, errors
-    assert killed, "no worker was killed"
-    assert summary["epochs_run"] == 3 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
-    assert len(summary["restarts"]) >= 1 and summary["restarts"][0]["from_epoch"] >= 1
-    assert summary["history"][-1]["pid"] != killed[0]
-    probs = Predictor(run).predict(np.zeros((2, 32, 32), np.float32) - 40)
-    assert probs.shape == (2, 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
 
 
 # -- bad input: clear errors before any worker starts -----------------------------------
