@@ -153,7 +153,7 @@ def main() -> int:
     p.add_argument("--real", default="/tmp/bench-data/game-ds", help="real-music dataset (ingested if missing)")
     p.add_argument("--source", default="/tmp/game-music", help="real-music library to ingest into --real")
     p.add_argument("--work", default="/tmp/bench-data/train", help="folder for synthetic data and runs")
-    p.add_argument("--epochs", type=int, help="epochs per accuracy run (default 20, quick 6)")
+    p.add_argument("--epochs", type=int, help="epochs per accuracy run (default 15, quick 6)")
     p.add_argument("--throughput-epochs", type=int, help="epochs per throughput run (default 3, quick 3)")
     p.add_argument("--workers", type=int, default=1, help="training workers for the accuracy runs")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
@@ -170,7 +170,7 @@ def main() -> int:
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", runtime_env={"env_vars": worker_env()})
     t_all = time.monotonic()
-    epochs = a.epochs or (6 if a.quick else 20)
+    epochs = a.epochs or (6 if a.quick else 15)
     tp_epochs = a.throughput_epochs or 3
     base = Config()
     results: dict = {"quick": a.quick, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

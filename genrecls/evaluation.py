@@ -13,7 +13,6 @@ classification will load.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -211,7 +210,3 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             if scope.get(k):
                 lines.append(f"  {k.replace('_', ' ')}: {scope[k]}" + (f" {scope['unknown_labels']}" if k == "excluded_unknown_label" else ""))
     return "\n".join(lines)
-
-
-def label_counts(labels: Iterable[str]) -> dict[str, int]:
-    return dict(sorted(Counter(labels).items()))

@@ -13,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["quiet_environment", "ray_session", "worker_env", "log"]
+__all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log"]
 
 log = logging.getLogger("genrecls")
 
@@ -29,6 +29,23 @@ WORKER_ENV = {
 
 def worker_env() -> dict[str, str]:
     return dict(WORKER_ENV)
+
+
+def worker_setup() -> None:
+    """Runs once when a Ray worker process starts (``worker_process_setup_hook``).
+
+    Imports pandas and pyarrow single-threaded up front: Ray Data's threaded map tasks
+    otherwise may import pandas lazily from two threads at once, which left one worker with
+    a half-initialised module ("module 'pandas' has no attribute 'core'").
+    """
+    import pandas  # noqa: F401
+    import pandas.core.frame  # noqa: F401
+    import pyarrow  # noqa: F401
+
+
+def runtime_env() -> dict:
+    """The runtime environment of every genrecls Ray job: quiet env vars and the setup hook."""
+    return {"env_vars": worker_env(), "worker_process_setup_hook": "genrecls.runtime.worker_setup"}
 
 
 def quiet_environment(verbose: bool = False) -> None:
@@ -70,7 +87,7 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
     kwargs = dict(
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
-        runtime_env={"env_vars": worker_env()},
+        runtime_env=runtime_env(),
     )
     if address:
         ray.init(address=address, **kwargs)

@@ -7,7 +7,11 @@ then starts Ray Train's ``TensorflowTrainer``.  Each worker runs :func:`train_fu
 * data enters through Ray Data: ``read_parquet`` on the shard files with the split's track
   ids pushed down into the scan, decoded to ``x`` (float16, (n_mels, n_frames)) and ``y``;
   the trainer splits it between workers (``streaming_split(equal=True)``) and each worker
-  reads its share with ``get_dataset_shard`` and ``iter_batches`` (local shuffle buffer);
+  reads its share with ``get_dataset_shard`` and ``iter_batches`` (local shuffle buffer).
+  Shards hold a few labels each (the ingest writes tracks in folder order), so rows are
+  shuffled globally: once, when the decoded train/val splits are cached in the object store
+  (``train.cache``, automatic when they take under a quarter of it), or every epoch
+  (``random_shuffle``) when they stream from the shards again each epoch;
 * ``MultiWorkerMirroredStrategy`` over tf-keras (see :mod:`genrecls.models`); every worker
   runs exactly the same number of steps per epoch (computed by the driver from the equal
   split; a worker that came up short would repeat its last batch rather than leave the
@@ -36,8 +40,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -556,8 +560,6 @@ def _epoch_printer(total_epochs: int, enabled: bool):
                     f"{r.get('epoch_seconds', 0):.1f} s, {r.get('segments_per_s', 0):.0f} segments/s"
                     + ("  (best)" if r.get("best_epoch") == r.get("epoch") else "")
                     + ("  early stop" if r.get("stopped") else ""))
-            import sys
-
             print(line, file=sys.stderr, flush=True)
 
     return EpochPrinter()
@@ -701,6 +703,11 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
     run = Location.parse(run_dir)
     t_start = time.monotonic()
     timings: dict[str, float] = {}
+
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
     check = check_dataset(dataset, cfg)
     cfg = cfg.with_section(features=check.features)
     if resume:
@@ -750,6 +757,11 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
                 finished = st.get("stopped") or st["epoch"] >= plan.epochs
                 log.info("resuming %s from epoch %d", run.uri, st["epoch"])
             timings["start"] = time.monotonic() - t_start
+            tps, sps = plan.tracks_per_split, plan.segments_per_split
+            say(f"{check.dataset.uri}: {len(plan.labels)} labels; train/val/test = {tps['train']['total']}/"
+                f"{tps['val']['total']}/{tps['test']['total']} tracks ({sps['train']['total']}/{sps['val']['total']}/"
+                f"{sps['test']['total']} segments); model {plan.model}, {plan.workers} worker(s), "
+                f"data {'cached after one read' if plan.cache else 'streamed from the shards every epoch'}")
             datasets, stats_source = prepare_datasets(plan, ids) if not finished else ({}, None)
             if resume and run.exists("normalisation.json"):
                 norm = run.read_json("normalisation.json")
@@ -762,6 +774,8 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             run.write_json("plan.json", plan.to_dict())
             timings["data"] = time.monotonic() - t_start - timings["start"]
             if not finished:
+                say(f"starting {plan.workers} Ray Train worker(s)"
+                    + (f", resuming from epoch {st['epoch']}" if done else ""))
                 t_fit = time.monotonic()
                 result = _run_trainer(plan, run, datasets, resume_from, cfg.train.max_failures, progress)
                 timings["trainer"] = time.monotonic() - t_fit
@@ -771,6 +785,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
         if not found:
             raise TrainingError(f"training finished without a checkpoint in {run.uri}/checkpoints")
         state, best = _read_checkpoint(run, found[-1][1])
+        say(f"exporting the best epoch ({state.get('best_epoch')}) and evaluating it on the validation and test tracks")
         t_finish = time.monotonic()
         summary = _finish(run, check, cfg, plan, state, best, table, time.monotonic() - t_start)
         timings["export_and_evaluation"] = time.monotonic() - t_finish

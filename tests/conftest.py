@@ -23,11 +23,11 @@ def ray_local():
     """A real local Ray for the whole session, limited to TEST_CPUS CPUs."""
     import ray
 
-    from genrecls.runtime import worker_env
+    from genrecls.runtime import runtime_env
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=TEST_CPUS, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", runtime_env={"env_vars": worker_env()})
+                 logging_level="ERROR", runtime_env=runtime_env())
     yield ray
     ray.shutdown()
 
