@@ -67,6 +67,7 @@ class TreeMemory:
         self.pid = pid
         self.interval = interval
         self.peak_pss = 0
+        self.peak_uss = 0
         self.peak_rss = 0
         self.peak_driver_rss = 0
         self._stop = threading.Event()
@@ -78,15 +79,17 @@ class TreeMemory:
             procs = [me] + me.children(recursive=True)
         except self.psutil.NoSuchProcess:
             return
-        pss = rss = 0
+        pss = uss = rss = 0
         for p in procs:
             try:
                 m = p.memory_full_info()
                 pss += getattr(m, "pss", m.rss)
+                uss += getattr(m, "uss", m.rss)
                 rss += m.rss
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 pass
         self.peak_pss = max(self.peak_pss, pss)
+        self.peak_uss = max(self.peak_uss, uss)
         self.peak_rss = max(self.peak_rss, rss)
         try:
             self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
@@ -108,7 +111,8 @@ class TreeMemory:
         self._sample()
 
     def mib(self) -> dict[str, float]:
-        return {"peak_pss_mib": round(self.peak_pss / 2**20, 1), "peak_rss_mib": round(self.peak_rss / 2**20, 1),
+        return {"peak_pss_mib": round(self.peak_pss / 2**20, 1), "peak_uss_mib": round(self.peak_uss / 2**20, 1),
+                "peak_rss_mib": round(self.peak_rss / 2**20, 1),
                 "peak_driver_rss_mib": round(self.peak_driver_rss / 2**20, 1)}
 
 
@@ -311,6 +315,7 @@ def run_pair(folder: Path, run: Path, work: Path, cpus: int, sets: list[str], re
                         "tracks_per_s": round(n_tracks / wall, 3), "audio_s_per_s": round(seconds / wall, 1),
                         "peak_pss_mib": statistics.median(r["peak_pss_mib"] for r in runs),
                         "runs_peak_pss_mib": [r["peak_pss_mib"] for r in runs],
+                        "peak_uss_mib": statistics.median(r["peak_uss_mib"] for r in runs),
                         "peak_driver_rss_mib": max(r["peak_driver_rss_mib"] for r in runs)}
         if name == "classify":
             result[name]["segments_scored"] = runs[0]["segments"]
@@ -431,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, ("folder", "step", "wall_s", "tracks/s", "audio_s/s", "peak_pss_MiB")))
     for name, res in results["throughput"].items():
-        print(f"classify peak memory on {name} (PSS, driver + Ray processes): 1x {res['1x']['classify']['peak_pss_mib']} MiB, "
-              f"4x {res['4x']['classify']['peak_pss_mib']} MiB: ratio {res['classify_peak_pss_4x_to_1x']}")
+        c1, c4 = res["1x"]["classify"], res["4x"]["classify"]
+        print(f"classify peak memory on {name}, driver + Ray processes: PSS 1x {c1['peak_pss_mib']} MiB, 4x {c4['peak_pss_mib']} MiB "
+              f"(ratio {res['classify_peak_pss_4x_to_1x']}); private (USS, without the shared object store) "
+              f"1x {c1['peak_uss_mib']} MiB, 4x {c4['peak_uss_mib']} MiB (ratio {res['classify_peak_uss_4x_to_1x']})")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")
