@@ -141,6 +141,9 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     if not ds.exists():
         raise DatasetError(f"{ds.uri} is not a genrecls dataset (no manifest.json)"
                            + (" (the run's dataset moved or was deleted? pass --dataset)" if own else ""))
+    from .models import import_tensorflow
+
+    import_tensorflow()  # quietly, before the Predictor imports it
     predictor = Predictor(loc)
     feats = ds.feature_config()
     if feats != predictor.features:

@@ -429,7 +429,11 @@ def train_func(config: dict[str, Any]) -> None:
     """Ray Train worker loop (one per worker process)."""
     import tempfile
 
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = config.get("onednn", "1")  # oneDNN kernels: 1.5-3x faster CNN steps on CPU
+    # TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when imported; in a Ray Train worker that is when
+    # ray.train.tensorflow is unpickled, before this function runs, so only the workers' runtime
+    # environment (genrecls.runtime.worker_env) decides it.  It is recorded in the history: with "0"
+    # the CNN steps run 2-3x slower on x86 CPUs.
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
     import ray.train
 
     from .models import build_model, import_tensorflow, keras
@@ -524,7 +528,8 @@ def train_func(config: dict[str, Any]) -> None:
                   "train_seconds": round(train_seconds, 3), "epoch_seconds": round(epoch_seconds, 3),
                   "segments_per_s": round(steps * batch * world / max(train_seconds, 1e-9), 2),
                   "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0),
-                  "pid": os.getpid()}  # of rank 0, which writes the checkpoint
+                  "pid": os.getpid(),  # of rank 0, which writes the checkpoint
+                  "threads": int(threads), "onednn": onednn}
         state["history"].append(record)
         state["epoch"] = epoch + 1
         optimizer_values = [v.numpy() for v in model.optimizer.variables]
@@ -865,6 +870,9 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
                      f"(at epochs {', '.join(str(r['from_epoch']) for r in summary['restarts'])})")
     for note in plan.notes:
         lines.append(f"- note: {note}")
+    if h and h[-1].get("onednn") == "0":
+        lines.append("- note: the workers ran TensorFlow with oneDNN disabled (TF_ENABLE_ONEDNN_OPTS=0 in their "
+                     "environment): convolutions run 2-3x slower on x86 CPUs than with it enabled")
     lines += ["", "## Split (by track, stratified by label)", ""]
     rows = []
     for label in plan.labels + ["total"]:
