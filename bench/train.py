@@ -36,7 +36,7 @@ os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # as the training workers use it (gen
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from genrecls.runtime import quiet_environment, worker_env  # noqa: E402
+from genrecls.runtime import quiet_environment, runtime_env  # noqa: E402
 
 quiet_environment()
 
@@ -189,8 +189,9 @@ def main() -> int:
 
     # oneDNN on in the training workers as in the in-memory baseline (TensorFlow decides it at import,
     # from the environment; genrecls.runtime.worker_env() may turn it off)
+    env = runtime_env()
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", runtime_env={"env_vars": {**worker_env(), "TF_ENABLE_ONEDNN_OPTS": "1"}})
+             logging_level="ERROR", runtime_env={**env, "env_vars": {**env["env_vars"], "TF_ENABLE_ONEDNN_OPTS": "1"}})
     t_all = time.monotonic()
     epochs = a.epochs or (6 if a.quick else 15)
     tp_epochs = a.throughput_epochs or 3

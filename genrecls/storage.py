@@ -156,11 +156,18 @@ class Location:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                try:
-                    held = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                    info = json.loads(held) if held else {}
-                except (OSError, ValueError):
-                    info = {}
+                # The holder writes its details right after taking the lock: if we lost a
+                # race by microseconds they may not be there yet, so look again briefly.
+                info: dict = {}
+                for _ in range(20):
+                    try:
+                        held = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                        info = json.loads(held) if held else {}
+                    except (OSError, ValueError):
+                        info = {}
+                    if info:
+                        break
+                    time.sleep(0.05)
                 desc = f"{info.get('what', 'another genrecls process')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')})"
                 raise LockedError(f"{self.uri} is in use by {desc}; wait for it to finish or stop it first") from None
             os.ftruncate(fd, 0)
