@@ -23,13 +23,14 @@ about ``--hours`` of audio (tracks up to ``--max-track-seconds``) from the real-
 machine with 2 cores the two nodes share those cores: configuration 3 measures the
 overhead of a second raylet and cross-node scheduling, not extra hardware.
 
-More sections can be added to ``SECTIONS`` (each a function taking the parsed arguments
-and the prepared library, returning a JSON-able dict that lands under its name in the
-results); the retrain-vs-full-retrain timing of issue 5 belongs there.
+A second section, ``retrain``, times a scheduled ``genrecls retrain`` after 10 % new tracks
+against a full retrain from scratch on the same library (see :func:`bench_retrain`).
+``--sections`` picks sections; the JSON keeps the earlier results of sections not run.
 
 Usage::
 
     python bench/scale.py            # ~0.5 h of real music, 3 repeats (about 6 minutes on 2 cores)
+    python bench/scale.py --sections retrain --repeats 1   # the retrain timing alone
     python bench/scale.py --quick    # generated 16 x 15 s, 1 repeat (about 2 minutes)
 
 Writes ``bench/results/scale.json`` (``--json``) and prints a table.
@@ -128,9 +129,9 @@ def prepare_library(a: argparse.Namespace, work: str) -> Library:
 def _init(**kwargs) -> None:
     import ray
 
-    from genrecls.runtime import worker_env
+    from genrecls.runtime import runtime_env
 
-    ray.init(log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": worker_env()}, **kwargs)
+    ray.init(log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env(), **kwargs)
 
 
 class OneNode:
@@ -266,10 +267,92 @@ def driver_costs(lib: Library, dataset: str) -> dict[str, Any]:
     return res
 
 
-#: name -> function(args, library, work folder) -> dict; run in this order.  The retrain
-#: timing (a retrain with 10% new tracks against a full retrain from scratch) goes here.
+def _library_rows(lib: Library) -> list[tuple[str, str]]:
+    """(path, label) of every track of the library, in a stable order."""
+    if os.path.isfile(lib.source):
+        with open(lib.source, newline="") as fh:
+            return [(r["path"], r["label"]) for r in csv.DictReader(fh)]
+    return sorted((os.path.join(d, f), os.path.relpath(os.path.join(d, f), lib.source).split(os.sep)[0])
+                  for d, _, fs in os.walk(lib.source) for f in fs if f.lower().endswith(AUDIO_EXT))
+
+
+def _copy_tracks(rows: list[tuple[str, str]], folder: str) -> None:
+    for path, label in rows:
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        shutil.copy2(path, os.path.join(folder, label, os.path.basename(path)))
+
+
+def bench_retrain(a: argparse.Namespace, lib: Library, work: str) -> dict[str, Any]:
+    """A scheduled retrain after 10 % new tracks against a full retrain from scratch.
+
+    The library is split into the first 90 % of each label's tracks and the rest.  (1) A
+    registry is seeded with ``retrain`` on the 90 % (untimed: the state a schedule starts from);
+    (2) the rest is copied in and ``retrain`` runs again: it ingests only the new tracks, trains
+    a challenger on the registry's fixed splits, scores champion and challenger on the same
+    holdout and decides (timed); (3) a fresh dataset and registry, ``retrain`` on the whole
+    library (timed: ingest of every track plus the same training).  Both timed runs train the
+    same model for the same fixed number of epochs (no early stopping), in the same local Ray.
+    ``--repeats`` pairs, alternating the order; medians.
+    """
+    from genrecls.config import Config
+    from genrecls.retrain import retrain
+
+    rows = _library_rows(lib)
+    by_label: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        by_label.setdefault(r[1], []).append(r)
+    old, new = [], []
+    for label, rs in by_label.items():
+        k = max(1, round(len(rs) * 0.1))
+        old.extend(rs[:-k])
+        new.extend(rs[-k:])
+    epochs = 2 if a.quick else a.retrain_epochs
+    cfg = Config().with_section(train={"epochs": epochs, "early_stopping_patience": 0, "workers": 1})
+    timings: dict[str, list[float]] = {"incremental": [], "full": []}
+    details: dict[str, Any] = {}
+    with OneNode(os.cpu_count() or 1):
+        for r in range(a.repeats):
+            order = ("incremental", "full") if r % 2 == 0 else ("full", "incremental")
+            for kind in order:
+                base = os.path.join(work, f"retrain-{kind}")
+                shutil.rmtree(base, ignore_errors=True)
+                src, ds, reg = (os.path.join(base, x) for x in ("lib", "ds", "registry"))
+                if kind == "incremental":
+                    _copy_tracks(old, src)
+                    first = retrain(src, ds, reg, cfg, progress=False)
+                    assert first["decision"] == "promoted", first
+                    _copy_tracks(new, src)
+                else:
+                    _copy_tracks(old + new, src)
+                t0 = time.perf_counter()
+                d = retrain(src, ds, reg, cfg, progress=False)
+                wall = time.perf_counter() - t0
+                timings[kind].append(wall)
+                details[kind] = {"decision": d["decision"], "tracks_ingested": d["ingest"]["processed"],
+                                 "segments_added": d["ingest"]["segments_added"],
+                                 "challenger_metrics": {k: d["challenger_metrics"].get(k) for k in
+                                                        ("test_track_accuracy", "test_tracks")},
+                                 "champion_scored": d["champion_metrics"] is not None}
+                print(f"round {r + 1}/{a.repeats}, {kind} retrain: {wall:.1f} s ({d['decision']}, "
+                      f"{d['ingest']['processed']} tracks ingested); load {load()[0]}", flush=True)
+                shutil.rmtree(base, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    return {"tracks_before": len(old), "tracks_new": len(new), "epochs": epochs, "model": cfg.train.model,
+            "runs_seconds": timings, "median_seconds": med, "ratio_incremental_to_full": med["incremental"] / med["full"],
+            "details": details}
+
+
+def print_retrain(res: dict[str, Any]) -> None:
+    m = res["median_seconds"]
+    print(f"retrain with {res['tracks_new']} new tracks on top of {res['tracks_before']} ({res['epochs']} epochs of "
+          f"{res['model']}): {m['incremental']:.1f} s; full retrain from scratch: {m['full']:.1f} s; "
+          f"ratio {res['ratio_incremental_to_full']:.2f}")
+
+
+#: name -> function(args, library, work folder) -> dict; run in this order.
 SECTIONS: dict[str, Callable[[argparse.Namespace, Library, str], dict[str, Any]]] = {
     "ingest": bench_ingest,
+    "retrain": bench_retrain,
 }
 
 
@@ -287,7 +370,7 @@ def print_ingest(res: dict[str, Any]) -> None:
           f"track index {d['footer_read_ms_per_shard']:.2f} ms per shard footer")
 
 
-PRINTERS = {"ingest": print_ingest}
+PRINTERS = {"ingest": print_ingest, "retrain": print_retrain}
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -302,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-track-seconds", type=float, default=120.0, help="longest dev-set track taken (default 120)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from: {', '.join(SECTIONS)}")
+    p.add_argument("--retrain-epochs", type=int, default=4, help="epochs of each training in the retrain section")
     p.add_argument("--quick", action="store_true", help="generated 16 x 15 s tracks, 1 repeat")
     p.add_argument("--json", default=os.path.join(HERE, "results", "scale.json"))
     a = p.parse_args(argv)
@@ -337,8 +421,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average before {result['machine']['load_before']}, after {result['machine']['load_after']} "
               f"({os.cpu_count()} CPUs, shared)")
         os.makedirs(os.path.dirname(a.json), exist_ok=True)
-        with open(a.json, "w") as fh:
+        if os.path.exists(a.json):  # sections not run this time keep their earlier results
+            with open(a.json) as fh:
+                earlier = json.load(fh)
+            for name in SECTIONS:
+                if name not in sections and name in earlier:
+                    result[name] = earlier[name]
+                    result.setdefault("earlier_runs", {})[name] = {"machine": earlier.get("machine"),
+                                                                   "setup": earlier.get("setup")}
+        with open(a.json + ".tmp", "w") as fh:
             json.dump(result, fh, indent=2, default=str)
+        os.replace(a.json + ".tmp", a.json)
         print(f"wrote {a.json}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
