@@ -11,11 +11,21 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
 ``default``
     Per-mel-band input normalisation with statistics of the training split (a
     ``Normalization`` layer, stored in the model), SpecAugment-style time and frequency
-    masking (:class:`SpecAugment`, active only in training), four conv blocks
-    (3x3 conv, batch normalisation, ReLU, 2x2 max pooling, dropout; 16-32-64-128
-    filters), global average and max pooling, dropout and a softmax ``Dense``; Adam.
-    About 100 k weights against the tutorial's 12.9 M at the default 128x196 input, at
-    a similar cost per segment.  Chosen by measurement: see ``bench/train.py``.
+    masking (:class:`SpecAugment`, active only in training), then four 1-D convolution
+    blocks over time with the mel bands as channels (kernel 3, batch normalisation, ReLU,
+    max pooling over time, dropout; 128-128-256-256 filters), global average and max
+    pooling over time, dropout 0.5 and a softmax ``Dense``; Adam.  About 400 k weights
+    against the tutorial's 12.9 M at the default 128x196 input, and about 4x cheaper per
+    segment than ``cnn2d``.  Chosen by measurement on the real-music development set
+    (5 styles, 109 training tracks): with 16 segments per track and 15 epochs both reached
+    the same test track accuracy (0.74), ``default`` at 4x the segments per second, so
+    in the same time it trains on every segment (0.78-0.83 in 12 epochs, against 0.70 for
+    a logistic regression on mean/std-pooled mels).  ``bench/train.py`` has the figures.
+``cnn2d``
+    The same input stage, then four 2-D conv blocks (3x3 conv, batch normalisation, ReLU,
+    2x2 max pooling, dropout; 16-32-64-128 filters), global average and max pooling,
+    dropout and a softmax ``Dense``; Adam.  About 100 k weights.  The first default;
+    kept for comparison.
 
 Why tf-keras and not Keras 3: Keras 3 does not train under
 ``tf.distribute.MultiWorkerMirroredStrategy`` (keras-team/keras#20585), which Ray
@@ -188,10 +198,8 @@ def build_tutorial(input_shape: tuple[int, int], n_labels: int, *, learning_rate
     return model
 
 
-def build_default(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, augment: bool = True, learning_rate: float = 1e-3,
-                  filters: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.3, **_: Any):
-    """Normalised input, SpecAugment, conv blocks with batch norm, global pooling, dropout."""
+def _normalised_input(input_shape: tuple[int, int], mean, std, augment: bool):
+    """The model input, per-mel-band normalisation (training-split statistics) and SpecAugment."""
     k = keras()
     h, w = input_shape
     inputs = k.Input(shape=(h, w), name="mel")
@@ -202,6 +210,41 @@ def build_default(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence
     if augment:
         x = _spec_augment_class()(freq_masks=2, freq_width=max(1, h // 8), time_masks=2,
                                   time_width=max(1, w // 8), name="spec_augment")(x)
+    return inputs, x
+
+
+def build_default(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None, augment: bool = True, learning_rate: float = 1e-3,
+                  filters: Sequence[int] = (128, 128, 256, 256), dropout: float = 0.5, **_: Any):
+    """Normalised input, SpecAugment, 1-D convolutions over time with the mel bands as channels."""
+    k = keras()
+    h, w = input_shape
+    inputs, x = _normalised_input(input_shape, mean, std, augment)
+    x = k.layers.Permute((2, 1), name="time_major")(x)  # (frames, mels): each frame's spectrum is a vector
+    for i, f in enumerate(filters):
+        x = k.layers.Conv1D(f, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = k.layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+        x = k.layers.Activation("relu")(x)
+        if i < len(filters) - 1 and w >= 2:
+            x = k.layers.MaxPooling1D(2)(x)
+            w //= 2
+        x = k.layers.Dropout(0.1)(x)
+    x = k.layers.Concatenate()([k.layers.GlobalAveragePooling1D()(x), k.layers.GlobalMaxPooling1D()(x)])
+    x = k.layers.Dropout(dropout)(x)
+    outputs = k.layers.Dense(n_labels, activation="softmax", name="probabilities")(x)
+    model = k.Model(inputs, outputs, name="default")
+    model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def build_cnn2d(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, augment: bool = True, learning_rate: float = 1e-3,
+                filters: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.3, **_: Any):
+    """Normalised input, SpecAugment, 2-D conv blocks with batch norm, global pooling, dropout."""
+    k = keras()
+    h, w = input_shape
+    inputs, x = _normalised_input(input_shape, mean, std, augment)
     x = k.layers.Reshape((h, w, 1))(x)
     for i, f in enumerate(filters):
         x = k.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
@@ -215,13 +258,13 @@ def build_default(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence
     x = k.layers.Concatenate()([k.layers.GlobalAveragePooling2D()(x), k.layers.GlobalMaxPooling2D()(x)])
     x = k.layers.Dropout(dropout)(x)
     outputs = k.layers.Dense(n_labels, activation="softmax", name="probabilities")(x)
-    model = k.Model(inputs, outputs, name="default")
+    model = k.Model(inputs, outputs, name="cnn2d")
     model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
-MODELS: dict[str, Callable[..., Any]] = {"tutorial": build_tutorial, "default": build_default}
+MODELS: dict[str, Callable[..., Any]] = {"tutorial": build_tutorial, "default": build_default, "cnn2d": build_cnn2d}
 
 
 def build_model(name: str, input_shape: tuple[int, int], n_labels: int, **kwargs: Any):
