@@ -147,6 +147,9 @@ class TrainConfig:
     #: optional column (e.g. artist) whose groups stay on one side of the split
     group_column: str | None = None
     class_weights: bool = True
+    #: every training track weighs the same in the loss, whatever its length (a track's segments
+    #: share its weight); with class_weights every label weighs the same too
+    track_weights: bool = True
     early_stopping_patience: int = 6
     augment: bool = True
     shuffle_buffer: int = 2048

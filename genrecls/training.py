@@ -18,7 +18,8 @@ then starts Ray Train's ``TensorflowTrainer``.  Each worker runs :func:`train_fu
   others waiting in an all-reduce);
 * the validation split is evaluated every epoch; learning rate follows a cosine decay
   over ``train.epochs``; early stopping on validation loss (the best epoch's weights are
-  the ones exported); class weights inverse to the label frequencies; fixed seed;
+  the ones exported); class weights inverse to the label frequencies and track weights
+  (every training track counts the same, whatever its length); fixed seed;
 * a checkpoint every epoch through ``ray.train.report`` (weights, optimizer state, best
   weights, history): a worker that dies makes Ray Train restart the group from the last
   checkpoint (``FailureConfig(max_failures)``), and ``train(..., resume=True)``
@@ -199,6 +200,8 @@ class TrainPlan:
     notes: list[str] = field(default_factory=list)
     mean: list[float] | None = None
     std: list[float] | None = None
+    #: loss weight of each segment of each training track (train.track_weights), else None
+    segment_weights: dict[str, float] | None = None
 
     @property
     def mel_shape(self) -> tuple[int, int]:
@@ -206,7 +209,12 @@ class TrainPlan:
         return f.mel_shape
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        weights = d.pop("segment_weights")  # one number per track: summarised, not listed
+        d["track_weights"] = weights is not None
+        if weights:
+            d["segment_weight_range"] = [min(weights.values()), max(weights.values())]
+        return d
 
 
 def _segments_per_split(tracks: list[dict[str, Any]], assignment: dict[str, str]) -> dict[str, dict[str, int]]:
@@ -267,6 +275,7 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         class_weights = [float(v) for v in w]
     else:
         class_weights = [1.0] * len(labels)
+    segment_weights = _segment_weights(check.tracks, assignment, t.class_weights) if t.track_weights else None
     if t.cpus_per_worker > 0:
         cpw = float(t.cpus_per_worker)
     else:
@@ -289,24 +298,51 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         val_batch_size=val_batch, steps_per_epoch=steps, val_steps=val_steps, learning_rate=t.learning_rate,
         seed=t.seed, augment=t.augment, shuffle=shuffle, shuffle_buffer=t.shuffle_buffer, cache=cache,
         early_stopping_patience=t.early_stopping_patience, class_weights=class_weights,
-        tracks_per_split=counts, segments_per_split=segs, unlabelled_tracks=check.unlabelled, notes=notes)
+        tracks_per_split=counts, segments_per_split=segs, unlabelled_tracks=check.unlabelled, notes=notes,
+        segment_weights=segment_weights)
     return plan, table
+
+
+def _segment_weights(tracks: list[dict[str, Any]], assignment: dict[str, str], by_label: bool) -> dict[str, float]:
+    """Loss weight of one segment of each training track: every track weighs the same.
+
+    A track of ``n`` segments gives each ``1 / n``; with ``by_label`` every label weighs the
+    same too (divided by its number of tracks).  Scaled so that the mean weight per segment
+    is 1 (the learning rate keeps its meaning).  Without it, a 14-minute track counts 40
+    times a 20-second one, and the model learns the long tracks of a library rather than
+    its labels.
+    """
+    train = [t for t in tracks if assignment.get(t["track_id"]) == "train" and t["n_segments"] > 0]
+    per_label: dict[str, int] = {}
+    for t in train:
+        per_label[t["label"]] = per_label.get(t["label"], 0) + 1
+    raw = {t["track_id"]: 1.0 / (t["n_segments"] * (per_label[t["label"]] if by_label else 1)) for t in train}
+    total_segments = sum(t["n_segments"] for t in train)
+    total_weight = sum(raw[t["track_id"]] * t["n_segments"] for t in train)
+    scale = total_segments / total_weight if total_weight else 1.0
+    return {k: v * scale for k, v in raw.items()}
 
 
 # --------------------------------------------------------------------------------------
 # Ray Data
 # --------------------------------------------------------------------------------------
-def _to_xy(batch, labels: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Shard rows (pyarrow) -> ``x`` float16 (n, n_mels, n_frames) and ``y`` int32 label index."""
+def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Shard rows (pyarrow) -> ``x`` float16 (n, n_mels, n_frames), ``y`` int32 label index
+    and, with ``weights`` (track_id -> weight), ``w`` float32."""
     mel = batch.column("mel").combine_chunks()
     x = mel.flatten().to_numpy(zero_copy_only=False).reshape(len(mel), *shape).astype(np.float16, copy=False)
     index = {l: i for i, l in enumerate(labels)}
     y = np.fromiter((index[l] for l in batch.column("label").to_pylist()), dtype=np.int32, count=len(mel))
-    return {"x": x, "y": y}
+    out = {"x": x, "y": y}
+    if weights is not None:
+        out["w"] = np.fromiter((weights[t] for t in batch.column("track_id").to_pylist()), dtype=np.float32, count=len(mel))
+    return out
 
 
-def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bool = False):
-    """A Ray Dataset of ``x``/``y`` rows for the given tracks (the track filter is pushed into the Parquet scan)."""
+def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bool = False,
+                     weights: dict[str, float] | None = None):
+    """A Ray Dataset of ``x``/``y`` rows for the given tracks (the track filter is pushed into the Parquet scan);
+    with ``weights`` (track_id -> loss weight of each segment) a ``w`` column too."""
     import ray.data
     from ray.data.expressions import col
 
@@ -328,8 +364,10 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
         if v2:
             ctx.use_datasource_v2 = v2
     ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
+    if weights is not None:
+        weights = {t: weights[t] for t in track_ids if t in weights}
     return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape})
+                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights})
 
 
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
@@ -340,7 +378,7 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
     worker's local shuffle buffer).  Not cached: every epoch streams the shards
     again, shuffled globally (``random_shuffle``) or by file order plus the local buffer.
     """
-    train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local")
+    train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local", weights=plan.segment_weights)
     val = make_ray_dataset(plan, ids["val"])
     if plan.cache:
         # a real row shuffle once: shards hold a few labels each (ingest order), every block must mix them
@@ -396,7 +434,9 @@ def _epoch_generator(shard, *, steps: int, batch: int, buffer: int, seed: int | 
                 for _ in it:  # finish the epoch so that the next one starts cleanly
                     stats["drained"] = stats.get("drained", 0) + 1
             x, y = b["x"], b["y"].astype(np.int32)
-            if weights is not None:
+            if "w" in b:  # per-track weights (they include the label balance)
+                yield x, y, b["w"].astype(np.float32, copy=False)
+            elif weights is not None:
                 yield x, y, weights[y]
             else:
                 yield x, y
@@ -861,7 +901,7 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
                  f"batch {plan.batch_size} per worker, {plan.steps_per_epoch} steps per epoch, {summary['epochs_run']} of "
                  f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']}, "
                  f"learning rate {plan.learning_rate:g} with cosine decay, shuffle {plan.shuffle}, seed {plan.seed}, "
-                 f"class weights {'on' if cfg.train.class_weights else 'off'}, augmentation {'on' if plan.augment and plan.model != 'tutorial' else 'off'}")
+                 f"class weights {'on' if cfg.train.class_weights else 'off'}, track weights {'on' if plan.segment_weights else 'off'}, augmentation {'on' if plan.augment and plan.model != 'tutorial' else 'off'}")
     sps = [r["segments_per_s"] for r in h[1:]] or [r["segments_per_s"] for r in h]
     lines.append(f"- time: {format_duration(summary['train_seconds'])} in epochs, {format_duration(summary['wall_seconds'])} in all; "
                  f"median {float(np.median(sps)) if sps else 0:.0f} training segments/s")

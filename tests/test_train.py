@@ -313,3 +313,21 @@ def test_evaluate_refuses_a_dataset_with_other_features(trained, tmp_path, small
     other = _fake_dataset(tmp_path / "other", small_cfg.features, ["rock", "jazz"] * 3)  # segment_hop differs
     with pytest.raises(EvaluationError, match="other feature settings than the run.*segment_hop"):
         evaluate_run(run, other)
+
+
+def test_track_weights_give_every_track_and_label_the_same_weight():
+    from genrecls.training import _segment_weights
+
+    tracks = [{"track_id": "a1", "label": "a", "n_segments": 100}, {"track_id": "a2", "label": "a", "n_segments": 2},
+              {"track_id": "b1", "label": "b", "n_segments": 10}, {"track_id": "v", "label": "b", "n_segments": 50},
+              {"track_id": "e", "label": "b", "n_segments": 0}]
+    split = {"a1": "train", "a2": "train", "b1": "train", "v": "val", "e": "train"}
+    n = {t["track_id"]: t["n_segments"] for t in tracks}
+    w = _segment_weights(tracks, split, by_label=True)
+    assert set(w) == {"a1", "a2", "b1"}  # training tracks with segments only
+    per_track = {t: w[t] * n[t] for t in w}
+    assert per_track["a1"] == pytest.approx(per_track["a2"])  # a 100-segment track counts as a 2-segment one
+    assert per_track["a1"] + per_track["a2"] == pytest.approx(per_track["b1"])  # and each label the same
+    assert sum(per_track.values()) == pytest.approx(112)  # mean weight per segment 1
+    w = _segment_weights(tracks, split, by_label=False)
+    assert w["a1"] * 100 == pytest.approx(w["b1"] * 10) == pytest.approx(112 / 3)
