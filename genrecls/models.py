@@ -58,7 +58,7 @@ def import_tensorflow():
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if os.environ.get("GENRECLS_TF_VERBOSE") == "1":
         import tensorflow as tf
         import tf_keras  # noqa: F401

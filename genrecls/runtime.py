@@ -21,7 +21,7 @@ log = logging.getLogger("genrecls")
 WORKER_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "TF_USE_LEGACY_KERAS": "1",
-    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "TF_ENABLE_ONEDNN_OPTS": "1",  # oneDNN kernels: the CNN runs 2-3x faster on x86 CPUs
     "PYTHONWARNINGS": "ignore",
     "RAY_DEDUP_LOGS": "1",
 }

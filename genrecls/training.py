@@ -416,10 +416,16 @@ def learning_rate_at(epoch: int, epochs: int, base: float, floor: float = 0.05) 
 
 
 def _epoch_generator(shard, *, steps: int, batch: int, buffer: int, seed: int | None, weights: np.ndarray | None,
-                     stats: dict[str, int]):
-    """Exactly ``steps`` batches from a worker's Ray Data shard; the rest of the epoch is drained."""
+                     stats: dict[str, Any], name: str = "train"):
+    """Exactly ``steps`` batches from a worker's Ray Data shard; the rest of the epoch is drained.
+
+    ``stats[name + "_wait"]`` adds up the seconds spent waiting for Ray Data (the input
+    pipeline's share of the epoch, reported in the history).
+    """
+    key = f"{name}_wait"
 
     def gen():
+        t = time.perf_counter()
         it = iter(shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
                                      local_shuffle_buffer_size=buffer or None,
                                      local_shuffle_seed=seed if buffer else None))
@@ -433,6 +439,7 @@ def _epoch_generator(shard, *, steps: int, batch: int, buffer: int, seed: int | 
             if i == steps - 1:
                 for _ in it:  # finish the epoch so that the next one starts cleanly
                     stats["drained"] = stats.get("drained", 0) + 1
+            stats[key] = stats.get(key, 0.0) + time.perf_counter() - t
             x, y = b["x"], b["y"].astype(np.int32)
             if "w" in b:  # per-track weights (they include the label balance)
                 yield x, y, b["w"].astype(np.float32, copy=False)
@@ -440,6 +447,7 @@ def _epoch_generator(shard, *, steps: int, batch: int, buffer: int, seed: int | 
                 yield x, y, weights[y]
             else:
                 yield x, y
+            t = time.perf_counter()
 
     return gen
 
@@ -453,7 +461,9 @@ def _tf_dataset(tf, gen, shape: tuple[int, int], weighted: bool):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.threading.private_threadpool_size = 1
-    return ds.with_options(options).prefetch(2)
+    # no tf.data prefetch: Ray Data already prefetches batches, and with one here the iterator's
+    # teardown at the end of every model.fit blocked for 18-20 s on the real-music set (py-spy)
+    return ds.with_options(options)
 
 
 def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
@@ -532,16 +542,23 @@ def train_func(config: dict[str, Any]) -> None:
             if self.t1 is None:
                 self.t1 = time.perf_counter()
 
+        def on_test_end(self, logs=None):
+            self.t2 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.t3 = time.perf_counter()
+
     clock = _Clock()
     while state["epoch"] < epochs and not state["stopped"]:
         epoch = state["epoch"]
         lr = learning_rate_at(epoch, epochs, config["learning_rate"])
         model.optimizer.learning_rate.assign(lr)
-        stats: dict[str, int] = {}
+        stats: dict[str, Any] = {}
         seed = int(config["seed"]) * 100_003 + epoch * 101 + rank
         train_gen = _epoch_generator(train_shard, steps=steps, batch=batch, buffer=config["shuffle_buffer"], seed=seed,
                                      weights=weights, stats=stats)
-        val_gen = _epoch_generator(val_shard, steps=vsteps, batch=vbatch, buffer=0, seed=None, weights=None, stats=stats)
+        val_gen = _epoch_generator(val_shard, steps=vsteps, batch=vbatch, buffer=0, seed=None, weights=None, stats=stats,
+                                   name="val")
         if world > 1:
             train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, train_gen, shape, True))
             val_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, val_gen, shape, False))
@@ -568,6 +585,10 @@ def train_func(config: dict[str, Any]) -> None:
                   "train_seconds": round(train_seconds, 3), "epoch_seconds": round(epoch_seconds, 3),
                   "segments_per_s": round(steps * batch * world / max(train_seconds, 1e-9), 2),
                   "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0),
+                  "train_data_wait_seconds": round(stats.get("train_wait", 0.0), 3),
+                  "val_seconds": round(clock.t2 - clock.t1, 3) if clock.t1 else None,
+                  "fit_exit_seconds": round(time.perf_counter() - clock.t3, 3),
+                  "val_data_wait_seconds": round(stats.get("val_wait", 0.0), 3),
                   "pid": os.getpid(),  # of rank 0, which writes the checkpoint
                   "threads": int(threads), "onednn": onednn}
         state["history"].append(record)
