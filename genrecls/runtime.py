@@ -57,10 +57,6 @@ def quiet_environment(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-    if not verbose:
-        # Ray's C++ core logs advisories to the driver's stderr at error level (for example about
-        # actor constructor arguments, ray-project/ray#53727); genrecls reports real failures itself
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
