@@ -69,6 +69,7 @@ class Library:
     audio_seconds: float
     description: str
     warm: str  # a tiny library (a manifest of the first tracks) to warm the workers
+    rows: list[tuple[str, str]]  # (path, label) of every track, in a stable order
 
 
 def _duration(path: str) -> float:
@@ -92,7 +93,7 @@ def prepare_library(a: argparse.Namespace, work: str) -> Library:
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(a.source) for f in fs if f.lower().endswith(AUDIO_EXT))
         rows = [(f, os.path.relpath(f, a.source).split(os.sep)[0]) for f in files]
         return Library(a.source, a.source, len(files), sum(_duration(f) for f in files), f"folder {a.source}",
-                       _manifest(os.path.join(work, "warm.csv"), rows[:4]))
+                       _manifest(os.path.join(work, "warm.csv"), rows[:4]), rows)
     if not a.quick and os.path.isdir(DEV_SET):
         # round-robin over the labels, in sorted order, tracks of at most --max-track-seconds
         # (many tracks of similar length: the work divides into even tasks), until --hours
@@ -113,7 +114,7 @@ def prepare_library(a: argparse.Namespace, work: str) -> Library:
         return Library(source, DEV_SET, len(rows), total,
                        f"{len(rows)} tracks of {DEV_SET} ({len(by_label)} labels, each <= {a.max_track_seconds:g} s; "
                        "Ogg Vorbis/Opus, 44.1/48 kHz stereo)",
-                       _manifest(os.path.join(work, "warm.csv"), rows[:4]))
+                       _manifest(os.path.join(work, "warm.csv"), rows[:4]), rows)
     from genrecls.sample_data import make_sample_collection
 
     folder = os.path.join(work, "generated")
@@ -122,7 +123,7 @@ def prepare_library(a: argparse.Namespace, work: str) -> Library:
     rows = [(f, os.path.basename(os.path.dirname(f))) for f in files]
     return Library(folder, folder, len(files), len(files) * seconds,
                    f"generated: 4 genres x {per_genre} tracks x {seconds:g} s (MP3/WAV/FLAC/OGG, 44.1 kHz stereo)",
-                   _manifest(os.path.join(work, "warm.csv"), rows[:4]))
+                   _manifest(os.path.join(work, "warm.csv"), rows[:4]), rows)
 
 
 # -- Ray set-ups ----------------------------------------------------------------------------
@@ -267,15 +268,6 @@ def driver_costs(lib: Library, dataset: str) -> dict[str, Any]:
     return res
 
 
-def _library_rows(lib: Library) -> list[tuple[str, str]]:
-    """(path, label) of every track of the library, in a stable order."""
-    if os.path.isfile(lib.source):
-        with open(lib.source, newline="") as fh:
-            return [(r["path"], r["label"]) for r in csv.DictReader(fh)]
-    return sorted((os.path.join(d, f), os.path.relpath(os.path.join(d, f), lib.source).split(os.sep)[0])
-                  for d, _, fs in os.walk(lib.source) for f in fs if f.lower().endswith(AUDIO_EXT))
-
-
 def _copy_tracks(rows: list[tuple[str, str]], folder: str) -> None:
     for path, label in rows:
         os.makedirs(os.path.join(folder, label), exist_ok=True)
@@ -297,9 +289,8 @@ def bench_retrain(a: argparse.Namespace, lib: Library, work: str) -> dict[str, A
     from genrecls.config import Config
     from genrecls.retrain import retrain
 
-    rows = _library_rows(lib)
     by_label: dict[str, list[tuple[str, str]]] = {}
-    for r in rows:
+    for r in lib.rows:
         by_label.setdefault(r[1], []).append(r)
     old, new = [], []
     for label, rs in by_label.items():

@@ -213,6 +213,18 @@ def _normalised_input(input_shape: tuple[int, int], mean, std, augment: bool):
     return inputs, x
 
 
+def _pooled_head(inputs, x, n_labels: int, *, dropout: float, learning_rate: float, name: str, pools):
+    """Global average and max pooling (``pools``: the two layer classes), dropout, softmax; compiled with Adam."""
+    k = keras()
+    x = k.layers.Concatenate()([pool()(x) for pool in pools])
+    x = k.layers.Dropout(dropout)(x)
+    outputs = k.layers.Dense(n_labels, activation="softmax", name="probabilities")(x)
+    model = k.Model(inputs, outputs, name=name)
+    model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
 def build_default(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, augment: bool = True, learning_rate: float = 1e-3,
                   filters: Sequence[int] = (128, 128, 256, 256), dropout: float = 0.5, **_: Any):
@@ -229,13 +241,8 @@ def build_default(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence
             x = k.layers.MaxPooling1D(2)(x)
             w //= 2
         x = k.layers.Dropout(0.1)(x)
-    x = k.layers.Concatenate()([k.layers.GlobalAveragePooling1D()(x), k.layers.GlobalMaxPooling1D()(x)])
-    x = k.layers.Dropout(dropout)(x)
-    outputs = k.layers.Dense(n_labels, activation="softmax", name="probabilities")(x)
-    model = k.Model(inputs, outputs, name="default")
-    model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
+    return _pooled_head(inputs, x, n_labels, dropout=dropout, learning_rate=learning_rate, name="default",
+                        pools=(k.layers.GlobalAveragePooling1D, k.layers.GlobalMaxPooling1D))
 
 
 def build_cnn2d(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[float] | None = None,
@@ -255,13 +262,8 @@ def build_cnn2d(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[f
             x = k.layers.MaxPooling2D(pool)(x)
             h, w = h // pool[0], w // pool[1]
         x = k.layers.Dropout(0.1 * (i + 1) / len(filters))(x)
-    x = k.layers.Concatenate()([k.layers.GlobalAveragePooling2D()(x), k.layers.GlobalMaxPooling2D()(x)])
-    x = k.layers.Dropout(dropout)(x)
-    outputs = k.layers.Dense(n_labels, activation="softmax", name="probabilities")(x)
-    model = k.Model(inputs, outputs, name="cnn2d")
-    model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
+    return _pooled_head(inputs, x, n_labels, dropout=dropout, learning_rate=learning_rate, name="cnn2d",
+                        pools=(k.layers.GlobalAveragePooling2D, k.layers.GlobalMaxPooling2D))
 
 
 MODELS: dict[str, Callable[..., Any]] = {"tutorial": build_tutorial, "default": build_default, "cnn2d": build_cnn2d}

@@ -364,8 +364,6 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
         if v2:
             ctx.use_datasource_v2 = v2
     ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
-    if weights is not None:
-        weights = {t: weights[t] for t in track_ids if t in weights}
     return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights})
 
