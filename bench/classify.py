@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             res["marginal"]["ratio_classify_to_ingest"] = round(
                 marginal["classify"]["tracks_per_s"] / marginal["ingest"]["tracks_per_s"], 3)
         res["classify_peak_pss_4x_to_1x"] = round(four["classify"]["peak_pss_mib"] / one["classify"]["peak_pss_mib"], 3)
+        res["classify_peak_uss_4x_to_1x"] = round(four["classify"]["peak_uss_mib"] / one["classify"]["peak_uss_mib"], 3)
         results["throughput"][name] = res
     results["load_average_end"] = list(os.getloadavg())
     results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -34,6 +34,7 @@ class Progress:
         self.failed = 0
         self.audio_seconds = 0.0
         self._last = 0.0
+        self._drawn: tuple | None = None  # (done, failed) last printed: close() does not repeat it
 
     def update(self, done: int = 0, failed: int = 0, audio_seconds: float = 0.0) -> None:
         self.done += done
@@ -55,6 +56,9 @@ class Progress:
                 f"ETA {format_duration(eta) if self.done < self.total else '0s'}")
 
     def _draw(self, final: bool) -> None:
+        if final and not self.tty and self._drawn == (self.done, self.failed):
+            return  # the last line printed already shows the final counts
+        self._drawn = (self.done, self.failed)
         if self.tty:
             self.stream.write("\r\033[K" + self.line() + ("\n" if final else ""))
         else:
