@@ -647,7 +647,7 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
         summary["genre_distribution"] = {g: counts.get(g, 0) for g in sorted(labels, key=lambda g: (-counts.get(g, 0), g))}
         if csv:
             output.write_csv()
-            summary["csv"] = loc.join(CSV_NAME) if loc.is_local else f"{loc.uri}/{CSV_NAME}"
+            summary["csv"] = loc.join(CSV_NAME) if loc.is_local else loc.child(CSV_NAME).uri
         summary["wall_seconds"] = time.monotonic() - t0
         summary["tracks_per_second"] = (summary["classified"] + summary["failed"]) / max(summary["wall_seconds"], 1e-9)
         summary["audio_seconds_per_second"] = summary["audio_seconds"] / max(summary["wall_seconds"], 1e-9)

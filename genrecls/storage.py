@@ -18,6 +18,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -58,7 +59,12 @@ class Location:
         return posixpath.join(self.root, *parts)
 
     def child(self, *parts: str) -> "Location":
-        return Location(self.fs, self.join(*parts), posixpath.join(self.uri, *parts))
+        # a URI's query (``s3://b/x?endpoint_override=...``) stays at the end of the child's URI
+        scheme, netloc, path, query, fragment = urlsplit(self.uri)
+        if not scheme or not query:
+            return Location(self.fs, self.join(*parts), posixpath.join(self.uri, *parts))
+        uri = urlunsplit((scheme, netloc, posixpath.join(path or "/", *parts), query, fragment))
+        return Location(self.fs, self.join(*parts), uri)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound

@@ -714,7 +714,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=resources,
                                      trainer_resources={"CPU": 0}),
         run_config=RunConfig(name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=run.join("checkpoints") if run.is_local else run.uri + "/checkpoints",
+                             storage_path=run.join("checkpoints") if run.is_local else run.child("checkpoints").uri,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=[_epoch_printer(plan.epochs, progress)], verbose=0),

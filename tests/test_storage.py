@@ -1,0 +1,32 @@
+"""Output locations: paths and URIs, children of URIs with a query, atomic writes."""
+
+import os
+
+import pyarrow.fs as pafs
+
+from genrecls.storage import Location
+
+
+def test_local_path_and_file_uri_are_the_same_location(tmp_path):
+    a, b = Location.parse(str(tmp_path)), Location.parse(f"file://{tmp_path}")
+    assert a.root == b.root == str(tmp_path) and a.is_local and b.is_local
+    assert a.child("parts").root == b.child("parts").root == str(tmp_path / "parts")
+
+
+def test_child_of_a_uri_keeps_its_query_at_the_end():
+    # an S3-compatible store named in the URI (no network is touched: the region is given)
+    loc = Location.parse("s3://bucket/data?region=us-east-1&endpoint_override=localhost:9000&scheme=http")
+    child = loc.child("parts", "part-1.parquet")
+    assert child.root == "bucket/data/parts/part-1.parquet"
+    assert child.uri == "s3://bucket/data/parts/part-1.parquet?region=us-east-1&endpoint_override=localhost:9000&scheme=http"
+    again = Location.parse(child.uri)  # what a worker does with a URI it was given
+    assert again.root == child.root and isinstance(again.fs, pafs.S3FileSystem)
+    assert Location.parse("s3://bucket?region=us-east-1").child("x").uri == "s3://bucket/x?region=us-east-1"
+
+
+def test_write_text_is_atomic_and_leaves_no_temporary(tmp_path):
+    loc = Location.parse(str(tmp_path))
+    loc.write_text("a/config.json", "{}\n")
+    loc.write_text("a/config.json", '{"v": 2}\n')  # replaced whole
+    assert (tmp_path / "a" / "config.json").read_text() == '{"v": 2}\n'
+    assert os.listdir(tmp_path / "a") == ["config.json"]
