@@ -17,6 +17,13 @@ Three measurements, all on one local Ray of ``--cpus`` CPUs started by this scri
    segments ``genrecls.segments.segment_starts`` picks), next to the cost of featurising K
    sampled segments per track (``genrecls.pipeline.sampled_track_features``).
 
+4. With ``--large N``: ingest then classify once on N linked copies of the synthetic folder,
+   a library big enough that start-up (Ray, the model actor's TensorFlow import and model
+   load) no longer dominates the end-to-end ratio.
+
+``--skip-k`` / ``--skip-throughput`` skip sections (the model must be cached in ``--work``);
+the other sections of an existing results file are then kept.
+
 The model used for throughput is the one trained in 3.  TensorFlow runs only in Ray
 workers (training and scoring tasks exit after use), so this process stays small.
 
@@ -332,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="runs per measurement (median); default 3, 1 with --quick")
     p.add_argument("--actor-cpus", type=float, help="classify.actor_cpus for the throughput runs (default: the config default)")
     p.add_argument("--skip-k", action="store_true", help="skip the K measurement (needs a trained model already cached)")
+    p.add_argument("--skip-throughput", action="store_true", help="skip the 1x/4x throughput and memory runs")
+    p.add_argument("--large", type=int, default=0, metavar="N",
+                   help="also run ingest and classify once on N linked copies of the synthetic folder (start-up amortised)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
     a = p.parse_args(argv)
     import ray
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         k_ds = work / "k-dataset"
         t0 = time.perf_counter()
         s = ingest(str(k_lib), str(k_ds), cfg, progress=True)
-        results["k_ingest"] = {"tracks": s.discovered, "added_now": s.added, "wall_s": round(time.perf_counter() - t0, 1)}
+        results["k_ingest" if not a.skip_k else "k_ingest_check"] = {"tracks": s.discovered, "added_now": s.added, "wall_s": round(time.perf_counter() - t0, 1)}
         tracks = Dataset(str(k_ds)).track_table()
         ids, labels = tracks.column("track_id").to_pylist(), tracks.column("label").to_pylist()
         train_ids, test_ids = train_test_split(ids, test_size=0.4, stratify=labels, random_state=0)
@@ -386,11 +396,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. and 2. throughput next to ingest, and memory, at 1x and 4x the library: each command in its
     # own process with its own local Ray, as a user runs it, so its process tree is all it uses
-    print("== throughput and memory: ingest vs classify at 1x and 4x", flush=True)
-    per_style = 2 if a.quick else 3
     synth = work / "synth"
     make_sample_collection(str(synth), genres=4, tracks_per_genre=6 if a.quick else 12, seconds=30.0, seed=3)
     synth_files = sorted(str(p) for p in synth.rglob("*") if p.is_file())
+    if a.large:
+        print(f"== ingest vs classify on {a.large}x the synthetic folder (one run each)", flush=True)
+        folder = work / f"synth-{a.large}x"
+        n = linked_copies(synth, folder, a.large)
+        res = run_pair(folder, run, work, a.cpus, sets, 1, n, audio_seconds(folder))
+        results["throughput_large"] = {"copies": a.large, **res}
+        print(f"synthetic {a.large}x: {res}", flush=True)
+    if a.skip_throughput:
+        return _finish(results, a.out, t_start, merge=True)
+    print("== throughput and memory: ingest vs classify at 1x and 4x", flush=True)
+    per_style = 2 if a.quick else 3
     results["cpu_cost"] = {"featurise_ms_per_segment": featurise_cpu_ms_per_segment(synth_files[:8], cfg.features),
                            "model_ms_per_segment": (results.get("k_accuracy") or {}).get("model_cpu_ms_per_segment")}
     print(f"CPU cost per segment (synthetic, one core): {results['cpu_cost']}", flush=True)
@@ -419,9 +438,6 @@ def main(argv: list[str] | None = None) -> int:
         res["classify_peak_pss_4x_to_1x"] = round(four["classify"]["peak_pss_mib"] / one["classify"]["peak_pss_mib"], 3)
         res["classify_peak_uss_4x_to_1x"] = round(four["classify"]["peak_uss_mib"] / one["classify"]["peak_uss_mib"], 3)
         results["throughput"][name] = res
-    results["load_average_end"] = list(os.getloadavg())
-    results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
-
     rows = []
     for name, res in results["throughput"].items():
         for size in ("1x", "4x"):
@@ -441,9 +457,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"classify peak memory on {name}, driver + Ray processes: PSS 1x {c1['peak_pss_mib']} MiB, 4x {c4['peak_pss_mib']} MiB "
               f"(ratio {res['classify_peak_pss_4x_to_1x']}); private (USS, without the shared object store) "
               f"1x {c1['peak_uss_mib']} MiB, 4x {c4['peak_uss_mib']} MiB (ratio {res['classify_peak_uss_4x_to_1x']})")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    return _finish(results, a.out, t_start, merge=a.skip_k)
+
+
+def _finish(results: dict, out: str, t_start: float, merge: bool) -> int:
+    """Write the results; with ``merge`` (some sections skipped) the earlier file's other sections are kept."""
+    results["load_average_end"] = list(os.getloadavg())
+    results["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
+    path = Path(out)
+    if merge and path.exists():
+        results = {**json.loads(path.read_text()), **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -267,10 +267,10 @@ def profile_stages(files: list[str], root: str) -> dict:
         threadpoolctl.threadpool_limits(1)
     except ImportError:
         pass
-    from genrecls import audio, features, ingest
+    from genrecls import audio, features, pipeline
     from genrecls.config import FeatureConfig
 
-    getattr(ingest, "_tune_allocator", lambda: None)()  # as process_batch does in a worker (when the code has it)
+    pipeline.tune_allocator()  # as the ingest and classify decoding tasks do in a worker
     from genrecls.dataset import ShardWriter
     from genrecls.segments import iter_segments
     from genrecls.storage import Location

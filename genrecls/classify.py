@@ -205,8 +205,9 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int)
     ``error_reason`` (set, with no segments, for a file that could not be used).  Never
     raises for a bad file.
     """
-    from .pipeline import sampled_track_features
+    from .pipeline import sampled_track_features, tune_allocator
 
+    tune_allocator()
     dtype = np.float16 if features.dtype == "float16" else np.float32
     out: dict[str, list] = {k: [] for k in ("path", "track_id", "size", "mtime_ns", "duration", "n_segments",
                                            "mels", "error_kind", "error_reason")}

@@ -33,7 +33,7 @@ from .audio import AudioError
 from .config import Config, FeatureConfig
 from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
 from .discovery import Discovery, Track, discover
-from .pipeline import FeatureStream, fingerprint_file
+from .pipeline import FeatureStream, fingerprint_file, tune_allocator
 from .progress import Progress, format_duration, format_table
 from .runtime import log, ray_session
 from .storage import Location
@@ -72,7 +72,7 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
     failures table); raises :class:`~genrecls.dataset.OutputError` if the dataset cannot be
     written, after deleting its partial shard.
     """
-    _tune_allocator()
+    tune_allocator()
     loc = Location.parse(dataset_uri)
     writer = ShardWriter(loc, shard_name, cfg)
     failures, unchanged = [], []
@@ -116,32 +116,6 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
     return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": writer.segments,
             "audio_seconds": audio_seconds, "failures": failures, "unchanged": unchanged,
             "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
-
-
-_ALLOCATOR_TUNED = False
-
-
-def _tune_allocator() -> None:
-    """Keep freed memory for reuse in this (worker) process instead of returning it to the OS.
-
-    glibc serves every allocation above 128 KiB-32 MiB (decoded blocks, STFT frames, row
-    groups) with a fresh ``mmap`` and unmaps it on free, so each one page-faults anew: about
-    5 000 faults per track, 15-20% of the CPU time of an ingest task (bench/ingest.py).  Raising
-    the mmap and trim thresholds lets the heap recycle those buffers.  No-op off glibc.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return
-    _ALLOCATOR_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 64 << 20)
-        libc.mallopt(m_trim_threshold, 128 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def _failure_of(t: TrackTask, exc: Exception) -> dict[str, Any]:
