@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         n = linked_copies(synth, folder, a.large)
         res = run_pair(folder, run, work, a.cpus, sets, 1, n, audio_seconds(folder))
         results["throughput_large"] = {"copies": a.large, **res}
-        print(f"synthetic {a.large}x: {res}", flush=True)
+        print(f"synthetic {a.large}x ({n} tracks, {res['audio_hours']} h): ingest {res['ingest']['wall_s']} s, classify "
+              f"{res['classify']['wall_s']} s, classify/ingest {res['ratio_classify_to_ingest']:.2f}; classify peak PSS "
+              f"{res['classify']['peak_pss_mib']} MiB", flush=True)
     if a.skip_throughput:
         return _finish(results, a.out, t_start, merge=True)
     print("== throughput and memory: ingest vs classify at 1x and 4x", flush=True)
