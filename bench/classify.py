@@ -223,7 +223,6 @@ def train_model(dataset: str, run: str, train_ids: list[str], epochs: int, per_t
 
 def accuracy_vs_k(dataset: str, run: str, test_ids: list[str]) -> dict:
     """Track accuracy on held-out tracks when each is scored on K evenly spaced segments."""
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # as in the classify actors (genrecls.classify.Scorer)
     import pyarrow.compute as pc
     from sklearn.metrics import balanced_accuracy_score
 

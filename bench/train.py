@@ -187,11 +187,9 @@ def main() -> int:
     from genrecls.config import Config
     from genrecls.progress import format_table
 
-    # oneDNN on in the training workers as in the in-memory baseline (TensorFlow decides it at import,
-    # from the environment; genrecls.runtime.worker_env() may turn it off)
-    env = runtime_env()
+    # the workers' environment (genrecls.runtime.worker_env) turns oneDNN on, as in the in-memory baseline
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", runtime_env={**env, "env_vars": {**env["env_vars"], "TF_ENABLE_ONEDNN_OPTS": "1"}})
+             logging_level="ERROR", runtime_env=runtime_env())
     t_all = time.monotonic()
     epochs = a.epochs or (6 if a.quick else 15)
     tp_epochs = a.throughput_epochs or 3

@@ -56,7 +56,6 @@ import datetime as dt
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from collections import Counter
@@ -253,10 +252,9 @@ class Scorer:
     def __init__(self, run_uri: str, batch_size: int, top_k: int, threads: int = 0):
         from .runtime import quiet_environment
 
-        if "tensorflow" not in sys.modules:
-            # oneDNN kernels halve the CPU cost of the CNN (measured in bench/classify.py); the
-            # probabilities differ from the reference kernels only at the 1e-6 level
-            os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+        # the worker environment (genrecls.runtime.WORKER_ENV) turns TensorFlow's oneDNN kernels on:
+        # they halve the CPU cost of the CNN, and probabilities differ from the reference kernels
+        # only at the 1e-6 level
         quiet_environment()
         import tensorflow as tf
 
