@@ -57,7 +57,6 @@ import json
 import math
 import os
 import time
-import traceback
 from collections import Counter
 from dataclasses import asdict
 from typing import Any, Iterable, Iterator
@@ -67,7 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import ClassifyConfig, Config, FeatureConfig
+from .config import ClassifyConfig, Config, DecodeConfig, FeatureConfig
 from .discovery import Discovery, discover, track_id_for
 from .inference import RUN_FILE, aggregate_tracks, read_run_info
 from .progress import Progress, format_duration, format_table
@@ -92,7 +91,7 @@ INFO_NAME = "classify.json"
 LABELS_KEY = b"genrecls.labels"
 MODEL_KEY = b"genrecls.model_id"
 #: columns of the stream between the CPU stage and the model actors, besides the predictions
-_ERROR_COLUMNS = [pa.field("error_kind", pa.string()), pa.field("error_reason", pa.string())]
+_ERROR_COLUMNS = [pa.field(name, pa.string()) for name in ("error_kind", "error_reason", "warning_kind", "warning_reason")]
 #: at most this many input blocks, however large the library (bounds driver and scheduler overhead)
 MAX_INPUT_BLOCKS = 4096
 #: decoding tasks a worker process runs before it is replaced
@@ -176,49 +175,35 @@ def prediction_columns(probs: np.ndarray, labels: list[str], k: int) -> dict[str
 
 
 # -- stage 1: decode and featurise (CPU tasks) ---------------------------------------
-def _failure(exc: BaseException) -> tuple[str, str]:
-    """(kind, reason) recorded for a file that raised ``exc``, as ingest records them."""
-    from .audio import AudioError
-
-    if isinstance(exc, AudioError):
-        return exc.kind, str(exc)
-    if isinstance(exc, PermissionError):
-        return "unreadable", "permission denied (the file is not readable by this user)"
-    if isinstance(exc, FileNotFoundError):
-        return "missing", "the file vanished during the run"
-    if isinstance(exc, OSError):
-        return "unreadable", f"I/O error: {exc.strerror or exc}"
-    if isinstance(exc, MemoryError):
-        return "error", "out of memory while processing this file"
-    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-    return "error", f"unexpected {type(exc).__name__}: {exc}{at}"
-
-
-def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int) -> pa.Table:
+def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
+                    decode: DecodeConfig | None = None) -> pa.Table:
     """Decode a batch of tracks into one row per track holding its stacked segments.
 
     Input columns: ``source`` (path to read), ``path`` (relative path), ``size``,
     ``mtime_ns``.  Output adds ``track_id``, ``duration``, ``n_segments``, ``mels`` (the
-    segments (n, n_mels, n_frames) as bytes of ``features.dtype``) and ``error_kind`` /
-    ``error_reason`` (set, with no segments, for a file that could not be used).  Never
-    raises for a bad file.
+    segments (n, n_mels, n_frames) as bytes of ``features.dtype``), ``error_kind`` /
+    ``error_reason`` (set, with no segments, for a file that could not be used) and
+    ``warning_kind`` / ``warning_reason`` (a file used although something is off; several
+    joined with "; ").  Never raises for a bad file.
     """
+    from .failures import failure_of
     from .pipeline import sampled_track_features, tune_allocator
 
     tune_allocator()
     dtype = np.float16 if features.dtype == "float16" else np.float32
     out: dict[str, list] = {k: [] for k in ("path", "track_id", "size", "mtime_ns", "duration", "n_segments",
-                                           "mels", "error_kind", "error_reason")}
+                                           "mels", "error_kind", "error_reason", "warning_kind", "warning_reason")}
     for row in batch.to_pylist():
-        mels, duration, kind, reason = b"", None, None, None
+        mels, duration, kind, reason, warnings = b"", None, None, None, []
         try:
-            feats = sampled_track_features(row["source"], features, max_segments)
+            feats = sampled_track_features(row["source"], features, max_segments, decode)
             mels = np.ascontiguousarray(feats.mels, dtype=dtype).tobytes()
-            n, duration = int(feats.mels.shape[0]), float(feats.duration)
+            n, duration, warnings = int(feats.mels.shape[0]), float(feats.duration), feats.warnings
         except Exception as exc:  # recorded, never fatal for the batch
-            kind, reason = _failure(exc)
+            kind, reason = failure_of(exc)
             n = 0
+        out["warning_kind"].append("; ".join(w.kind for w in warnings) or None)
+        out["warning_reason"].append("; ".join(w.reason for w in warnings) or None)
         out["path"].append(row["path"])
         out["track_id"].append(track_id_for(row["path"]))
         out["size"].append(row["size"])
@@ -238,6 +223,8 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int)
         "mels": pa.array(out["mels"], pa.large_binary()),
         "error_kind": pa.array(out["error_kind"], pa.string()),
         "error_reason": pa.array(out["error_reason"], pa.string()),
+        "warning_kind": pa.array(out["warning_kind"], pa.string()),
+        "warning_reason": pa.array(out["warning_reason"], pa.string()),
     })
 
 
@@ -298,7 +285,8 @@ class Scorer:
         arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
         arrays["classified_at"] = pa.array([now] * n, pa.timestamp("ms", tz="UTC"))
         arrays["error_kind"] = batch.column("error_kind")
-        arrays["error_reason"] = batch.column("error_reason")
+        for name in ("error_reason", "warning_kind", "warning_reason"):
+            arrays[name] = batch.column(name)
         return pa.table({f.name: arrays[f.name] for f in self.schema}, schema=self.schema)
 
 
@@ -465,7 +453,7 @@ def _quiet_ray_data_console() -> None:
             handler.setLevel(logging.ERROR)
 
 
-def _stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig,
+def _stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig, decode: DecodeConfig,
             workers: int | None, tracks_per_task: int, verbose: bool = False) -> Iterator[pa.Table]:
     """Build the Ray Data pipeline and yield its output blocks as they are produced."""
     import ray
@@ -490,7 +478,7 @@ def _stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: Classi
     # the two stages' remote arguments then differ, keeps Ray Data from fusing decoding into
     # the model actors, which would serialise it behind the actor pool
     ds = ds.map_batches(
-        featurise_batch, fn_kwargs={"features": features, "max_segments": ccfg.max_segments},
+        featurise_batch, fn_kwargs={"features": features, "max_segments": ccfg.max_segments, "decode": decode},
         batch_size=tracks_per_task, batch_format="pyarrow", num_cpus=1, max_calls=DECODE_MAX_CALLS,
         max_retries=DECODE_MAX_RETRIES, compute=ray.data.TaskPoolStrategy(size=decoders) if decoders else None,
         udf_modifying_row_count=False)
@@ -505,11 +493,12 @@ def _stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: Classi
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
 
-def _failure_rows(table: pa.Table) -> list[dict[str, Any]]:
-    from .ingest import failure_row
+def _record_rows(table: pa.Table, kind: str, reason: str) -> list[dict[str, Any]]:
+    """Failure or warning rows (``kind``, ``reason``: the columns holding them) of a block's tracks."""
+    from .failures import record_row
 
-    return [failure_row(r["path"], None, r["error_kind"], r["error_reason"], r["size"], r["mtime_ns"])
-            for r in table.select(["path", "error_kind", "error_reason", "size", "mtime_ns"]).to_pylist()]
+    return [record_row(r["path"], None, r[kind], r[reason], r["size"], r["mtime_ns"])
+            for r in table.select(["path", kind, reason, "size", "mtime_ns"]).to_pylist() if r[kind] is not None]
 
 
 def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out: str | os.PathLike,
@@ -546,7 +535,8 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
     >>> summary["genre_distribution"]  # doctest: +SKIP
     {'rock': 812, 'jazz': 301, ...}
     """
-    from .ingest import failure_row, library_versions
+    from .failures import record_row
+    from .ingest import library_versions
 
     cfg = (cfg or Config()).validate()
     ccfg = cfg.classify
@@ -566,11 +556,11 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
     summary: dict[str, Any] = {
         "predictions": loc.uri, "library": found.root, "run": run_loc.uri, "model_id": model_id, "labels": labels,
         "discovered": len(found.tracks), "ignored_files": found.ignored, "skipped_done": 0,
-        "skipped_known_failures": 0, "classified": 0, "failed": 0, "failures_by_kind": {}, "segments": 0,
+        "skipped_known_failures": 0, "classified": 0, "warned": 0, "failed": 0, "failures_by_kind": {}, "segments": 0,
         "audio_seconds": 0.0, "parts_written": 0, "rows_superseded": 0, "max_segments": ccfg.max_segments,
     }
     with loc.lock("genrecls classify"):
-        removed = loc.remove_temporaries(PARTS) + loc.remove_temporaries(FAILURES) + loc.remove_temporaries()
+        removed = sum(loc.remove_temporaries(folder) for folder in (PARTS, FAILURES, "warnings")) + loc.remove_temporaries()
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted run", removed)
         loc.write_text("config.json", resolved.to_json() + "\n")
@@ -581,6 +571,7 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                 bar = Progress(todo.num_rows, "tracks", enabled=progress)
                 pending: list[pa.Table] = []
                 pending_fail: list[dict[str, Any]] = []
+                pending_warn: list[dict[str, Any]] = []
                 seen: set[str] = set()
                 rows = 0
 
@@ -590,8 +581,10 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                         output.write_part(pending, schema)
                         summary["parts_written"] += 1
                     output.failures.write_failures(pending_fail)
+                    output.failures.write_warnings(pending_warn)
                     pending.clear()
                     pending_fail.clear()
+                    pending_warn.clear()
                     rows = 0
 
                 def consume(block: pa.Table) -> None:
@@ -601,10 +594,13 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                     good, failed = block.filter(pc.invert(bad)), block.filter(bad)
                     if good.num_rows:
                         pending.append(good)
+                        warned = _record_rows(good, "warning_kind", "warning_reason")
+                        pending_warn.extend(warned)
+                        summary["warned"] += len(warned)
                         rows += good.num_rows
                         summary["segments"] += int(pc.sum(good.column("n_segments")).as_py() or 0)
                     if failed.num_rows:
-                        fr = _failure_rows(failed)
+                        fr = _record_rows(failed, "error_kind", "error_reason")
                         pending_fail.extend(fr)
                         kinds.update(r["kind"] for r in fr)
                     seconds = float(pc.sum(good.column("duration")).as_py() or 0.0)
@@ -615,15 +611,15 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                     if rows >= ccfg.part_rows:
                         flush()
 
-                for block in _stream(todo, run_loc, features, ccfg, workers, ccfg.tracks_per_task, verbose):
+                for block in _stream(todo, run_loc, features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose):
                     consume(block)
                 lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(seen), pa.string()))))
                 if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
                     log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
-                    for block in _stream(lost, run_loc, features, ccfg, workers, 1, verbose):
+                    for block in _stream(lost, run_loc, features, ccfg, cfg.decode, workers, 1, verbose):
                         consume(block)
                     for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(seen), pa.string())))).to_pylist():
-                        pending_fail.append(failure_row(
+                        pending_fail.append(record_row(
                             r["path"], None, "worker_crashed", "the worker process died while decoding this file "
                             f"(retried {DECODE_MAX_RETRIES} times); it may crash the audio decoder", r["size"], r["mtime_ns"]))
                         kinds["worker_crashed"] += 1
@@ -631,14 +627,16 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                         bar.update(done=1, failed=1)
                 flush()
                 bar.close()
-        problems = [failure_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
+        problems = [record_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
         output.failures.write_failures(problems)
         kinds.update(p.kind for p in found.problems)
         summary["failed"] += len(problems)
         summary["failures_by_kind"] = dict(kinds)
         summary["rows_superseded"] = output.reconcile(model_id, tracks, drop_missing=prune)
-        final = output.index(columns=("path", "genre"))
-        output.failures.compact_failures(set(final.column("path").to_pylist()),
+        final = output.index(columns=("path", "genre", "size", "mtime_ns"))
+        live = {r["path"]: (r["size"], r["mtime_ns"]) for r in final.select(["path", "size", "mtime_ns"]).to_pylist()}
+        output.failures.warning_table.compact(lambda r: live.get(r["path"]) == (r["size"], r["mtime_ns"]))
+        output.failures.compact_failures(set(live),
                                          set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
         summary["tracks_total"] = final.num_rows
         summary["failures_total"] = output.failures.failures().num_rows
@@ -675,7 +673,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     s = summary
     lines = [f"predictions {s['predictions']} (model {s['model_id']})",
              f"{s['discovered']} tracks found, {s['skipped_done']} already classified by this model, "
-             f"{s['skipped_known_failures']} known failures skipped; {s['classified']} classified, {s['failed']} failed"
+             f"{s['skipped_known_failures']} known failures skipped; {s['classified']} classified ({s['warned']} with a warning), {s['failed']} failed"
              + (f"; {s['ignored_files']} non-audio files ignored" if s.get("ignored_files") else "")]
     if s["classified"]:
         lines.append(f"{s['audio_seconds'] / 3600:.2f} h of audio in {format_duration(s['wall_seconds'])}: "

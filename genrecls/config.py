@@ -25,6 +25,7 @@ from typing import Any, Literal
 __all__ = [
     "ConfigError",
     "FeatureConfig",
+    "DecodeConfig",
     "IngestConfig",
     "TrainConfig",
     "ClassifyConfig",
@@ -107,6 +108,29 @@ class FeatureConfig:
     @property
     def segment_seconds(self) -> float:
         return self.segment_samples / self.sample_rate
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How files are decoded, by ingest and classify alike (the same rules in both)."""
+
+    #: a stream that ends before the length its header declares: keep its audio (with a warning) or fail the file
+    on_truncated: Literal["keep", "fail"] = "keep"
+    #: each file's decoding deadline is timeout_seconds + timeout_seconds_per_mb x its size in MB: a
+    #: decode still running then is stopped and the file recorded as timed_out (decoding runs at
+    #: 100s of MB a minute, so the default never stops a healthy file)
+    timeout_seconds: float = 60.0
+    timeout_seconds_per_mb: float = 10.0
+
+    def validate(self) -> "DecodeConfig":
+        _check(self.on_truncated in ("keep", "fail"), "decode.on_truncated", "must be 'keep' or 'fail'")
+        _check(self.timeout_seconds > 0, "decode.timeout_seconds", "must be > 0")
+        _check(self.timeout_seconds_per_mb >= 0, "decode.timeout_seconds_per_mb", "must be >= 0")
+        return self
+
+    def deadline_seconds(self, size_bytes: int) -> float:
+        """Seconds a file of ``size_bytes`` may take to decode."""
+        return self.timeout_seconds + self.timeout_seconds_per_mb * size_bytes / 1e6
 
 
 @dataclass(frozen=True)
@@ -233,6 +257,7 @@ class RetrainConfig:
 @dataclass(frozen=True)
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)

@@ -7,6 +7,7 @@ Layout of a dataset folder (local path or URI)::
       config.json             the resolved configuration of the last ingest
       shards/part-*.parquet   one row per segment (zstd); each track lives in exactly one shard
       failures/part-*.parquet one row per file that could not be used, with its reason
+      warnings/part-*.parquet one row per file kept although something is off (truncated, ...)
       touched/part-*.parquet  files whose stat changed but content did not (skipped without re-reading)
       .lock                   held while an ingest writes
 
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import FeatureConfig
+from .failures import RecordTable, record_schema
 from .storage import Location
 
 __all__ = [
@@ -106,17 +108,8 @@ def segment_schema(cfg: FeatureConfig) -> pa.Schema:
 
 
 def failure_schema() -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("path", pa.string(), nullable=False),
-            pa.field("label", pa.string()),
-            pa.field("kind", pa.string(), nullable=False),
-            pa.field("reason", pa.string(), nullable=False),
-            pa.field("size", pa.int64()),
-            pa.field("mtime_ns", pa.int64()),
-            pa.field("time", pa.timestamp("s", tz="UTC"), nullable=False),
-        ]
-    )
+    """Schema of the failures (and warnings) table: see :mod:`genrecls.failures`."""
+    return record_schema()
 
 
 def new_shard_name(prefix: str = "part") -> str:
@@ -454,7 +447,7 @@ class Dataset:
         run can leave: temporary files, and a changed track whose old rows were not yet
         removed.  Returns counts of what it did.
         """
-        removed_tmp = self.location.remove_temporaries("shards") + self.location.remove_temporaries("failures")
+        removed_tmp = self.location.remove_temporaries("shards") + self.failure_table.remove_temporaries() + self.warning_table.remove_temporaries()
         drop = set(drop_track_ids)
         latest: dict[str, str] = {}
         by_shard: dict[str, set[str]] = defaultdict(set)
@@ -471,30 +464,37 @@ class Dataset:
         return {"temporaries_removed": removed_tmp, "shards_rewritten": len(stale),
                 "rows_superseded": sum(len(v) for v in stale.values())}
 
-    # -- failures ---------------------------------------------------------------------
+    # -- failures and warnings (genrecls.failures) --------------------------------------
+    @property
+    def failure_table(self) -> RecordTable:
+        return RecordTable(self.location, "failures")
+
+    @property
+    def warning_table(self) -> RecordTable:
+        return RecordTable(self.location, "warnings")
+
     def failure_names(self) -> list[str]:
-        return self.location.list("failures", suffix=".parquet")
+        return self.failure_table.names()
 
     def failures(self) -> pa.Table:
         """The current failures table: one row per path (the newest record wins)."""
-        names = self.failure_names()
-        if not names:
-            return failure_schema().empty_table()
-        tables = []
-        for n in names:
-            with self.location.fs.open_input_file(self.location.join("failures", n)) as f:
-                tables.append(pq.read_table(f))
-        table = pa.concat_tables(tables).cast(failure_schema())
-        rows = {}
-        for row in table.to_pylist():  # names are time-ordered: later overrides earlier
-            rows[row["path"]] = row
-        return pa.Table.from_pylist(list(rows.values()), schema=failure_schema())
+        return self.failure_table.read()
+
+    def warnings(self) -> pa.Table:
+        """Files kept with a warning (their audio is in the shards): one row per path, the newest wins."""
+        return self.warning_table.read()
 
     def write_failures(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
-        if not rows:
-            return
-        table = pa.Table.from_pylist(rows, schema=failure_schema())
-        self._write(f"failures/{name or new_shard_name()}", lambda out: pq.write_table(table, out, compression="zstd"))
+        self._write_records(self.failure_table, rows, name)
+
+    def write_warnings(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
+        self._write_records(self.warning_table, rows, name)
+
+    def _write_records(self, table: RecordTable, rows: list[dict[str, Any]], name: str | None) -> None:
+        try:
+            table.write(rows, name)
+        except OSError as exc:
+            raise OutputError(f"cannot write {table.folder}/ in {self.uri}: {exc}") from exc
 
     # -- touched files -----------------------------------------------------------------
     # A file whose size or modification time changed but whose content did not keeps its
@@ -527,14 +527,10 @@ class Dataset:
 
     def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
         """Rewrite the failures table as one part: drop paths that now have rows or that vanished."""
-        names = self.failure_names()
-        if not names:
-            return 0
-        table = self.failures()
-        rows = [r for r in table.to_pylist()
-                if r["path"] not in live_paths and (discovered_paths is None or r["path"] in discovered_paths)]
-        if rows:
-            self.write_failures(rows)
-        for n in names:
-            self.location.delete("failures", n)
-        return len(rows)
+        return self.failure_table.compact(
+            lambda r: r["path"] not in live_paths and (discovered_paths is None or r["path"] in discovered_paths))
+
+    def compact_warnings(self) -> int:
+        """Rewrite the warnings table as one part: only rows of the tracks' current versions."""
+        live = {e.path: (e.size, e.mtime_ns) for e in self.tracks().values()}
+        return self.warning_table.compact(lambda r: live.get(r["path"]) == (r["size"], r["mtime_ns"]))

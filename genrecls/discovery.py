@@ -17,9 +17,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .failures import not_regular_reason
 
 __all__ = [
     "Track",
@@ -96,6 +99,15 @@ def _stat_problem(rel_path: str, label: str | None, entry: os.DirEntry, exc: OSE
     return Problem(rel_path, label, "unreadable", f"cannot stat file: {exc.strerror or exc}")
 
 
+def _add_file(found: Discovery, path: str, rel_path: str, label: str | None, st: os.stat_result) -> None:
+    """A track, or a problem for a FIFO, socket or device (found by stat, never opened)."""
+    reason = not_regular_reason(st)
+    if reason:
+        found.problems.append(Problem(rel_path, label, "not_regular", reason))
+    else:
+        found.tracks.append(Track(path, rel_path, label, st.st_size, st.st_mtime_ns))
+
+
 def discover_folder(source: str | os.PathLike) -> Discovery:
     root = os.path.abspath(os.fspath(source))
     if not os.path.exists(root):
@@ -146,7 +158,7 @@ def discover_folder(source: str | os.PathLike) -> Discovery:
             if ext in IGNORED_EXTENSIONS:
                 found.ignored += 1
                 continue
-            found.tracks.append(Track(entry.path, rel(entry.path), label, st.st_size, st.st_mtime_ns))
+            _add_file(found, entry.path, rel(entry.path), label, st)
             count += 1
         return count
 
@@ -175,7 +187,7 @@ def discover_folder(source: str | os.PathLike) -> Discovery:
             except OSError as exc:
                 found.problems.append(_stat_problem(rel(entry.path), None, entry, exc))
                 continue
-            found.tracks.append(Track(entry.path, rel(entry.path), None, st.st_size, st.st_mtime_ns))
+            _add_file(found, entry.path, rel(entry.path), None, st)
     return found
 
 
@@ -231,7 +243,10 @@ def discover_manifest(manifest: str | os.PathLike, root: str | os.PathLike | Non
         except OSError as exc:
             found.problems.append(Problem(relp, label, "unreadable", f"cannot stat file: {exc.strerror or exc}"))
             continue
-        found.tracks.append(Track(real, relp, label, st.st_size, st.st_mtime_ns))
+        if stat.S_ISDIR(st.st_mode):
+            found.problems.append(Problem(relp, label, "unreadable", "the path is a folder, not a file"))
+            continue
+        _add_file(found, real, relp, label, st)
     return found
 
 

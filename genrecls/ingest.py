@@ -24,21 +24,20 @@ import functools
 import math
 import os
 import time
-import traceback
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .audio import AudioError
-from .config import Config, FeatureConfig
+from .config import Config, DecodeConfig, FeatureConfig
 from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
 from .discovery import Discovery, Track, discover
+from .failures import failure_of, record_row
 from .pipeline import FeatureStream, fingerprint_file, tune_allocator
 from .progress import Progress, format_duration, format_table
 from .runtime import log, ray_session
 from .storage import Location
 
-__all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "library_versions", "failure_row"]
+__all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "library_versions"]
 
 
 @dataclass(frozen=True)
@@ -57,25 +56,18 @@ class TrackTask:
         return track_id_for(self.rel_path)
 
 
-def failure_row(rel_path: str, label: str | None, kind: str, reason: str,
-                size: int | None = None, mtime_ns: int | None = None) -> dict[str, Any]:
-    import datetime as dt
-
-    return {"path": rel_path, "label": label, "kind": kind, "reason": reason, "size": size,
-            "mtime_ns": mtime_ns, "time": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
-
-
-def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str) -> dict[str, Any]:
+def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str,
+                  decode: DecodeConfig | None = None) -> dict[str, Any]:
     """Featurise a batch of tracks into one shard.  Runs inside a Ray task.
 
     Never raises for a bad file (each is returned as a failure row and written to the
-    failures table); raises :class:`~genrecls.dataset.OutputError` if the dataset cannot be
+    failures table; a file kept with a warning gets a row in the warnings table); raises :class:`~genrecls.dataset.OutputError` if the dataset cannot be
     written, after deleting its partial shard.
     """
     tune_allocator()
     loc = Location.parse(dataset_uri)
     writer = ShardWriter(loc, shard_name, cfg)
-    failures, unchanged = [], []
+    failures, warnings, unchanged = [], [], []
     audio_seconds = 0.0
     try:
         for t in tasks:
@@ -86,22 +78,24 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
                     if t.known_fingerprint is not None and fingerprint == t.known_fingerprint:
                         unchanged.append((t.track_id, t.size, t.mtime_ns, fingerprint))
                         continue
-                    stream = FeatureStream(t.path, cfg)
+                    stream = FeatureStream(t.path, cfg, decode)
                     for mels, starts in stream:
                         buf.append(mels, starts)
                 except OutputError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every problem with one file is recorded, never raised
-                    failures.append(_failure_of(t, exc))
+                    failures.append(record_row(t.rel_path, t.label, *failure_of(exc), t.size, t.mtime_ns))
                     continue
                 writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
                                  size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf)
+                warnings.extend(record_row(t.rel_path, t.label, w.kind, w.reason, t.size, t.mtime_ns)
+                                for w in stream.warnings)
                 audio_seconds += stream.duration
             finally:
                 buf.close()
         shard_bytes = writer.close()
-        if failures:
-            Dataset(loc).write_failures(failures, name=shard_name)
+        Dataset(loc).write_failures(failures, name=shard_name)
+        Dataset(loc).write_warnings(warnings, name=shard_name)
     except BaseException:
         writer.abort()
         raise
@@ -114,29 +108,8 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
     except Exception:
         pass
     return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": writer.segments,
-            "audio_seconds": audio_seconds, "failures": failures, "unchanged": unchanged,
+            "audio_seconds": audio_seconds, "failures": failures, "warnings": warnings, "unchanged": unchanged,
             "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
-
-
-def _failure_of(t: TrackTask, exc: Exception) -> dict[str, Any]:
-    """The failure row of a file that raised ``exc``: a short kind and a reason a person understands."""
-    if isinstance(exc, AudioError):
-        kind, reason = exc.kind, str(exc)
-    elif isinstance(exc, PermissionError):
-        kind, reason = "unreadable", "permission denied (the file is not readable by this user)"
-    elif isinstance(exc, FileNotFoundError):
-        kind, reason = "missing", "the file vanished during the run"
-    elif isinstance(exc, IsADirectoryError):
-        kind, reason = "unreadable", "the path is a folder, not a file"
-    elif isinstance(exc, OSError):
-        kind, reason = "unreadable", f"I/O error while reading the file: {exc.strerror or exc}"
-    elif isinstance(exc, MemoryError):
-        kind, reason = "error", "out of memory while processing this file"
-    else:  # a bug or an unforeseen file: record it, keep the rest of the batch
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        kind, reason = "error", (f"unexpected {type(exc).__name__}: {exc} "
-                                 f"(at {os.path.basename(where.filename)}:{where.lineno})")
-    return failure_row(t.rel_path, t.label, kind, reason, t.size, t.mtime_ns)
 
 
 def library_versions() -> dict[str, str]:
@@ -150,15 +123,16 @@ def _library_versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version()}
-    for pkg in ("genrecls", "numpy", "librosa", "soundfile", "soxr", "pyarrow", "ray", "scipy", "tensorflow", "tf-keras", "scikit-learn"):
+    for pkg in ("genrecls", "numpy", "librosa", "av", "soundfile", "soxr", "pyarrow", "ray", "scipy", "tensorflow", "tf-keras",
+                "scikit-learn"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
     try:
-        import soundfile
+        import av
 
-        out["libsndfile"] = soundfile.__libsndfile_version__
+        out["ffmpeg"] = ".".join(str(v) for v in av.library_versions["libavcodec"])  # the decoder
     except Exception:
         pass
     return out
@@ -175,6 +149,8 @@ class IngestSummary:
     added: int = 0
     unchanged_content: int = 0
     failed: int = 0
+    #: tracks kept although something is off (truncated, corrupt frames, an estimated length)
+    warned: int = 0
     pruned: int = 0
     segments_added: int = 0
     audio_seconds: float = 0.0
@@ -182,6 +158,7 @@ class IngestSummary:
     shards_written: int = 0
     shard_bytes: int = 0
     failures_by_kind: dict[str, int] = field(default_factory=dict)
+    warnings_by_kind: dict[str, int] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
     worker_pids: list[int] = field(default_factory=list)
 
@@ -233,6 +210,7 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, s
             "audio_seconds": round(sum(e.duration_seconds for e in tracks.values()), 3),
             "shards": len(ds.shard_names()),
             "failures": ds.failures().num_rows,
+            "warnings": ds.warnings().num_rows,
             "per_label": {k: dict(v) for k, v in sorted(per_label.items())},
         },
         "versions": versions,
@@ -301,7 +279,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         except Exception:
             pass
         raise
-    problems = [failure_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
+    problems = [record_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
     ds.write_failures(problems)
     for p in found.problems:
         summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
@@ -316,6 +294,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         ds.record_touched({})  # forget entries of tracks re-processed or pruned since
     live = {e.path for e in ds.tracks().values()}
     ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
+    ds.compact_warnings()
     _write_manifest(ds, cfg, source_abs, versions)
 
 
@@ -352,9 +331,10 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     pending_batches = _batches(todo, cfg.ingest.tracks_per_task, slots)
     inflight: dict[Any, list[TrackTask]] = {}
     bar = Progress(len(todo), "tracks", enabled=show_progress)
-    cfg_ref = ray.put(cfg.features)
+    cfg_ref, decode_ref = ray.put(cfg.features), ray.put(cfg.decode)
     uri = loc.uri
     kinds: Counter[str] = Counter(summary.failures_by_kind)
+    warned: Counter[str] = Counter()
     nodes, pids = set(), set()
     touched: dict[str, tuple[int, int, str]] = {}
     queue = list(reversed(pending_batches))
@@ -363,7 +343,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
             while queue and len(inflight) < max_inflight:
                 batch = queue.pop()
                 fn = single if isinstance(batch, _Isolated) else remote
-                inflight[fn.remote(batch, cfg_ref, uri, new_shard_name())] = batch
+                inflight[fn.remote(batch, cfg_ref, uri, new_shard_name(), decode_ref)] = batch
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 batch = inflight.pop(ref)
@@ -391,6 +371,8 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                 summary.shards_written += 1 if res["shard"] else 0
                 for f in res["failures"]:
                     kinds[f["kind"]] += 1
+                warned.update(w["kind"] for w in res["warnings"])
+                summary.warned += len({w["path"] for w in res["warnings"]})
                 if res["node"]:
                     nodes.add(res["node"])
                 if res["pid"]:
@@ -405,6 +387,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     finally:
         bar.close()
         summary.failures_by_kind = dict(kinds)
+        summary.warnings_by_kind = dict(warned)
         summary.nodes = sorted(nodes)
         summary.worker_pids = sorted(pids)
 
@@ -429,9 +412,9 @@ def _crashed(t: TrackTask, exc: Exception, cfg: Config, loc: Location) -> dict[s
         kind = "worker_crashed"
         reason = (f"the worker process died while processing this file ({type(exc).__name__}); "
                   f"tried {cfg.ingest.max_task_retries + 1} times in its batch and twice alone")
-    row = failure_row(t.rel_path, t.label, kind, reason, t.size, t.mtime_ns)
+    row = record_row(t.rel_path, t.label, kind, reason, t.size, t.mtime_ns)
     Dataset(loc).write_failures([row])
-    return {"shard": None, "tracks": 0, "segments": 0, "audio_seconds": 0.0, "failures": [row],
+    return {"shard": None, "tracks": 0, "segments": 0, "audio_seconds": 0.0, "failures": [row], "warnings": [],
             "unchanged": [], "shard_bytes": 0, "node": None, "pid": None}
 
 
@@ -446,7 +429,8 @@ def format_summary(summary: IngestSummary, ds: Dataset) -> str:
     lines.append(
         f"{summary.discovered} tracks found, {summary.skipped_unchanged} already in the dataset, "
         f"{summary.skipped_known_failures} known failures skipped, {summary.processed} processed: "
-        f"{summary.added} added, {summary.unchanged_content} unchanged content, {summary.failed} failed"
+        f"{summary.added} added ({summary.warned} with a warning), {summary.unchanged_content} unchanged content, "
+        f"{summary.failed} failed"
         + (f", {summary.pruned} pruned" if summary.pruned else "")
         + (f"; {summary.ignored_files} non-audio files ignored" if summary.ignored_files else ""))
     if summary.audio_seconds:
@@ -476,6 +460,17 @@ def describe(ds: Dataset) -> str:
             out.append(f"  {r['path']}: {r['reason']}")
         if fails.num_rows > 10:
             out.append(f"  ... and {fails.num_rows - 10} more")
+    warns = ds.warnings()
+    if warns.num_rows:
+        by_kind = Counter(warns.column("kind").to_pylist())
+        out.append("")
+        out.append(f"kept with a warning ({warns.num_rows}; their audio is in the shards; the table is in "
+                   f"{ds.uri}/warnings/):")
+        out.append(format_table(sorted(by_kind.items(), key=lambda kv: -kv[1]), ("warning", "files")))
+        for r in warns.slice(0, 10).to_pylist():
+            out.append(f"  {r['path']}: {r['kind']}: {r['reason']}")
+        if warns.num_rows > 10:
+            out.append(f"  ... and {warns.num_rows - 10} more")
     f = m["features"]
     out.append("")
     out.append(f"features: {f['sample_rate']} Hz, segments of {f['segment_samples']} samples "

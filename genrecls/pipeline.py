@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import AudioError, iter_mono_blocks, probe
-from .config import FeatureConfig
+import time
+
+from .audio import AudioError, AudioWarning, check_regular_file, iter_mono_blocks, probe
+from .config import DecodeConfig, FeatureConfig
 from .features import log_mel
 from .segments import iter_segments, segment_starts
 
@@ -63,11 +65,13 @@ class TrackFeatures:
     mels: np.ndarray  # (n_segments, n_mels, n_frames) float32
     starts: list[float]  # start of each segment in seconds
     duration: float  # seconds of audio decoded (whole track for ingest)
+    warnings: list[AudioWarning]  # what is off about the file, its audio kept
 
 
 def fingerprint_file(path: str, chunk: int = 1 << 20) -> str:
     """BLAKE2b-128 of the file's bytes: the content fingerprint stored with every track."""
     h = hashlib.blake2b(digest_size=16)
+    check_regular_file(path)  # never open a FIFO or a device
     with open(path, "rb") as f:
         while True:
             b = f.read(chunk)
@@ -82,7 +86,9 @@ class FeatureStream:
 
     Iterating yields ``(mels, starts)``: float32 arrays of shape (k, n_mels, n_frames) and
     the k segment start times in seconds.  Once the iteration has ended, ``duration`` holds
-    the seconds of audio decoded and ``segments`` the number of segments.
+    the seconds of audio decoded, ``segments`` the number of segments and ``warnings`` what is
+    off about the file although its audio is kept (:class:`~genrecls.audio.AudioWarning`).
+    ``decode`` sets the truncation policy and the file's deadline (from its size).
 
     Raises :class:`AudioError` during the iteration for any unusable file (including at
     the very end: a silent or truncated track is only known once it is decoded); the
@@ -95,16 +101,18 @@ class FeatureStream:
     >>> stream.duration, stream.segments                  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, cfg: FeatureConfig):
+    def __init__(self, path: str | os.PathLike, cfg: FeatureConfig, decode: DecodeConfig | None = None):
         self.path = path
         self.cfg = cfg
+        self.decode = decode or DecodeConfig()
         self.duration = 0.0
         self.segments = 0
+        self.warnings: list[AudioWarning] = []
 
     def __iter__(self):
         cfg = self.cfg
         samples = 0
-        blocks = iter_mono_blocks(self.path, sample_rate=cfg.sample_rate, quality=cfg.resample_quality)
+        blocks = iter_mono_blocks(self.path, **decode_options(self.path, cfg, self.decode), warnings=self.warnings)
 
         def counted():
             nonlocal samples
@@ -132,48 +140,66 @@ class FeatureStream:
             raise AudioError("too_short", "the track produced no segment")
 
 
-def track_features(path: str | os.PathLike, cfg: FeatureConfig) -> TrackFeatures:
+def decode_options(path: str | os.PathLike, cfg: FeatureConfig, decode: DecodeConfig) -> dict:
+    """Keyword arguments of :func:`~genrecls.audio.iter_mono_blocks` for one file: rate, policy, deadline."""
+    deadline = time.monotonic() + decode.deadline_seconds(check_regular_file(path))
+    return {"sample_rate": cfg.sample_rate, "quality": cfg.resample_quality, "on_truncated": decode.on_truncated,
+            "deadline": deadline}
+
+
+def track_features(path: str | os.PathLike, cfg: FeatureConfig, decode: DecodeConfig | None = None) -> TrackFeatures:
     """All segments of a track (up to ``cfg.max_segments_per_track``), decoded in blocks, in memory.
 
     Raises :class:`AudioError` with a recorded reason for any unusable file.  Ingest uses
     :class:`FeatureStream` instead, which never holds a long track's float32 spectrograms.
     """
-    stream = FeatureStream(path, cfg)
+    stream = FeatureStream(path, cfg, decode)
     mels, starts = [], []
     for m, s in stream:
         mels.append(m)
         starts.extend(s)
-    return TrackFeatures(np.concatenate(mels), starts, stream.duration)
+    return TrackFeatures(np.concatenate(mels), starts, stream.duration, stream.warnings)
 
 
-def sampled_track_features(path: str | os.PathLike, cfg: FeatureConfig, max_segments: int) -> TrackFeatures:
+def sampled_track_features(path: str | os.PathLike, cfg: FeatureConfig, max_segments: int,
+                           decode: DecodeConfig | None = None) -> TrackFeatures:
     """At most ``max_segments`` evenly spaced segments, decoding only those windows (seeking).
 
     With ``max_segments <= 0`` or a track short enough, this is the same as
-    :func:`track_features` (every segment).
+    :func:`track_features` (every segment).  A header whose length is only an estimate (an
+    MP3 without a Xing/LAME/VBRI header) may place windows past the real end: those are
+    dropped, and if none is left the whole track is decoded.
     """
+    decode = decode or DecodeConfig()
     info = probe(path)
+    if not info.exact_length:  # the windows' places would be guesses: decode it all (a warning may be due)
+        return track_features(path, cfg, decode)
     seg_src = int(np.ceil(cfg.segment_samples * info.sample_rate / cfg.sample_rate))
     hop_src = cfg.segment_hop * info.sample_rate / cfg.sample_rate
     n_full = 0 if info.frames < seg_src else 1 + int((info.frames - seg_src) // hop_src)
     if max_segments <= 0 or n_full <= max_segments:
-        return track_features(path, cfg)
+        return track_features(path, cfg, decode)
     starts_src = segment_starts(info.frames, info.sample_rate, cfg, max_segments)
     # decode a little more than a segment so the resampler's delay is filled
     window = seg_src + int(0.05 * info.sample_rate)
-    segments = []
+    options = decode_options(path, cfg, decode)  # one deadline for all the windows
+    segments, kept_starts = [], []
     for start in starts_src:
-        audio = np.concatenate(list(iter_mono_blocks(
-            path, sample_rate=cfg.sample_rate, quality=cfg.resample_quality,
-            start_frame=start, max_frames=window, check_silence=False)))
+        blocks = list(iter_mono_blocks(path, **options, start_frame=start, max_frames=window, check_silence=False))
+        audio = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+        if audio.size < cfg.segment_samples // 2:  # past the real end of the stream
+            continue
         seg = np.zeros(cfg.segment_samples, np.float32)
         part = audio[: cfg.segment_samples]
         seg[: part.size] = part
         segments.append(seg)
+        kept_starts.append(start)
+    if not segments:
+        return track_features(path, cfg, decode)
     batch = feature_batch(cfg)
     mels = np.concatenate([log_mel(np.stack(segments[i:i + batch]), cfg)
                            for i in range(0, len(segments), batch)])
     peak_db = float(mels.max())
     if peak_db <= 10 * np.log10(1e-10) + 1e-3:
         raise AudioError("silent", "the sampled segments are silent")
-    return TrackFeatures(mels, [s / info.sample_rate for s in starts_src], info.duration)
+    return TrackFeatures(mels, [s / info.sample_rate for s in kept_starts], info.duration, [])

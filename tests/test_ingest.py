@@ -54,7 +54,7 @@ def test_the_sample_dataset_rows_and_metadata(sample_dataset, sample_library, sm
     assert m["labels"] == ["classical", "electronic", "jazz", "rock"]
     assert m["features"] == json.loads(json.dumps(f.__dict__)) and m["mel_shape"] == [32, 32]
     assert m["counts"]["per_label"]["rock"] == {"tracks": 6, "segments": 36, "audio_seconds": pytest.approx(36.0, abs=0.01)}
-    assert {"numpy", "pyarrow", "soundfile", "libsndfile", "soxr", "ray"} <= set(m["versions"])
+    assert {"numpy", "pyarrow", "av", "ffmpeg", "soxr", "ray"} <= set(m["versions"])
     assert load_config(sample_dataset / "config.json").features == f  # the resolved config, reusable as is
     # shards: feature config in the schema metadata, the track list in the footer
     for path in ds.shard_paths():
