@@ -399,7 +399,7 @@ def iter_mono_blocks(
             if on_truncated == "fail":
                 raise AudioError("truncated", truncated + " (decode.on_truncated = fail)")
             notes.append(AudioWarning("truncated", truncated))
-        if bad_packets:
+        if bad_packets and not (truncated and bad_packets == 1):  # one bad last packet is part of the cut
             notes.append(AudioWarning("corrupt_frames", f"{bad_packets} packet(s) did not decode and were skipped "
                                                         f"({_ffmpeg_message(first_error)})"))
         if whole and not info.exact_length and info.frames and abs(decoded - info.frames) > ESTIMATE_TOLERANCE * info.frames:

@@ -70,7 +70,7 @@ from .config import ClassifyConfig, Config, DecodeConfig, FeatureConfig
 from .discovery import Discovery, discover, track_id_for
 from .inference import RUN_FILE, aggregate_tracks, read_run_info
 from .progress import Progress, format_duration, format_table
-from .runtime import log, ray_session
+from .runtime import Interrupted, log, ray_session
 from .storage import Location
 
 __all__ = [
@@ -202,7 +202,7 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
         except Exception as exc:  # recorded, never fatal for the batch
             kind, reason = failure_of(exc)
             n = 0
-        out["warning_kind"].append("; ".join(w.kind for w in warnings) or None)
+        out["warning_kind"].append(warnings[0].kind if warnings else None)  # the most serious (genrecls.failures)
         out["warning_reason"].append("; ".join(w.reason for w in warnings) or None)
         out["path"].append(row["path"])
         out["track_id"].append(track_id_for(row["path"]))
@@ -559,100 +559,110 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
         "skipped_known_failures": 0, "classified": 0, "warned": 0, "failed": 0, "failures_by_kind": {}, "segments": 0,
         "audio_seconds": 0.0, "parts_written": 0, "rows_superseded": 0, "max_segments": ccfg.max_segments,
     }
-    with loc.lock("genrecls classify"):
-        removed = sum(loc.remove_temporaries(folder) for folder in (PARTS, FAILURES, "warnings")) + loc.remove_temporaries()
-        if removed:
-            log.info("removed %d temporary file(s) left by an interrupted run", removed)
-        loc.write_text("config.json", resolved.to_json() + "\n")
-        todo, summary["skipped_done"], summary["skipped_known_failures"] = _plan(tracks, output, model_id, ccfg.retry_failed)
-        kinds: Counter[str] = Counter()
-        if todo.num_rows:
-            with ray_session(address, workers, verbose=verbose):
-                bar = Progress(todo.num_rows, "tracks", enabled=progress)
-                pending: list[pa.Table] = []
-                pending_fail: list[dict[str, Any]] = []
-                pending_warn: list[dict[str, Any]] = []
-                seen: set[str] = set()
-                rows = 0
-
-                def flush() -> None:
-                    nonlocal rows
-                    if pending:
-                        output.write_part(pending, schema)
-                        summary["parts_written"] += 1
-                    output.failures.write_failures(pending_fail)
-                    output.failures.write_warnings(pending_warn)
-                    pending.clear()
-                    pending_fail.clear()
-                    pending_warn.clear()
+    try:
+        with loc.lock("genrecls classify"):
+            removed = sum(loc.remove_temporaries(folder) for folder in (PARTS, FAILURES, "warnings")) + loc.remove_temporaries()
+            if removed:
+                log.info("removed %d temporary file(s) left by an interrupted run", removed)
+            loc.write_text("config.json", resolved.to_json() + "\n")
+            todo, summary["skipped_done"], summary["skipped_known_failures"] = _plan(tracks, output, model_id, ccfg.retry_failed)
+            kinds: Counter[str] = Counter()
+            if todo.num_rows:
+                with ray_session(address, workers, verbose=verbose):
+                    bar = Progress(todo.num_rows, "tracks", enabled=progress)
+                    pending: list[pa.Table] = []
+                    pending_fail: list[dict[str, Any]] = []
+                    pending_warn: list[dict[str, Any]] = []
+                    seen: set[str] = set()
                     rows = 0
 
-                def consume(block: pa.Table) -> None:
-                    nonlocal rows
-                    seen.update(block.column("path").to_pylist())
-                    bad = pc.is_valid(block.column("error_kind"))
-                    good, failed = block.filter(pc.invert(bad)), block.filter(bad)
-                    if good.num_rows:
-                        pending.append(good)
-                        warned = _record_rows(good, "warning_kind", "warning_reason")
-                        pending_warn.extend(warned)
-                        summary["warned"] += len(warned)
-                        rows += good.num_rows
-                        summary["segments"] += int(pc.sum(good.column("n_segments")).as_py() or 0)
-                    if failed.num_rows:
-                        fr = _record_rows(failed, "error_kind", "error_reason")
-                        pending_fail.extend(fr)
-                        kinds.update(r["kind"] for r in fr)
-                    seconds = float(pc.sum(good.column("duration")).as_py() or 0.0)
-                    summary["classified"] += good.num_rows
-                    summary["failed"] += failed.num_rows
-                    summary["audio_seconds"] += seconds
-                    bar.update(done=block.num_rows, failed=failed.num_rows, audio_seconds=seconds)
-                    if rows >= ccfg.part_rows:
-                        flush()
+                    def flush() -> None:
+                        nonlocal rows
+                        if pending:
+                            output.write_part(pending, schema)
+                            summary["parts_written"] += 1
+                        output.failures.write_failures(pending_fail)
+                        output.failures.write_warnings(pending_warn)
+                        pending.clear()
+                        pending_fail.clear()
+                        pending_warn.clear()
+                        rows = 0
 
-                for block in _stream(todo, run_loc, features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose):
-                    consume(block)
-                lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(seen), pa.string()))))
-                if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
-                    log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
-                    for block in _stream(lost, run_loc, features, ccfg, cfg.decode, workers, 1, verbose):
-                        consume(block)
-                    for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(seen), pa.string())))).to_pylist():
-                        pending_fail.append(record_row(
-                            r["path"], None, "worker_crashed", "the worker process died while decoding this file "
-                            f"(retried {DECODE_MAX_RETRIES} times); it may crash the audio decoder", r["size"], r["mtime_ns"]))
-                        kinds["worker_crashed"] += 1
-                        summary["failed"] += 1
-                        bar.update(done=1, failed=1)
-                flush()
-                bar.close()
-        problems = [record_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
-        output.failures.write_failures(problems)
-        kinds.update(p.kind for p in found.problems)
-        summary["failed"] += len(problems)
-        summary["failures_by_kind"] = dict(kinds)
-        summary["rows_superseded"] = output.reconcile(model_id, tracks, drop_missing=prune)
-        final = output.index(columns=("path", "genre", "size", "mtime_ns"))
-        live = {r["path"]: (r["size"], r["mtime_ns"]) for r in final.select(["path", "size", "mtime_ns"]).to_pylist()}
-        output.failures.warning_table.compact(lambda r: live.get(r["path"]) == (r["size"], r["mtime_ns"]))
-        output.failures.compact_failures(set(live),
-                                         set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
-        summary["tracks_total"] = final.num_rows
-        summary["failures_total"] = output.failures.failures().num_rows
-        counts = {d["values"]: d["counts"] for d in pc.value_counts(final["genre"]).to_pylist()} if final.num_rows else {}
-        summary["genre_distribution"] = {g: counts.get(g, 0) for g in sorted(labels, key=lambda g: (-counts.get(g, 0), g))}
-        if csv:
-            output.write_csv()
-            summary["csv"] = loc.join(CSV_NAME) if loc.is_local else loc.child(CSV_NAME).uri
-        summary["wall_seconds"] = time.monotonic() - t0
-        summary["tracks_per_second"] = (summary["classified"] + summary["failed"]) / max(summary["wall_seconds"], 1e-9)
-        summary["audio_seconds_per_second"] = summary["audio_seconds"] / max(summary["wall_seconds"], 1e-9)
-        loc.write_json(INFO_NAME, {
-            "format": "genrecls-predictions", "run": run_loc.uri, "model_id": model_id, "labels": labels,
-            "features": asdict(features), "library": found.root,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "last_run": summary,
-            "versions": library_versions()})
+                    def consume(block: pa.Table) -> None:
+                        nonlocal rows
+                        seen.update(block.column("path").to_pylist())
+                        bad = pc.is_valid(block.column("error_kind"))
+                        good, failed = block.filter(pc.invert(bad)), block.filter(bad)
+                        if good.num_rows:
+                            pending.append(good)
+                            warned = _record_rows(good, "warning_kind", "warning_reason")
+                            pending_warn.extend(warned)
+                            summary["warned"] += len(warned)
+                            rows += good.num_rows
+                            summary["segments"] += int(pc.sum(good.column("n_segments")).as_py() or 0)
+                        if failed.num_rows:
+                            fr = _record_rows(failed, "error_kind", "error_reason")
+                            pending_fail.extend(fr)
+                            kinds.update(r["kind"] for r in fr)
+                        seconds = float(pc.sum(good.column("duration")).as_py() or 0.0)
+                        summary["classified"] += good.num_rows
+                        summary["failed"] += failed.num_rows
+                        summary["audio_seconds"] += seconds
+                        bar.update(done=block.num_rows, failed=failed.num_rows, audio_seconds=seconds)
+                        if rows >= ccfg.part_rows:
+                            flush()
+
+                    try:
+                        for block in _stream(todo, run_loc, features, ccfg, cfg.decode, workers, ccfg.tracks_per_task,
+                                             verbose):
+                            consume(block)
+                    except KeyboardInterrupt:
+                        flush()  # keep what was scored before the stop
+                        raise
+                    lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(seen), pa.string()))))
+                    if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
+                        log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
+                        for block in _stream(lost, run_loc, features, ccfg, cfg.decode, workers, 1, verbose):
+                            consume(block)
+                        for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(seen), pa.string())))).to_pylist():
+                            pending_fail.append(record_row(
+                                r["path"], None, "worker_crashed", "the worker process died while decoding this file "
+                                f"(retried {DECODE_MAX_RETRIES} times); it may crash the audio decoder", r["size"], r["mtime_ns"]))
+                            kinds["worker_crashed"] += 1
+                            summary["failed"] += 1
+                            bar.update(done=1, failed=1)
+                    flush()
+                    bar.close()
+            problems = [record_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
+            output.failures.write_failures(problems)
+            kinds.update(p.kind for p in found.problems)
+            summary["failed"] += len(problems)
+            summary["failures_by_kind"] = dict(kinds)
+            summary["rows_superseded"] = output.reconcile(model_id, tracks, drop_missing=prune)
+            final = output.index(columns=("path", "genre", "size", "mtime_ns"))
+            live = {r["path"]: (r["size"], r["mtime_ns"]) for r in final.select(["path", "size", "mtime_ns"]).to_pylist()}
+            output.failures.warning_table.compact(lambda r: live.get(r["path"]) == (r["size"], r["mtime_ns"]))
+            output.failures.compact_failures(set(live),
+                                             set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
+            summary["tracks_total"] = final.num_rows
+            summary["failures_total"] = output.failures.failures().num_rows
+            counts = {d["values"]: d["counts"] for d in pc.value_counts(final["genre"]).to_pylist()} if final.num_rows else {}
+            summary["genre_distribution"] = {g: counts.get(g, 0) for g in sorted(labels, key=lambda g: (-counts.get(g, 0), g))}
+            if csv:
+                output.write_csv()
+                summary["csv"] = loc.join(CSV_NAME) if loc.is_local else loc.child(CSV_NAME).uri
+            summary["wall_seconds"] = time.monotonic() - t0
+            summary["tracks_per_second"] = (summary["classified"] + summary["failed"]) / max(summary["wall_seconds"], 1e-9)
+            summary["audio_seconds_per_second"] = summary["audio_seconds"] / max(summary["wall_seconds"], 1e-9)
+            loc.write_json(INFO_NAME, {
+                "format": "genrecls-predictions", "run": run_loc.uri, "model_id": model_id, "labels": labels,
+                "features": asdict(features), "library": found.root,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "last_run": summary,
+                "versions": library_versions()})
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: parts written so far stay; a re-run adds the rest
+        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        stop.kept = f"{summary['classified']} track(s) classified by this run are kept in {loc.uri}"
+        raise stop from None
     return summary
 
 

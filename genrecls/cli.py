@@ -382,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import quiet_environment
+    from .runtime import Interrupted, handle_stop_signals, quiet_environment
 
     quiet_environment(verbose="-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv))
+    handle_stop_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import ConfigError
@@ -396,9 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, LockedError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
         print(f"genrecls {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"genrecls {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        kept = f"{stop.kept}; " if stop.kept else ""
+        print(f"genrecls {args.command}: stopped by {stop.signal_name}: {kept}run the same command again to resume",
+              file=sys.stderr)
+        return stop.exit_code
 
 
 def run_job(name: str, argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["FAILURE_KINDS", "WARNING_KINDS", "record_schema", "record_row", "failure_of", "not_regular_reason",
+__all__ = ["FAILURE_KINDS", "WARNING_KINDS", "record_schema", "record_row", "failure_of", "warning_row", "not_regular_reason",
            "RecordTable"]
 
 FAILURE_KINDS = (
@@ -78,6 +78,15 @@ def record_row(rel_path: str, label: str | None, kind: str, reason: str,
     """One row of a failures or warnings table."""
     return {"path": rel_path, "label": label, "kind": kind, "reason": reason, "size": size,
             "mtime_ns": mtime_ns, "time": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
+
+
+def warning_row(rel_path: str, label: str | None, warnings, size: int | None = None,
+                mtime_ns: int | None = None) -> dict[str, Any] | None:
+    """The one warnings-table row of a kept file (None without warnings): the first, most serious
+    warning's kind, and every warning's reason."""
+    if not warnings:
+        return None
+    return record_row(rel_path, label, warnings[0].kind, "; ".join(w.reason for w in warnings), size, mtime_ns)
 
 
 def not_regular_reason(st: os.stat_result) -> str | None:

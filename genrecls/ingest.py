@@ -31,10 +31,10 @@ from typing import Any
 from .config import Config, DecodeConfig, FeatureConfig
 from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
 from .discovery import Discovery, Track, discover
-from .failures import failure_of, record_row
+from .failures import failure_of, record_row, warning_row
 from .pipeline import FeatureStream, fingerprint_file, tune_allocator
 from .progress import Progress, format_duration, format_table
-from .runtime import log, ray_session
+from .runtime import Interrupted, log, ray_session
 from .storage import Location
 
 __all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "library_versions"]
@@ -88,8 +88,9 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
                     continue
                 writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
                                  size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf)
-                warnings.extend(record_row(t.rel_path, t.label, w.kind, w.reason, t.size, t.mtime_ns)
-                                for w in stream.warnings)
+                warned = warning_row(t.rel_path, t.label, stream.warnings, t.size, t.mtime_ns)
+                if warned:
+                    warnings.append(warned)
                 audio_seconds += stream.duration
             finally:
                 buf.close()
@@ -248,6 +249,15 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
         with loc.lock("genrecls ingest"):
             _ingest_locked(found, source, ds, cfg, summary, versions, address=address, workers=workers,
                            prune=prune, progress=progress, verbose=verbose)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the dataset was left consistent (see _ingest_locked)
+        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        try:
+            total = len(ds.tracks())
+        except Exception:
+            total = None
+        stop.kept = (f"{summary.added} track(s) added by this run are kept in {loc.uri}"
+                     + (f" ({total} in all)" if total is not None else ""))
+        raise stop from None
     except OutputError:
         raise
     except OSError as exc:  # the dataset folder cannot be created, locked or written
@@ -372,7 +382,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                 for f in res["failures"]:
                     kinds[f["kind"]] += 1
                 warned.update(w["kind"] for w in res["warnings"])
-                summary.warned += len({w["path"] for w in res["warnings"]})
+                summary.warned += len(res["warnings"])
                 if res["node"]:
                     nodes.add(res["node"])
                 if res["pid"]:

@@ -33,7 +33,7 @@ class Progress:
         self.done = 0
         self.failed = 0
         self.audio_seconds = 0.0
-        self._last = 0.0
+        self._last: float | None = None  # when the last line was drawn; None: the first update draws
         self._drawn: tuple | None = None  # (done, failed) last printed: close() does not repeat it
 
     def update(self, done: int = 0, failed: int = 0, audio_seconds: float = 0.0) -> None:
@@ -41,7 +41,7 @@ class Progress:
         self.failed += failed
         self.audio_seconds += audio_seconds
         now = time.monotonic()
-        if self.enabled and now - self._last >= self.interval:
+        if self.enabled and (self._last is None or now - self._last >= self.interval):
             self._last = now
             self._draw(final=False)
 

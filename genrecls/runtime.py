@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log"]
+__all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log", "Interrupted",
+           "handle_stop_signals"]
 
 log = logging.getLogger("genrecls")
 
@@ -25,6 +28,36 @@ WORKER_ENV = {
     "PYTHONWARNINGS": "ignore",
     "RAY_DEDUP_LOGS": "1",
 }
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command was stopped by SIGINT (Ctrl-C) or SIGTERM; ``kept`` says what its output keeps."""
+
+    def __init__(self, signal_name: str = "SIGINT", kept: str = ""):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.kept = kept
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def handle_stop_signals() -> None:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so every command cleans up the same way.
+
+    Called at start-up and again after ``ray.init``: Ray's core worker installs its own
+    SIGTERM handler in the driver, which prints C++ stack dumps and kills the process without
+    letting the command leave its output consistent.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
 
 
 def worker_env() -> dict[str, str]:
@@ -94,6 +127,7 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
     else:
         # "local": always a new embedded Ray, even if `ray start` runs a cluster on this machine
         ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, **kwargs)
+    handle_stop_signals()
     _quiet_ray_data()
     try:
         yield

@@ -66,19 +66,26 @@ GOOD = {
 #: bad files: relative path -> (kind, words the reason must contain)
 BAD = {
     "bad/empty.mp3": ("empty", "0 bytes"),
-    "bad/cut.mp3": ("truncated", "header declares"),
-    "bad/cut.flac": ("truncated", "header declares"),
-    "bad/cut.ogg": ("truncated", "cut short"),
     "bad/random bytes.flac": ("undecodable", "not a readable audio file"),
     "bad/readme.wav": ("undecodable", "not a readable audio file"),
-    "bad/lying header.wav": ("truncated", "declares more audio data"),
     "bad/silence.flac": ("silent", "silent"),
     "bad/nan.wav": ("non_finite", "NaN or infinite"),
     "bad/inf.wav": ("non_finite", "NaN or infinite"),
     "bad/tiny 0.2 s.wav": ("too_short", "below the minimum"),
-    "bad/song.m4a": ("unsupported", "not decodable by libsndfile"),
+    "bad/song.m4a": ("undecodable", "not a readable audio file"),
     "bad/loop.wav": ("symlink_loop", "loop"),
+    "bad/pipe.wav": ("not_regular", "FIFO"),
     "nothing": ("empty_label", "holds no audio"),
+}
+
+
+#: damaged files whose audio decodes: kept (default decode.on_truncated = keep) with a warning,
+#: recorded as truncated failures under on_truncated = fail; relative path -> words of the reason
+DAMAGED = {
+    "bad/cut.mp3": "header declares",
+    "bad/cut.flac": "header declares",
+    "bad/cut.ogg": "cut short",
+    "bad/lying header.wav": "declares",
 }
 
 
@@ -123,6 +130,7 @@ def build_library(root: str) -> None:
     put(root, "bad/tiny 0.2 s.wav", tone(8000, 0.2), 8000, "WAV", "PCM_16")
     put(root, "bad/song.m4a", data=b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00M4A mp42isom" + bytes(3000))
     os.symlink("loop.wav", os.path.join(root, "bad", "loop.wav"))
+    os.mkfifo(os.path.join(root, "bad", "pipe.wav"))  # opening it would block the run forever
     put(root, "nothing/cover.jpg", data=b"\xff\xd8\xff\xe0 not really a jpeg")
 
 
@@ -133,15 +141,21 @@ def test_every_bad_kind_is_recorded_and_every_good_file_kept(small_cfg, ray_loca
     summary = ingest(root, str(out), small_cfg, progress=False)
     ds = Dataset(str(out))
     tracks = {e.path: e for e in ds.tracks().values()}
-    assert sorted(tracks) == sorted(GOOD)
+    assert sorted(tracks) == sorted([*GOOD, *DAMAGED])
     for path, n in GOOD.items():
         assert tracks[path].n_segments == n, path
+    warnings = {r["path"]: r for r in ds.warnings().to_pylist()}
+    assert sorted(warnings) == sorted(DAMAGED)
+    for path, words in DAMAGED.items():
+        assert tracks[path].n_segments >= 1 and warnings[path]["kind"] == "truncated", warnings[path]
+        assert words in warnings[path]["reason"], (path, warnings[path]["reason"])
+    assert summary.warned == len(DAMAGED) and summary.warnings_by_kind.get("truncated") == len(DAMAGED)
     fails = {r["path"]: r for r in ds.failures().to_pylist()}
     assert sorted(fails) == sorted(BAD)
     for path, (kind, words) in BAD.items():
         assert fails[path]["kind"] == kind, (path, fails[path])
         assert words in fails[path]["reason"], (path, fails[path]["reason"])
-    assert summary.failed == len(BAD) and summary.added == len(GOOD)
+    assert summary.failed == len(BAD) and summary.added == len(GOOD) + len(DAMAGED)
     assert sum(summary.failures_by_kind.values()) == len(BAD)
     # every stored value is finite, the names are stored as given
     table = ds.read_segments(columns=["path", "mel"])
@@ -151,10 +165,16 @@ def test_every_bad_kind_is_recorded_and_every_good_file_kept(small_cfg, ray_loca
     from genrecls.ingest import describe
 
     report = describe(ds)
-    assert "truncated" in report and "non_finite" in report and "symlink_loop" in report
+    assert "kept with a warning" in report and "non_finite" in report and "symlink_loop" in report
     again = ingest(root, str(out), small_cfg, progress=False)
-    assert again.processed == 0 and again.skipped_known_failures == len(BAD) - 2  # discovery problems are re-found
+    assert again.processed == 0 and again.skipped_known_failures == len(BAD) - 3  # discovery problems are re-found
     assert sorted(r["path"] for r in Dataset(str(out)).failures().to_pylist()) == sorted(BAD)
+    assert sorted(r["path"] for r in Dataset(str(out)).warnings().to_pylist()) == sorted(DAMAGED)
+    # a user who wants strictness: the damaged files fail as truncated
+    strict = ingest(root, str(tmp_path / "strict"), small_cfg.with_section(decode={"on_truncated": "fail"}), progress=False)
+    fails = {r["path"]: r for r in Dataset(str(tmp_path / "strict")).failures().to_pylist()}
+    assert {p: fails[p]["kind"] for p in DAMAGED} == {p: "truncated" for p in DAMAGED}
+    assert strict.added == len(GOOD) and Dataset(str(tmp_path / "strict")).warnings().num_rows == 0
 
 
 def test_a_source_that_does_not_exist_is_a_clear_error_before_anything_is_written(small_cfg, tmp_path):

@@ -15,7 +15,7 @@ from genrecls.dataset import (
     FEATURES_KEY, SHAPE_KEY, TRACKS_KEY, Dataset, OutputError, ShardWriter, TrackBuffer, failure_schema,
     mel_array, new_shard_name,
 )
-from genrecls.ingest import failure_row
+from genrecls.failures import record_row as failure_row
 from genrecls.storage import Location
 
 CFG = FeatureConfig(sample_rate=8000, segment_samples=8000, segment_hop=8000, n_fft=512, hop_length=256,
