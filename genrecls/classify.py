@@ -70,7 +70,7 @@ from .config import ClassifyConfig, Config, DecodeConfig, FeatureConfig
 from .discovery import Discovery, discover, track_id_for
 from .inference import RUN_FILE, aggregate_tracks, read_run_info
 from .progress import Progress, format_duration, format_table
-from .runtime import Interrupted, log, ray_session
+from .runtime import as_interrupted, log, ray_session
 from .storage import Location
 
 __all__ = [
@@ -660,7 +660,7 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "last_run": summary,
                 "versions": library_versions()})
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: parts written so far stay; a re-run adds the rest
-        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        stop = as_interrupted(exc)
         stop.kept = f"{summary['classified']} track(s) classified by this run are kept in {loc.uri}"
         raise stop from None
     return summary

@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import Interrupted, handle_stop_signals, quiet_environment
+    from .runtime import as_interrupted, handle_stop_signals, quiet_environment
 
     quiet_environment(verbose="-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv))
     handle_stop_signals()
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genrecls {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
-        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        stop = as_interrupted(exc)
         kept = f"{stop.kept}; " if stop.kept else ""
         print(f"genrecls {args.command}: stopped by {stop.signal_name}: {kept}run the same command again to resume",
               file=sys.stderr)

@@ -34,7 +34,7 @@ from .discovery import Discovery, Track, discover
 from .failures import failure_of, record_row, warning_row
 from .pipeline import FeatureStream, fingerprint_file, tune_allocator
 from .progress import Progress, format_duration, format_table
-from .runtime import Interrupted, log, ray_session
+from .runtime import as_interrupted, log, ray_session
 from .storage import Location
 
 __all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "library_versions"]
@@ -250,7 +250,7 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
             _ingest_locked(found, source, ds, cfg, summary, versions, address=address, workers=workers,
                            prune=prune, progress=progress, verbose=verbose)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the dataset was left consistent (see _ingest_locked)
-        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        stop = as_interrupted(exc)
         try:
             total = len(ds.tracks())
         except Exception:
@@ -390,10 +390,10 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                 bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
         if touched:
             Dataset(loc).record_touched(touched)
-    except BaseException:
-        for ref in inflight:  # interrupted or the output failed: stop the others (they delete their partial shards)
-            ray.cancel(ref)
-        raise
+    # Interrupted or the output failed: the tasks still running are not cancelled one by one (ray.cancel
+    # racing a task's completion crashes the driver's core worker in Ray 2.60: "Tried to complete task that
+    # was not pending"); they end with the embedded Ray's shutdown or, on a cluster, with this driver's job.
+    # A task stopped half-way leaves only a temporary file, which the next run's reconcile removes.
     finally:
         bar.close()
         summary.failures_by_kind = dict(kinds)

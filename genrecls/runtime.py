@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 __all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log", "Interrupted",
-           "handle_stop_signals"]
+           "as_interrupted", "handle_stop_signals"]
 
 log = logging.getLogger("genrecls")
 
@@ -43,8 +43,22 @@ class Interrupted(KeyboardInterrupt):
         return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
 
 
+_last_signal: str | None = None
+
+
 def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    global _last_signal
+    _last_signal = signal.Signals(signum).name
+    raise Interrupted(_last_signal)
+
+
+def as_interrupted(exc: KeyboardInterrupt) -> Interrupted:
+    """``exc`` as :class:`Interrupted`, naming the signal received.
+
+    Ray's blocking calls (``ray.wait``, ``ray.get``) turn any exception raised by a signal
+    handler into a plain ``KeyboardInterrupt``; the handler remembers which signal came.
+    """
+    return exc if isinstance(exc, Interrupted) else Interrupted(_last_signal or "SIGINT")
 
 
 def handle_stop_signals() -> None:

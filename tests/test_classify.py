@@ -32,7 +32,10 @@ from genrecls.storage import Location, LockedError
 
 REPO = Path(__file__).resolve().parents[1]
 GENRES = ["classical", "electronic", "jazz", "rock"]
-BROKEN = {"broken/empty.mp3", "broken/noise.wav", "broken/cut.flac"}
+BROKEN = {"broken/empty.mp3", "broken/noise.wav"}
+#: a file cut short: its decodable third is classified, with a warning (decode.on_truncated = keep)
+DAMAGED = {"broken/cut.flac"}
+N_GOOD = 22  # tracks with a prediction (the damaged one included)
 #: small batches so parts fill often: the kill test needs several parts
 TEST_CLASSIFY = {"max_segments": 8, "batch_size": 24, "tracks_per_task": 2, "part_rows": 4, "top_k": 3}
 
@@ -149,14 +152,18 @@ def test_one_row_per_good_track_failures_for_broken_ones(first, library, trained
     paths = [r["path"] for r in rows]
     assert Counter(paths).most_common(1)[0][1] == 1
     assert set(paths) == good_paths(library)
-    assert summary["classified"] == len(rows) == summary["tracks_total"] == 21
+    assert summary["classified"] == len(rows) == summary["tracks_total"] == N_GOOD
     # broken files: recorded with a reason, the job went on
     fails = pq.read_table(out / "failures").to_pylist()
     assert {f["path"] for f in fails} == BROKEN
     kinds = {f["path"]: f["kind"] for f in fails}
-    assert kinds["broken/empty.mp3"] == "empty" and kinds["broken/cut.flac"] in ("undecodable", "truncated")
+    assert kinds["broken/empty.mp3"] == "empty" and kinds["broken/noise.wav"] == "undecodable"
     assert all(f["reason"] for f in fails)
-    assert summary["failed"] == 3 and sum(summary["failures_by_kind"].values()) == 3
+    assert summary["failed"] == 2 and sum(summary["failures_by_kind"].values()) == 2
+    # the damaged file: classified from the audio it holds, with a warning saying what is off
+    warnings = pq.read_table(out / "warnings").to_pylist()
+    assert [(w["path"], w["kind"]) for w in warnings] == [("broken/cut.flac", "truncated")]
+    assert "header declares" in warnings[0]["reason"] and summary["warned"] == 1
     # probabilities sum to 1, top-1 and top-k agree with them
     labels = Predictor(str(trained_run)).labels
     assert labels == GENRES
@@ -173,13 +180,13 @@ def test_one_row_per_good_track_failures_for_broken_ones(first, library, trained
     by_path = {r["path"]: r for r in rows}
     assert by_path["long/rock_long.flac"]["n_segments"] == TEST_CLASSIFY["max_segments"]
     assert by_path["long/rock_long.flac"]["duration"] == pytest.approx(20.0, abs=0.05)
-    assert {r["n_segments"] for p, r in by_path.items() if not p.startswith("long/")} == {6}
+    assert {r["n_segments"] for p, r in by_path.items() if not p.startswith(("long/", "broken/"))} == {6}
     # unseen tracks of a separable set: mostly right (chance is 25%)
     unseen = [r for r in rows if r["path"].startswith("unseen/")] + [by_path["long/rock_long.flac"]]
     truth = [r["path"].split("/")[2] if r["path"].startswith("unseen/") else "rock" for r in unseen]
     accuracy = np.mean([r["genre"] == t for r, t in zip(unseen, truth)])
     assert accuracy >= 0.75, (accuracy, [(r["path"], r["genre"]) for r in unseen])
-    assert sum(summary["genre_distribution"].values()) == 21
+    assert sum(summary["genre_distribution"].values()) == N_GOOD
     assert (out / "config.json").is_file() and (out / "classify.json").is_file()
     assert Config.from_dict(__import__("json").loads((out / "config.json").read_text())).features.n_mels == 32
 
@@ -210,7 +217,7 @@ def test_rerun_adds_nothing_then_only_new_or_changed_files(first, library, train
     before = read_predictions(out2)
     again = classify(str(lib), str(trained_run), str(out2), cfg, progress=False)
     assert again["classified"] == 0 and again["failed"] == 0
-    assert again["skipped_done"] == 21 and again["skipped_known_failures"] == 3
+    assert again["skipped_done"] == N_GOOD and again["skipped_known_failures"] == 2
     assert read_predictions(out2).sort_by("path").equals(before.sort_by("path"))
     # two new files and one changed file: only those are classified
     (lib / "new" / "sub").mkdir(parents=True)
@@ -221,10 +228,10 @@ def test_rerun_adds_nothing_then_only_new_or_changed_files(first, library, train
     gone = next((lib / "unseen" / "deep" / "classical").iterdir())
     gone.unlink()  # and one file removed: --prune drops its prediction
     third = classify(str(lib), str(trained_run), str(out2), cfg, prune=True, progress=False)
-    assert third["classified"] == 3 and third["skipped_done"] == 19
+    assert third["classified"] == 3 and third["skipped_done"] == N_GOOD - 2  # less the changed and the removed
     table = read_predictions(out2)
     paths = table.column("path").to_pylist()
-    assert len(paths) == len(set(paths)) == 22 == third["tracks_total"]
+    assert len(paths) == len(set(paths)) == N_GOOD + 1 == third["tracks_total"]
     assert gone.relative_to(lib).as_posix() not in paths
     row = {r["path"]: r for r in table.to_pylist()}["unseen/deep/rock/rock_001.wav"]
     assert row["mtime_ns"] == changed.stat().st_mtime_ns and row["n_segments"] == 5
@@ -242,7 +249,7 @@ def test_another_model_reclassifies_and_replaces_the_old_predictions(first, libr
     table = read_predictions(out2)
     assert sorted(table.column("path").to_pylist()) == sorted(f"unseen/deep/jazz/{p.name}" for p in lib.rglob("*.*"))
     assert set(table.column("model_id").to_pylist()) == {other["model_id"]}
-    assert summary["rows_superseded"] == 21  # an output folder holds the predictions of one model
+    assert summary["rows_superseded"] == N_GOOD  # an output folder holds the predictions of one model
 
 
 def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_prediction(library, trained_run, small_cfg, ray_local, tmp_path):
@@ -263,12 +270,12 @@ def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_pred
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     done_before = read_predictions(out).num_rows
-    assert 0 < done_before < 21, "the run was not stopped half-way"
+    assert 0 < done_before < N_GOOD, "the run was not stopped half-way"
     # the re-run loses a decoding worker too (SIGKILL of a Ray worker of this test's cluster)
     with WorkerKiller("featurise_batch") as killer:
         summary = classify(str(library), str(trained_run), str(out), classify_cfg(small_cfg), progress=False)
     assert killer.killed, "no decoding worker was seen"
-    assert summary["skipped_done"] == done_before and summary["classified"] == 21 - done_before
+    assert summary["skipped_done"] == done_before and summary["classified"] == N_GOOD - done_before
     paths = read_predictions(out).column("path").to_pylist()
     assert sorted(paths) == sorted(good_paths(library))  # every track exactly once
     assert not [p for p in (out / PARTS).iterdir() if p.name.startswith(".tmp-")]
@@ -285,10 +292,10 @@ def test_job_script_strict_and_csv(first, library, trained_run, ray_local, tmp_p
                           "--out", str(out2), "--csv", "--strict", "-q"], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=300)
     assert res.returncode == 1, res.stderr
-    assert "--strict: 3 file(s)" in res.stderr and "genre distribution" in res.stdout
+    assert "--strict: 2 file(s)" in res.stderr and "genre distribution" in res.stdout
     csv = pacsv.read_csv(out2 / CSV_NAME)
     parquet = read_predictions(out2)
-    assert csv.num_rows == parquet.num_rows == 21
+    assert csv.num_rows == parquet.num_rows == N_GOOD
     assert sorted(csv.column("path").to_pylist()) == sorted(parquet.column("path").to_pylist())
     assert {f"prob_{g}" for g in GENRES} <= set(csv.column_names)
     first_row = csv.slice(0, 1).to_pylist()[0]
@@ -308,3 +315,29 @@ def test_run_level_errors_are_clear(library, trained_run, small_cfg, ray_local, 
     if not ray_local.cluster_resources().get("GPU"):
         with pytest.raises(ValueError, match="no GPU"):
             classify(str(library), str(trained_run), str(out), gpu, progress=False)
+
+
+def test_sigterm_stops_classify_with_one_line_and_the_same_command_finishes(library, trained_run, small_cfg, tmp_path):
+    """SIGTERM to the CLI (its own embedded Ray): parts scored so far stay, one line, the re-run adds the rest."""
+    out = tmp_path / "pred"
+    sets = [f"classify.{k}={v}" for k, v in TEST_CLASSIFY.items()]
+    cmd = [sys.executable, "-m", "genrecls", "classify", str(library), "--model", str(trained_run), "--out", str(out),
+           "--workers", "1", "-q"] + [x for s in sets for x in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 240
+    while not list((out / PARTS).glob("part-*.parquet")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no part written in 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("genrecls classify: stopped by SIGTERM: "), stderr[-3000:]
+    assert "kept in" in lines[0] and "run the same command again to resume" in lines[0]
+    done_before = read_predictions(out).num_rows
+    assert 0 < done_before < N_GOOD, "the run was not stopped half-way"
+    assert not [p for p in (out / PARTS).iterdir() if p.name.startswith(".tmp-")]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(read_predictions(out).column("path").to_pylist()) == sorted(good_paths(library))

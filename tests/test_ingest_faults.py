@@ -188,3 +188,33 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_corrupt_shard(sample_library
             assert meta.num_rows == sum(t["n_segments"] for t in json.loads(meta.metadata[b"genrecls.tracks"]))
     finally:
         _umount(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_ends_the_run_with_one_line_and_the_same_command_resumes(sig, sample_library, sample_dataset,
+                                                                               small_cfg, tmp_path):
+    """Ctrl-C or SIGTERM to the CLI (its own embedded Ray, as a user runs it): one line, no C++ dumps, resumable."""
+    out = tmp_path / "ds"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(small_cfg.with_section(ingest={"tracks_per_task": 1}).to_json())
+    args = cli([str(sample_library), "--out", str(out), "--config", str(cfg), "--workers", "1", "-q"])
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None:
+        if os.path.isdir(out / "shards") and any(n.endswith(".parquet") for n in os.listdir(out / "shards")):
+            break
+        time.sleep(0.01)
+    assert driver.poll() is None, f"the ingest ended before the signal: {driver.stderr.read()[-2000:]}"
+    driver.send_signal(sig)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 128 + sig, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines == [lines[-1]], stderr[-3000:]  # one line, nothing else (no stack dump, no traceback)
+    assert lines[-1].startswith(f"genrecls ingest: stopped by {signal.Signals(sig).name}: ")
+    assert "kept in" in lines[-1] and "run the same command again to resume" in lines[-1]
+    kept = Dataset(str(out))
+    assert 0 < len(kept.tracks()) < 24 and not temporaries(out)
+    assert kept.manifest()["counts"]["tracks"] == len(kept.tracks())  # the manifest matches the shards
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert content(out) == content(sample_dataset)
