@@ -25,6 +25,7 @@ Output folder (local path or URI)::
     PREDICTIONS/
       parts/part-*.parquet     one row per track (written whole, atomically)
       failures/part-*.parquet  path, kind, reason of every file that could not be classified
+      warnings/part-*.parquet  path, kind, reason of every file classified although something is off
       predictions.csv          with --csv: a CSV copy of all parts, written at the end
       config.json              the resolved configuration (features are the run's)
       classify.json            the model (run, model_id, labels), library and last summary

@@ -7,7 +7,7 @@ with a ``path`` column and an optional ``label`` column.
 * Hidden (``.``) and ``_``-prefixed files and folders are skipped.
 * Files with an audio extension are tracks; files with a well-known non-audio extension
   (images, text, playlists...) are ignored and counted; anything else is tried as audio
-  (libsndfile recognises a file by content), so nothing is silently lost.
+  (FFmpeg recognises a file by content), so nothing is silently lost.
 * Symlinked folders are followed once; a symlink loop is recorded, not followed.
 * Paths are confined to the root: a manifest entry outside it is recorded as a failure.
 """

@@ -348,15 +348,33 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     nodes, pids = set(), set()
     touched: dict[str, tuple[int, int, str]] = {}
     queue = list(reversed(pending_batches))
+    # the watchdog: a task still running long past its files' decoding deadlines is stuck in native code
+    # that the in-task deadline cannot interrupt; it is stopped and its files are retried one by one
+    due: dict[Any, float] = {}
+    stopped: set[Any] = set()
     try:
         while queue or inflight:
             while queue and len(inflight) < max_inflight:
                 batch = queue.pop()
                 fn = single if isinstance(batch, _Isolated) else remote
-                inflight[fn.remote(batch, cfg_ref, uri, new_shard_name(), decode_ref)] = batch
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+                ref = fn.remote(batch, cfg_ref, uri, new_shard_name(), decode_ref)
+                inflight[ref] = batch
+                due[ref] = time.monotonic() + task_budget(batch, cfg.decode)
+            wait = max(0.0, min(due.values()) - time.monotonic())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
+            if not ready:
+                now = time.monotonic()
+                for ref in [r for r, d in due.items() if d <= now and r not in stopped]:
+                    log.warning("a task on %d track(s) ran past its deadline; stopping it", len(inflight[ref]))
+                    stopped.add(ref)
+                    due[ref] = now + 30.0  # time for the stop to land before the next look
+                    ray.cancel(ref, force=True)
+                continue
             for ref in ready:
                 batch = inflight.pop(ref)
+                due.pop(ref)
+                timed_out = ref in stopped
+                stopped.discard(ref)
                 try:
                     res = ray.get(ref)
                 except RayError as exc:
@@ -369,7 +387,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                         for t in batch:
                             queue.append(_Isolated([t]))
                         continue
-                    res = _crashed(batch[0], exc, cfg, loc)
+                    res = _crashed(batch[0], exc, cfg, loc, timed_out)
                 summary.processed += len(batch)
                 summary.added += res["tracks"]
                 summary.unchanged_content += len(res["unchanged"])
@@ -410,11 +428,25 @@ def _remote_process_batch():
     return ray.remote(process_batch)
 
 
-def _crashed(t: TrackTask, exc: Exception, cfg: Config, loc: Location) -> dict[str, Any]:
-    """Record a track whose task kept failing on its own (its worker died, or a bug)."""
+def task_budget(batch: list[TrackTask], decode: DecodeConfig) -> float:
+    """Seconds after its submission at which a task is stopped by the driver's watchdog.
+
+    Twice the sum of its files' decoding deadlines (a submitted task may wait for another
+    to finish before it starts), plus a minute: a healthy task never comes near it.
+    """
+    return 60.0 + 2.0 * sum(decode.deadline_seconds(t.size) for t in batch)
+
+
+def _crashed(t: TrackTask, exc: Exception, cfg: Config, loc: Location, timed_out: bool = False) -> dict[str, Any]:
+    """Record a track whose task kept failing on its own (its worker died, a bug, or the watchdog stopped it)."""
     from ray.exceptions import RayTaskError
 
-    if isinstance(exc, RayTaskError):
+    if timed_out:
+        kind = "timed_out"
+        reason = (f"decoding did not finish within {task_budget([t], cfg.decode):.0f} s (its deadline, "
+                  "decode.timeout_seconds and decode.timeout_seconds_per_mb, twice over): the decoder is stuck; "
+                  "its worker was stopped")
+    elif isinstance(exc, RayTaskError):
         cause = getattr(exc, "cause", None)
         reason = f"processing this file failed: {type(cause).__name__ if cause else 'error'}: {cause}"
         kind = "error"

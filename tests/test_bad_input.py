@@ -295,3 +295,24 @@ def test_a_three_hour_track_with_default_features_stays_under_1_gib(tmp_path):
     res = peak_rss(FeatureConfig(), tmp_path, long)
     assert res["failures"] == [] and res["seconds"] == pytest.approx(3 * 3600.0, abs=1)
     assert res["peak"] < 2**30, f"peak RSS {res['peak'] / 2**20:.0f} MiB"
+
+
+def test_a_file_past_its_decoding_deadline_is_recorded_and_its_batch_lands(small_cfg, ray_local, tmp_path):
+    """Real decoding against a deliberately tiny deadline: the 40-minute track is stopped, the short ones land.
+
+    The deadline (0.25 s a file) is about 10x what a 2-s track takes on a loaded 2-core machine, and
+    a tenth of what featurising the long track takes on any.
+    """
+    root = tmp_path / "library"
+    for i in range(3):
+        put(str(root), f"x/short {i}.wav", tone(8000, 2.0), 8000, "WAV", "PCM_16")
+    long = np.tile(tone(8000, 10.0), (240, 1))  # 40 minutes
+    put(str(root), "x/long.wav", long, 8000, "WAV", "PCM_16")
+    cfg = small_cfg.with_section(decode={"timeout_seconds": 0.25, "timeout_seconds_per_mb": 0.0},
+                                 ingest={"tracks_per_task": 4})
+    summary = ingest(str(root), str(tmp_path / "ds"), cfg, progress=False)
+    ds = Dataset(str(tmp_path / "ds"))
+    assert sorted(e.path for e in ds.tracks().values()) == [f"x/short {i}.wav" for i in range(3)]
+    fails = ds.failures().to_pylist()
+    assert [(f["path"], f["kind"]) for f in fails] == [("x/long.wav", "timed_out")]
+    assert "deadline" in fails[0]["reason"] and summary.failures_by_kind == {"timed_out": 1}
