@@ -97,6 +97,8 @@ class Ctx:
     rate: int
     channels: int
     steps: list[str] = field(default_factory=list)
+    #: seconds of signal in the file when it is not ``seconds`` (chained streams)
+    content_seconds: float | None = None
 
     def _show(self, arg: str) -> str:
         return arg.replace(self.src, "source.wav").replace(self.out, self.rel).replace(self.cover, "cover.jpg") \
@@ -325,6 +327,7 @@ def ogg_chained(second_rate: int | None = None) -> Callable[[Ctx], None]:
         other = c.source(second_rate or c.rate, c.channels, seed=99, name="second.wav")
         c.sh("oggenc", "-Q", "-q", "3", "--serial", "1001", "-o", a, c.src)
         c.sh("oggenc", "-Q", "-q", "3", "--serial", "2002", "-o", b, other)
+        c.content_seconds = 2 * c.seconds
         with open(c.out, "wb") as f:
             for part in (a, b):
                 with open(part, "rb") as p:
@@ -549,7 +552,7 @@ def build(out: str, *, seconds: float, short: float, fixtures: bool, cover_kb: i
                     os.remove(dst)
                 print(f"  could not make {job.rel}: {exc}", file=sys.stderr)
                 continue
-            source = {"seconds": secs, "sample_rate": job.rate, "channels": job.channels}
+            source = {"seconds": ctx.content_seconds or secs, "sample_rate": job.rate, "channels": job.channels}
             entries.append({"path": job.rel, "category": job.category, "state": "intact", "made_by": ctx.steps,
                             "note": job.note, "source": source, "bytes": os.path.getsize(dst),
                             "ffmpeg": ffmpeg_reference(dst)})
