@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import struct
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -433,8 +435,8 @@ def catalogue(short: float) -> list[Job]:
           rate=22050, channels=1, fixture=True),
         J("flac", "flac_id3", "flac", flac_id3, rate=22050, channels=1, fixture=True),
         J("flac", "ffmpeg_flac", "flac", ffmpeg("-c:a", "flac")),
-        J("flac", "ffmpeg_flac_pipe", "flac", ffmpeg_pipe("-c:a", "flac", "-f", "flac"),
-          note="streamed FLAC: STREAMINFO total samples 0"),
+        J("flac", "ffmpeg_flac_pipe", "flac", ffmpeg_pipe("-c:a", "flac", "-f", "flac"), rate=22050, channels=1,
+          fixture=True, note="streamed FLAC: STREAMINFO total samples 0 (length unknown)"),
         J("flac", "flac_24bit_96k", "flac", lambda c: c.sh("sox", c.src, "-b", "24", c.t("s24.wav"))
           or c.sh("flac", "-s", "-f", "-o", c.out, c.t("s24.wav")), rate=96000),
         J("flac", "flac_51", "flac", lambda c: c.sh("flac", "-s", "-f", "-o", c.out, c.src), rate=16000, channels=6,
@@ -467,6 +469,11 @@ FIXTURE_CUTS = ("mp3/lame_cbr128_info.mp3", "mp3/lame_vbr_v2_noxing.mp3", "flac/
 
 
 # -- FFmpeg's reference ---------------------------------------------------------------------
+def _clean(text: str) -> str | None:
+    """FFmpeg's messages without the object addresses (``[flac @ 0x55d4...]``), so manifests are reproducible."""
+    return re.sub(r" @ 0x[0-9a-f]+\]", "]", text.strip())[:300] or None
+
+
 def ffmpeg_reference(path: str) -> dict:
     """What FFmpeg makes of a file: does it decode, how many samples at the native rate, ffprobe's duration."""
     ref: dict = {}
@@ -482,13 +489,13 @@ def ffmpeg_reference(path: str) -> dict:
     ref.update(codec=stream.get("codec_name"), format_name=fmt.get("format_name"), sample_rate=rate,
                channels=stream.get("channels"),
                format_duration=float(fmt["duration"]) if fmt.get("duration") not in (None, "N/A") else None,
-               probe_error=probe.stderr.strip()[:300] or None)
+               probe_error=_clean(probe.stderr))
     dec = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", path, "-f", "f32le", "-ac", "1", "-"],
                          capture_output=True)
     samples = len(dec.stdout) // 4
     ref.update(decodes=samples > 0, exit_code=dec.returncode, samples=samples,
                seconds=samples / rate if rate else None,
-               decode_errors=dec.stderr.decode(errors="replace").strip()[:300] or None)
+               decode_errors=_clean(dec.stderr.decode(errors="replace")))
     return ref
 
 
@@ -537,7 +544,7 @@ def build(out: str, *, seconds: float, short: float, fixtures: bool, cover_kb: i
             tmp = os.path.join(scratch, f"job{i}")
             os.makedirs(tmp)
             src = os.path.join(tmp, "source.wav")
-            write_source(src, secs, job.rate, job.channels, seed=i)
+            write_source(src, secs, job.rate, job.channels, seed=zlib.crc32(job.name.encode()) % 1000)
             dst = os.path.join(out, job.rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             ctx = Ctx(src=src, out=dst, tmp=tmp, rel=job.rel, cover=cover, seconds=secs, rate=job.rate,
@@ -571,10 +578,11 @@ def build(out: str, *, seconds: float, short: float, fixtures: bool, cover_kb: i
         "tools": tool_versions(),
         "seconds": seconds,
         "cut_fraction": CUT,
-        "build_seconds": round(time.monotonic() - t0, 1),
         "files": entries,
         "not_made": not_made,
     }
+    if not fixtures:  # the committed manifest stays byte-identical when rebuilt
+        manifest["build_seconds"] = round(time.monotonic() - t0, 1)
     tmp_manifest = os.path.join(out, ".manifest.json.tmp")
     with open(tmp_manifest, "w") as f:
         json.dump(manifest, f, indent=1)

@@ -10,7 +10,7 @@ FFmpeg's reference for each: the samples ``ffmpeg -i f -f f32le -ac 1 -`` decode
 stream's native rate.  CI has no encoders: these tests only read the committed files.
 
 The rule: an intact file decodes to within 1% of FFmpeg's length; a damaged (truncated)
-one either decodes what FFmpeg decodes, within 1%, or is refused with an AudioError; no
+one either decodes what FFmpeg decodes, within 1% (or 50 ms: the last, incomplete frame), or is refused with an AudioError; no
 file crashes the decoder or hangs it.
 """
 
@@ -32,6 +32,12 @@ INTACT = sorted(p for p, e in FILES.items() if e["state"] == "intact")
 DAMAGED = sorted(p for p, e in FILES.items() if e["state"] == "damaged")
 RATE = 22050
 TOLERANCE = 0.01
+#: a damaged file may lose its last, incomplete frame where FFmpeg decodes part of it
+DAMAGED_SLACK = 0.05
+
+
+def damaged_tolerance(ref: float) -> float:
+    return max(TOLERANCE * ref, DAMAGED_SLACK)
 
 
 def reference(rel: str) -> float:
@@ -48,7 +54,7 @@ def test_the_fixture_set_covers_the_issue():
     names = " ".join(FILES)
     for needle in ("cbr128_info", "cbr128_noxing", "vbr_v2_xing", "vbr_v2_noxing", "mpeg2_", "mpeg25_", "id3v24_cover",
                    "apev2", "junk_before", ".mp2", "pipe_ffffffff", "extensible", "rf64", "bwf_bext", "list_after_data",
-                   ".aiff", ".aifc", "flac_seektable", "flac_no_seektable", "flac_id3", "chained", "opusenc_8k",
+                   ".aiff", ".aifc", "flac_seektable", "flac_no_seektable", "flac_id3", "flac_pipe", "chained", "opusenc_8k",
                    "opusenc_48k", "_51."):
         assert needle in names, needle
     assert {FILES[p]["category"] for p in DAMAGED} == {"truncated"} and len(DAMAGED) >= 5
@@ -83,7 +89,7 @@ def test_truncated_file_decodes_what_is_there_or_is_refused(rel):
         assert exc.kind and str(exc), rel  # refused with a kind and a reason: allowed
         return
     got = len(audio) / RATE
-    assert abs(got - ref) <= TOLERANCE * max(ref, 1e-9), \
+    assert abs(got - ref) <= damaged_tolerance(ref), \
         f"{describe(rel)}: decoded {got:.3f} s without an error, FFmpeg decodes {ref:.3f} s ({(got - ref) / ref:+.1%})"
 
 
@@ -124,7 +130,7 @@ def test_ingest_keeps_every_intact_file_at_ffmpegs_length(tmp_path, small_cfg, r
             problems.append(f"{rel}: stored {got:.3f} s, FFmpeg decodes {ref:.3f} s ({(got - ref) / ref:+.1%})")
     for rel in DAMAGED:
         ref = reference(rel)
-        if rel in tracks and abs(tracks[rel].duration_seconds - ref) > TOLERANCE * max(ref, 1e-9):
+        if rel in tracks and abs(tracks[rel].duration_seconds - ref) > damaged_tolerance(ref):
             problems.append(f"{rel} (damaged): kept with {tracks[rel].duration_seconds:.3f} s, "
                             f"FFmpeg decodes {ref:.3f} s")
         elif rel not in tracks and rel not in failures:
