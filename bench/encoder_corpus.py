@@ -133,10 +133,16 @@ class Ctx:
         return os.path.join(self.tmp, name)
 
 
+SIGNAL_GENRES = ("rock", "jazz", "electronic", "classical", "reggae", "blues")
+
+
+def signal_genre(seed: int) -> str:
+    return SIGNAL_GENRES[seed % len(SIGNAL_GENRES)]
+
+
 def signal(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
     """The project's synthetic music, as (frames, channels) float32; 5.1 built from the stereo mix."""
-    genres = ("rock", "jazz", "electronic", "classical", "reggae", "blues")
-    st = synthesize(genres[seed % len(genres)], seconds, sr=rate, seed=seed)
+    st = synthesize(signal_genre(seed), seconds, sr=rate, seed=seed)
     left, right = st[:, 0], st[:, 1]
     if channels == 1:
         out = ((left + right) / 2)[:, None]
@@ -323,6 +329,12 @@ def flac_id3(c: Ctx) -> None:
     c.py("prepended an ID3v2.3 tag and appended an ID3v1 tag, as some taggers do")
 
 
+def flac_24bit(c: Ctx) -> None:
+    s24 = c.t("source24.wav")
+    c.sh("sox", c.src, "-b", "24", s24)
+    c.sh("flac", "-s", "-f", "-o", c.out, s24)
+
+
 def ogg_chained(second_rate: int | None = None) -> Callable[[Ctx], None]:
     def make(c: Ctx) -> None:
         a, b = c.t("a.ogg"), c.t("b.ogg")
@@ -437,8 +449,7 @@ def catalogue(short: float) -> list[Job]:
         J("flac", "ffmpeg_flac", "flac", ffmpeg("-c:a", "flac")),
         J("flac", "ffmpeg_flac_pipe", "flac", ffmpeg_pipe("-c:a", "flac", "-f", "flac"), rate=22050, channels=1,
           fixture=True, note="streamed FLAC: STREAMINFO total samples 0 (length unknown)"),
-        J("flac", "flac_24bit_96k", "flac", lambda c: c.sh("sox", c.src, "-b", "24", c.t("s24.wav"))
-          or c.sh("flac", "-s", "-f", "-o", c.out, c.t("s24.wav")), rate=96000),
+        J("flac", "flac_24bit_96k", "flac", flac_24bit, rate=96000),
         J("flac", "flac_51", "flac", lambda c: c.sh("flac", "-s", "-f", "-o", c.out, c.src), rate=16000, channels=6,
           fixture=True),
         J("flac", "sox_flac", "flac", lambda c: c.sh("sox", c.src, c.out), rate=44100),
@@ -544,7 +555,8 @@ def build(out: str, *, seconds: float, short: float, fixtures: bool, cover_kb: i
             tmp = os.path.join(scratch, f"job{i}")
             os.makedirs(tmp)
             src = os.path.join(tmp, "source.wav")
-            write_source(src, secs, job.rate, job.channels, seed=zlib.crc32(job.name.encode()) % 1000)
+            seed = zlib.crc32(job.name.encode()) % 1000
+            write_source(src, secs, job.rate, job.channels, seed=seed)
             dst = os.path.join(out, job.rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             ctx = Ctx(src=src, out=dst, tmp=tmp, rel=job.rel, cover=cover, seconds=secs, rate=job.rate,
@@ -559,7 +571,9 @@ def build(out: str, *, seconds: float, short: float, fixtures: bool, cover_kb: i
                     os.remove(dst)
                 print(f"  could not make {job.rel}: {exc}", file=sys.stderr)
                 continue
-            source = {"seconds": ctx.content_seconds or secs, "sample_rate": job.rate, "channels": job.channels}
+            source = {"seconds": ctx.content_seconds or secs, "sample_rate": job.rate, "channels": job.channels,
+                      "signal": f"genrecls.sample_data.synthesize({signal_genre(seed)!r}, {secs}, sr={job.rate}, "
+                                f"seed={seed}) as {job.channels} channel(s), 16-bit WAV"}
             entries.append({"path": job.rel, "category": job.category, "state": "intact", "made_by": ctx.steps,
                             "note": job.note, "source": source, "bytes": os.path.getsize(dst),
                             "ffmpeg": ffmpeg_reference(dst)})
