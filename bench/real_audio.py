@@ -71,14 +71,25 @@ def corpus_files(folder: str) -> list[dict]:
              "ffmpeg": e["ffmpeg"]} for e in manifest["files"]]
 
 
-def real_files(folder: str, workers: int) -> list[dict]:
-    """Every file under a label folder of the real set, with FFmpeg's reference (computed here)."""
+def real_files(folder: str, workers: int, limit: int | None) -> tuple[list[dict], int]:
+    """Files under the label folders of the real set (the first ``limit`` of each label), with FFmpeg's
+    reference computed here; and how many files the set holds in all."""
     rels = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         for name in sorted(filenames):
             if not name.startswith((".", "_")):
                 rels.append(os.path.relpath(os.path.join(dirpath, name), folder))
+    total = len(rels)
+    if limit is not None:
+        seen: Counter = Counter()
+        kept = []
+        for r in rels:
+            label = r.split(os.sep)[0]
+            seen[label] += 1
+            if seen[label] <= limit:
+                kept.append(r)
+        rels = kept
     with ThreadPoolExecutor(max(1, workers)) as pool:  # each reference is an ffmpeg subprocess
         refs = list(pool.map(lambda r: ffmpeg_reference(os.path.join(folder, r)), rels))
     out = []
@@ -86,7 +97,7 @@ def real_files(folder: str, workers: int) -> list[dict]:
         intact = ref["decodes"] and ref["exit_code"] == 0
         out.append({"path": rel.replace(os.sep, "/"), "label": rel.split(os.sep)[0], "state": "intact" if intact else
                     "damaged", "note": "", "ffmpeg": ref})
-    return out
+    return out, total
 
 
 def limit_per_label(files: list[dict], n: int | None) -> list[dict]:
@@ -151,7 +162,8 @@ def run_ingest(folder: str, files: list[dict], all_files: bool, workers: int, ti
     except Exception as exc:  # noqa: BLE001 - a dataset the run could not finish is part of the result
         log += f"\n(bench: cannot read the dataset: {type(exc).__name__}: {exc})"
     return {"command": " ".join(cmd[1:]).replace(scratch, "TMP"), "exit_code": proc.returncode,
-            "needed_kill": killed, "wall_seconds": round(wall, 1), "log_tail": log[-2000:], "outcomes": outcomes}
+            "needed_kill": killed, "wall_seconds": round(wall, 1), "log_tail": log[-2000:].replace(scratch, "TMP"),
+            "outcomes": outcomes}
 
 
 def warning_rows(ds) -> list[dict]:
@@ -308,12 +320,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["sets"][key] = {"skipped": f"{folder} is still being built ({log} has no 'gmdone')"}
                 continue
         t0 = time.monotonic()
-        everything = corpus_files(folder) if name == "corpus" else real_files(folder, args.workers)
-        files = limit_per_label(everything, limit)
+        if name == "corpus":
+            everything = corpus_files(folder)
+            files, total = limit_per_label(everything, limit), len(everything)
+        else:
+            files, total = real_files(folder, args.workers, limit)
         ref_seconds = time.monotonic() - t0
         with tempfile.TemporaryDirectory(prefix="real-audio-") as scratch:
             if args.method == "ingest":
-                run = run_ingest(folder, files, len(files) == len(everything), args.workers, args.timeout, scratch)
+                run = run_ingest(folder, files, len(files) == total, args.workers, args.timeout, scratch)
             else:
                 run = run_decode(folder, files, args.workers, args.deadline)
         res = {"source": folder, **assess(files, run)}
