@@ -41,7 +41,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys

@@ -9,9 +9,10 @@ chained Ogg Vorbis, Opus, 5.1, and truncated copies).  ``manifest.json`` beside 
 FFmpeg's reference for each: the samples ``ffmpeg -i f -f f32le -ac 1 -`` decodes, at the
 stream's native rate.  CI has no encoders: these tests only read the committed files.
 
-The rule: an intact file decodes to within 1% of FFmpeg's length; a damaged (truncated)
-one either decodes what FFmpeg decodes, within 1% (or 50 ms: the last, incomplete frame), or is refused with an AudioError; no
-file crashes the decoder or hangs it.
+The rule: an intact file decodes to within 1% of FFmpeg's length, and ingest keeps it with
+that length; a damaged (truncated) one either decodes what FFmpeg decodes, within 1% (or
+50 ms: the last, incomplete frame), or is refused with an AudioError; no file crashes the
+decoder or hangs it.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def describe(rel: str) -> str:
 def test_the_fixture_set_covers_the_issue():
     """The committed subset holds every case the issue names (guards against a thinner regeneration)."""
     names = " ".join(FILES)
-    for needle in ("cbr128_info", "cbr128_noxing", "vbr_v2_xing", "vbr_v2_noxing", "mpeg2_", "mpeg25_", "id3v24_cover",
-                   "apev2", "junk_before", ".mp2", "pipe_ffffffff", "extensible", "rf64", "bwf_bext", "list_after_data",
-                   ".aiff", ".aifc", "flac_seektable", "flac_no_seektable", "flac_id3", "flac_pipe", "chained", "opusenc_8k",
-                   "opusenc_48k", "_51."):
+    for needle in ("cbr128_info", "cbr128_noxing", "vbr_v2_xing", "vbr_v2_noxing", "mpeg2_", "mpeg25_",
+                   "id3v24_cover", "apev2", "junk_before", ".mp2", "pipe_ffffffff", "extensible", "rf64", "bwf_bext",
+                   "list_after_data", ".aiff", ".aifc", "flac_seektable", "flac_no_seektable", "flac_id3", "flac_pipe",
+                   "chained", "opusenc_8k", "opusenc_48k", "_51."):
         assert needle in names, needle
     assert {FILES[p]["category"] for p in DAMAGED} == {"truncated"} and len(DAMAGED) >= 5
     assert {os.path.splitext(p)[1] for p in DAMAGED} >= {".mp3", ".flac", ".ogg", ".wav", ".opus"}
