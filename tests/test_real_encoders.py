@@ -136,6 +136,23 @@ def test_ingest_keeps_every_intact_file_at_ffmpegs_length(tmp_path, small_cfg, r
                             f"FFmpeg decodes {ref:.3f} s")
         elif rel not in tracks and rel not in failures:
             problems.append(f"{rel} (damaged): neither kept nor recorded")
+        elif rel in tracks and has_length_evidence(rel) and warned.get(rel, {}).get("kind") != "truncated":
+            problems.append(f"{rel} (damaged): kept without a truncated warning ({warned.get(rel)})")
+    for rel in INTACT:
+        if rel in warned and warned[rel]["kind"] == "truncated":
+            problems.append(f"{rel}: intact but warned as {warned[rel]['kind']}: {warned[rel]['reason']}")
     assert not problems, "\n".join(problems)
     assert summary.discovered == len(FILES)
     assert set(warned) <= set(FILES)
+
+
+def has_length_evidence(rel: str) -> bool:
+    """A damaged copy whose container says how long it was: all but an MP3 without a Xing/LAME/VBRI header."""
+    return "noxing" not in rel
+
+
+@pytest.mark.parametrize("rel", [r for r in DAMAGED if has_length_evidence(r)])
+def test_truncated_file_fails_under_the_strict_policy(rel):
+    with pytest.raises(AudioError) as err:
+        read_mono(os.path.join(DATA, rel), sample_rate=RATE, on_truncated="fail")
+    assert err.value.kind == "truncated" and "on_truncated" in str(err.value)
