@@ -141,6 +141,10 @@ class IngestConfig:
     tracks_per_task: int = 32
     #: tasks in flight per worker CPU; bounds driver memory whatever the library size
     inflight_per_cpu: int = 2
+    #: a run on this machine (no cluster) whose files total at most this many MB runs in the
+    #: command's own process, without starting Ray: its start-up costs more than two cores save
+    #: on so little (0 = always use Ray)
+    in_process_mb: float = 32.0
     #: Ray retries of a task whose worker process died
     max_task_retries: int = 3
     #: skip files whose failure is recorded and which have not changed since
@@ -151,6 +155,7 @@ class IngestConfig:
     def validate(self) -> "IngestConfig":
         _check(self.tracks_per_task >= 1, "ingest.tracks_per_task", "must be >= 1")
         _check(self.inflight_per_cpu >= 1, "ingest.inflight_per_cpu", "must be >= 1")
+        _check(self.in_process_mb >= 0, "ingest.in_process_mb", "must be >= 0 (0 = always use Ray)")
         _check(self.max_task_retries >= 0, "ingest.max_task_retries", "must be >= 0")
         return self
 

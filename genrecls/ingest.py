@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -101,13 +102,9 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
         writer.abort()
         raise
     node = None
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
+    ray = sys.modules.get("ray")  # in a Ray task; not imported for a run in the command's own process
+    if ray is not None and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
     return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": writer.segments,
             "audio_seconds": audio_seconds, "failures": failures, "warnings": warnings, "unchanged": unchanged,
             "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
@@ -279,7 +276,9 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     loc.write_text("config.json", cfg.to_json() + "\n")
     todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
     try:
-        if todo:
+        if todo and runs_in_process(todo, cfg, address):
+            _run_in_process(todo, cfg, loc, summary, progress)
+        elif todo:
             with ray_session(address, workers, verbose=verbose):
                 _run_tasks(todo, cfg, loc, summary, workers, progress)
     except BaseException:
@@ -329,6 +328,78 @@ def _slots(workers: int | None, inflight_per_cpu: int) -> tuple[int, int]:
     return cpus, cpus * inflight_per_cpu
 
 
+class _Tally:
+    """Adds each batch's result to the run's summary and progress line (Ray tasks or in-process alike)."""
+
+    def __init__(self, todo: list[TrackTask], summary: IngestSummary, show_progress: bool):
+        self.summary = summary
+        self.bar = Progress(len(todo), "tracks", enabled=show_progress)
+        self.kinds: Counter[str] = Counter(summary.failures_by_kind)
+        self.warned: Counter[str] = Counter()
+        self.nodes: set[str] = set()
+        self.pids: set[int] = set()
+        self.touched: dict[str, tuple[int, int, str]] = {}
+
+    def add(self, batch: list[TrackTask], res: dict[str, Any]) -> None:
+        s = self.summary
+        s.processed += len(batch)
+        s.added += res["tracks"]
+        s.unchanged_content += len(res["unchanged"])
+        self.touched.update({tid: (size, mtime, fp) for tid, size, mtime, fp in res["unchanged"]})
+        s.failed += len(res["failures"])
+        s.segments_added += res["segments"]
+        s.audio_seconds += res["audio_seconds"]
+        s.shard_bytes += res["shard_bytes"]
+        s.shards_written += 1 if res["shard"] else 0
+        self.kinds.update(f["kind"] for f in res["failures"])
+        self.warned.update(w["kind"] for w in res["warnings"])
+        s.warned += len(res["warnings"])
+        if res["node"]:
+            self.nodes.add(res["node"])
+        if res["pid"]:
+            self.pids.add(res["pid"])
+        self.bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
+
+    def finish(self, loc: Location) -> None:
+        if self.touched:
+            Dataset(loc).record_touched(self.touched)
+
+    def close(self) -> None:
+        self.bar.close()
+        s = self.summary
+        s.failures_by_kind = dict(self.kinds)
+        s.warnings_by_kind = dict(self.warned)
+        s.nodes = sorted(self.nodes)
+        s.worker_pids = sorted(self.pids)
+
+
+def runs_in_process(todo: list[TrackTask], cfg: Config, address: str | None) -> bool:
+    """True for a small run on this machine: Ray's start-up would cost more than its parallelism brings.
+
+    Only without a cluster (no ``address``, none in ``RAY_ADDRESS``, no Ray already running in
+    this process) and when the files to process total at most ``ingest.in_process_mb``.
+    """
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False
+    return sum(t.size for t in todo) <= cfg.ingest.in_process_mb * 1e6
+
+
+def _run_in_process(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
+                    show_progress: bool) -> None:
+    """The same batches and shards as the Ray tasks, one after another in this process."""
+    tally = _Tally(todo, summary, show_progress)
+    try:
+        size = cfg.ingest.tracks_per_task
+        for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
+            tally.add(batch, process_batch(batch, cfg.features, loc.uri, new_shard_name(), cfg.decode))
+        tally.finish(loc)
+    finally:
+        tally.close()
+
+
 def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
                workers: int | None, show_progress: bool) -> None:
     import ray
@@ -338,16 +409,11 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     remote = _remote_process_batch().options(num_cpus=1, max_retries=cfg.ingest.max_task_retries,
                                              retry_exceptions=False, scheduling_strategy="SPREAD")
     single = _remote_process_batch().options(num_cpus=1, max_retries=1, retry_exceptions=False)
-    pending_batches = _batches(todo, cfg.ingest.tracks_per_task, slots)
     inflight: dict[Any, list[TrackTask]] = {}
-    bar = Progress(len(todo), "tracks", enabled=show_progress)
+    tally = _Tally(todo, summary, show_progress)
     cfg_ref, decode_ref = ray.put(cfg.features), ray.put(cfg.decode)
     uri = loc.uri
-    kinds: Counter[str] = Counter(summary.failures_by_kind)
-    warned: Counter[str] = Counter()
-    nodes, pids = set(), set()
-    touched: dict[str, tuple[int, int, str]] = {}
-    queue = list(reversed(pending_batches))
+    queue = list(reversed(_batches(todo, cfg.ingest.tracks_per_task, slots)))
     # the watchdog: a task still running long past its files' decoding deadlines is stuck in native code
     # that the in-task deadline cannot interrupt; it is stopped and its files are retried one by one
     due: dict[Any, float] = {}
@@ -388,36 +454,14 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                             queue.append(_Isolated([t]))
                         continue
                     res = _crashed(batch[0], exc, cfg, loc, timed_out)
-                summary.processed += len(batch)
-                summary.added += res["tracks"]
-                summary.unchanged_content += len(res["unchanged"])
-                touched.update({tid: (size, mtime, fp) for tid, size, mtime, fp in res["unchanged"]})
-                summary.failed += len(res["failures"])
-                summary.segments_added += res["segments"]
-                summary.audio_seconds += res["audio_seconds"]
-                summary.shard_bytes += res["shard_bytes"]
-                summary.shards_written += 1 if res["shard"] else 0
-                for f in res["failures"]:
-                    kinds[f["kind"]] += 1
-                warned.update(w["kind"] for w in res["warnings"])
-                summary.warned += len(res["warnings"])
-                if res["node"]:
-                    nodes.add(res["node"])
-                if res["pid"]:
-                    pids.add(res["pid"])
-                bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
-        if touched:
-            Dataset(loc).record_touched(touched)
+                tally.add(batch, res)
+        tally.finish(loc)
     # Interrupted or the output failed: the tasks still running are not cancelled one by one (ray.cancel
     # racing a task's completion crashes the driver's core worker in Ray 2.60: "Tried to complete task that
     # was not pending"); they end with the embedded Ray's shutdown or, on a cluster, with this driver's job.
     # A task stopped half-way leaves only a temporary file, which the next run's reconcile removes.
     finally:
-        bar.close()
-        summary.failures_by_kind = dict(kinds)
-        summary.warnings_by_kind = dict(warned)
-        summary.nodes = sorted(nodes)
-        summary.worker_pids = sorted(pids)
+        tally.close()
 
 
 @functools.lru_cache(maxsize=1)

@@ -333,8 +333,10 @@ def test_sigterm_stops_classify_with_one_line_and_the_same_command_finishes(libr
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("genrecls classify: stopped by SIGTERM: "), stderr[-3000:]
-    assert "kept in" in lines[0] and "run the same command again to resume" in lines[0]
+    # the stop is one line, the last; before it at most Ray's advisory about Ray Data's actor (ray-project/ray#53727)
+    assert lines[-1].startswith("genrecls classify: stopped by SIGTERM: "), stderr[-3000:]
+    assert "kept in" in lines[-1] and "run the same command again to resume" in lines[-1]
+    assert all("has constructor arguments in the object store" in ln for ln in lines[:-1]), stderr[-3000:]
     done_before = read_predictions(out).num_rows
     assert 0 < done_before < N_GOOD, "the run was not stopped half-way"
     assert not [p for p in (out / PARTS).iterdir() if p.name.startswith(".tmp-")]
