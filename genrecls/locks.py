@@ -274,6 +274,7 @@ class _ConditionalLease(_Lease):
         except Exception as exc:
             code = _code(exc)
             if code in _CONFLICT:
+                self.lost = "it was taken over after its lease expired"
                 return  # not ours any more: leave it to its owner
             if code not in ("NotImplemented", "501", "InvalidArgument", "400"):
                 raise
@@ -324,7 +325,7 @@ class _CandidateLease(_Lease):
             if not others:
                 self._start_renewing()
                 return
-            self.delete()
+            self.loc.fs.delete_file(self.path)
             # a holder stays; runs that collided with us back off too: look again after a pause
             time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
             others = self._live_others()
@@ -337,9 +338,16 @@ class _CandidateLease(_Lease):
             self.lost = "its candidate was removed as expired"
             return
         self._write()
+        # a holder frozen between that check and this write has just put back a candidate a
+        # successor had removed: a contender backs off within a listing, a holder stays
+        if self._live_others():
+            time.sleep(0.5)
+            if self._live_others():
+                self.loc.fs.delete_file(self.path)
+                self.lost = "another run took the lock after this run's lease expired"
 
     def delete(self) -> None:
-        try:
-            self.loc.fs.delete_file(self.path)
-        except FileNotFoundError:
-            pass
+        if self.loc.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
+            self.lost = "its candidate was removed as expired"
+            return
+        self.loc.fs.delete_file(self.path)
