@@ -262,17 +262,22 @@ def two_node_cluster(s3_server):
 
     from genrecls.runtime import worker_env
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    dashboard_port = sock.getsockname()[1]
-    sock.close()
+    socks = [socket.socket() for _ in range(5)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    dashboard_port, *agent_ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
     saved = {k: os.environ.get(k) for k in worker_env()}
     os.environ.update(worker_env())
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "dashboard_agent_listen_port": agent_ports[0], "metrics_export_port": agent_ports[1],
         "object_store_memory": 150_000_000})
     try:
-        cluster.add_node(num_cpus=1, object_store_memory=150_000_000)
+        # ports of their own: a second node's agent on Ray's default port would collide with the head's
+        cluster.add_node(num_cpus=1, object_store_memory=150_000_000, dashboard_agent_listen_port=agent_ports[2],
+                         metrics_export_port=agent_ports[3])
         cluster.wait_for_nodes()
         cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         yield cluster
@@ -319,11 +324,16 @@ def test_ray_job_submit_of_jobs_ingest_writes_to_the_bucket(two_node_cluster, s3
     out = s3_server.uri(bucket, "job/ds")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
     runtime_env = {"excludes": [".git", "tests", "bench/results", "*.log", ".venv"]}
-    submit = subprocess.run([
-        str(BIN / "ray"), "job", "submit", "--address", two_node_cluster.dashboard_url, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env), "--",
-        sys.executable, "jobs/ingest.py", str(tiny_library), "--out", out, "--config", str(s3_cfg), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env)
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent answers a few seconds after the node is up
+        submit = subprocess.run([
+            str(BIN / "ray"), "job", "submit", "--address", two_node_cluster.dashboard_url, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            sys.executable, "jobs/ingest.py", str(tiny_library), "--out", out, "--config", str(s3_cfg), "--quiet"],
+            capture_output=True, text=True, timeout=300, env=env)
+        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, f"{submit.stdout[-4000:]}\n{submit.stderr[-4000:]}"
     assert "succeeded" in submit.stdout.lower() and "0 failed" in submit.stdout, submit.stdout[-3000:]
     assert len(Dataset(out).tracks()) == 12
