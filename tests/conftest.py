@@ -71,6 +71,25 @@ def sample_dataset(tmp_path_factory, sample_library, small_cfg, ray_local):
     return out
 
 
+def constant_run(path, features, labels: list[str]):
+    """A run folder holding a hand-made model that answers ``labels[-1]`` for every segment.
+
+    Standard layers only (zero weights, a bias that picks the last class), exported like a
+    trained run: it scores exactly 0.0 on tracks that never carry ``labels[-1]``.
+    """
+    from genrecls.inference import export_model
+    from genrecls.models import keras
+
+    k = keras()
+    n_mels, n_frames = features.mel_shape
+    inp = k.Input((n_mels, n_frames))
+    bias = [0.0] * (len(labels) - 1) + [10.0]
+    out = k.layers.Dense(len(labels), activation="softmax", kernel_initializer="zeros",
+                         bias_initializer=k.initializers.Constant(bias))(k.layers.Flatten()(inp))
+    export_model(k.Model(inp, out), str(path), labels=labels, features=features, model_name="constant")
+    return path
+
+
 # -- a real S3-compatible server on loopback -----------------------------------------------------
 #: credentials of the test server's one identity (the server runs on 127.0.0.1 only)
 S3_KEY, S3_SECRET = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]

@@ -86,22 +86,10 @@ def test_the_promotion_rule_is_strict():
 
 
 def _constant_version(reg: Registry, tmp_path, features, labels: list[str], version: str) -> None:
-    """A hand-made, deliberately useless model in the registry: every segment -> ``labels[-1]``.
+    """A hand-made, deliberately useless champion: every segment -> ``labels[-1]`` (see conftest)."""
+    from conftest import constant_run
 
-    Standard layers only (zero weights, a bias that picks the last class): it scores
-    exactly 0.0 on any holdout whose tracks never carry ``labels[-1]``.
-    """
-    from genrecls.inference import export_model
-    from genrecls.models import keras
-
-    k = keras()
-    n_mels, n_frames = features.mel_shape
-    inp = k.Input((n_mels, n_frames))
-    bias = [0.0] * (len(labels) - 1) + [10.0]
-    out = k.layers.Dense(len(labels), activation="softmax", kernel_initializer="zeros",
-                         bias_initializer=k.initializers.Constant(bias))(k.layers.Flatten()(inp))
-    run = tmp_path / f"hand-made-{version}"
-    export_model(k.Model(inp, out), str(run), labels=labels, features=features, model_name="constant")
+    run = constant_run(tmp_path / f"hand-made-{version}", features, labels)
     reg.add_version(str(run), version, {"model_id": "constant", "metrics": {}, "decision": "hand-made",
                                         "dataset": {"fingerprint": "hand-made", "tracks": 0}})
     reg.promote(version, reason="a deliberately useless champion")
