@@ -2,8 +2,7 @@
 
 Every command that runs work accepts ``--config FILE`` (TOML or JSON) and repeatable
 ``--set section.key=value`` overrides; dedicated flags (``--epochs``...) are shortcuts for
-the same overrides.  Exit codes: 0 success, 1 the run finished with failures under
-``--strict`` (or a retrain kept the champion, see ``retrain``), 2 bad usage or input.
+the same overrides.  Exit codes: the table in :mod:`genrecls.exitcodes`.
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ import sys
 from typing import Callable
 
 from . import __version__
+from .exitcodes import ExitCode
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURES, ExitCode.USAGE
+EXIT_KEPT, EXIT_LOCKED = ExitCode.KEPT, ExitCode.LOCKED
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -171,8 +172,6 @@ def _classify():
 
 
 # -- retrain ----------------------------------------------------------------------------
-EXIT_KEPT, EXIT_LOCKED = 3, 4
-
 
 @command("retrain", "scheduled retraining: ingest new tracks, train a challenger, promote only a better one")
 def _retrain():
@@ -188,7 +187,6 @@ def _retrain():
 
     def run(a):
         from .retrain import PROMOTED, retrain
-        from .storage import LockedError
 
         extra = []
         if a.min_improvement is not None:
@@ -196,12 +194,8 @@ def _retrain():
         if a.epochs is not None:
             extra.append(f"train.epochs={a.epochs}")
         cfg = resolve_config(a, extra)
-        try:
-            d = retrain(a.source, a.dataset, a.registry, cfg, address=a.address, workers=a.workers,
-                        force=a.force, progress=not a.quiet, verbose=a.verbose)
-        except LockedError as exc:
-            print(f"genrecls retrain: {exc}", file=sys.stderr)
-            return EXIT_LOCKED
+        d = retrain(a.source, a.dataset, a.registry, cfg, address=a.address, workers=a.workers,
+                    force=a.force, progress=not a.quiet, verbose=a.verbose)
         print(f"{d['decision']}: {d['reason']}")
         print(f"champion: {d['champion']}")
         return EXIT_OK if d["decision"] == PROMOTED else EXIT_KEPT
@@ -394,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args._run(args)
-    except (ConfigError, DatasetError, LockedError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
+    except LockedError as exc:
+        print(f"genrecls {args.command}: locked: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (ConfigError, DatasetError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
         print(f"genrecls {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:

@@ -8,11 +8,15 @@ Layout::
       versions/v0001/             a complete run folder (model/, model.keras, run.json, metrics.json...)
       versions/v0001/version.json metrics, dataset snapshot, configuration, library versions, time
       decisions/<time>-v0002.json one record per retrain decision (promoted / kept / failed)
-      .lock                       held by a retrain
+      .lock / .lock.json          held by a retrain, ``models promote`` and ``models rollback``
 
-A version folder is written under a temporary name and renamed when complete, and the
-champion pointer is replaced atomically, so a retrain that dies leaves the registry as it
-was.  ``classify --model REGISTRY`` uses the current champion.
+A version exists once its ``version.json`` does: on a local disk the folder is written
+under a temporary name and renamed; on an object store its files are uploaded first (each
+appears whole, see :mod:`genrecls.storage`) and ``version.json`` last, so a half-uploaded
+version is invisible and is cleared by the next retrain.  The champion pointer is replaced
+in one write (a rename, or one PUT), so a retrain that dies leaves the registry as it was.
+Every change of the champion holds the registry's lock.  ``classify --model REGISTRY``
+uses the current champion.
 """
 
 from __future__ import annotations
@@ -86,10 +90,11 @@ class Registry:
         else:
             # version.json is copied last: a version without it is invisible (see versions())
             tmp_info = os.path.join(run_dir, "version.json")
-            os.rename(tmp_info, tmp_info + ".pending")
+            os.remove(tmp_info)
+            # what a retrain killed mid-upload left under this (invisible) version: we hold the lock
+            dest.fs.delete_dir_contents(dest.root, missing_dir_ok=True)
             pafs.copy_files(run_dir, dest.root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
             dest.write_json("version.json", info)
-            dest.delete("version.json.pending")
         return dest
 
     def update_version(self, version: str, **fields: Any) -> None:
@@ -110,25 +115,34 @@ class Registry:
         return self.version_location(v)
 
     def promote(self, version: str, reason: str = "manual promotion") -> None:
-        """Make ``version`` the champion (atomic pointer replace); the old champion is remembered for rollback."""
+        """Make ``version`` the champion, holding the registry's lock (``models promote``)."""
+        with self.location.lock("genrecls models promote"):
+            self.set_champion(version, reason)
+
+    def rollback(self) -> str:
+        """Make the previous champion the champion again, holding the registry's lock; returns it."""
+        with self.location.lock("genrecls models rollback"):
+            if not self.location.exists(CHAMPION):
+                raise RegistryError(f"{self.uri} has no champion to roll back from")
+            current = self.location.read_json(CHAMPION)
+            previous = current.get("previous", [])
+            if not previous:
+                raise RegistryError(f"{self.uri}: champion {current['version']} has no previous champion to roll back to")
+            target, rest = previous[0], previous[1:]
+            self.location.write_json(CHAMPION, {"version": target, "since": _now(),
+                                                "reason": f"rollback from {current['version']}", "previous": rest})
+            return target
+
+    def set_champion(self, version: str, reason: str) -> None:
+        """Replace the champion pointer (one atomic write); the caller holds the registry's lock.
+
+        The old champion is remembered for rollback.
+        """
         self.version_info(version)  # must exist
         current = self.location.read_json(CHAMPION) if self.location.exists(CHAMPION) else None
         previous = ([current["version"]] + current.get("previous", [])) if current else []
         previous = [v for v in previous if v != version][:50]
         self.location.write_json(CHAMPION, {"version": version, "since": _now(), "reason": reason, "previous": previous})
-
-    def rollback(self) -> str:
-        """Make the previous champion the champion again; returns it."""
-        if not self.location.exists(CHAMPION):
-            raise RegistryError(f"{self.uri} has no champion to roll back from")
-        current = self.location.read_json(CHAMPION)
-        previous = current.get("previous", [])
-        if not previous:
-            raise RegistryError(f"{self.uri}: champion {current['version']} has no previous champion to roll back to")
-        target, rest = previous[0], previous[1:]
-        self.location.write_json(CHAMPION, {"version": target, "since": _now(),
-                                            "reason": f"rollback from {current['version']}", "previous": rest})
-        return target
 
     # -- decisions --------------------------------------------------------------------
     def record_decision(self, decision: dict[str, Any]) -> None:
@@ -141,7 +155,8 @@ class Registry:
 
     # -- splits -----------------------------------------------------------------------
     def splits_path(self) -> str | None:
-        return self.location.join(SPLITS) if self.location.exists(SPLITS) else None
+        """The registry's split assignment as a path or URI (scheme and query kept), if any."""
+        return self.location.child(SPLITS).uri if self.location.exists(SPLITS) else None
 
     def table(self) -> list[dict[str, Any]]:
         """One row per version for ``models list``."""

@@ -7,13 +7,18 @@
 3. if the dataset is unchanged since the champion was trained, stops (``unchanged``);
 4. trains a challenger into a temporary folder, holding every known track to the split it
    had (the registry's ``splits.parquet``), so the holdout stays fixed as the library grows;
-5. scores the champion and the challenger on the same holdout (the test split of the
-   current dataset) and promotes the challenger only if it beats the champion by at least
-   ``retrain.min_improvement`` on ``retrain.metric``;
+5. scores the champion and the challenger on the same holdout and promotes the challenger
+   only if it is **strictly** better: ``challenger > champion + retrain.min_improvement`` on
+   ``retrain.metric`` (margin 0.0 by default: a tie keeps the champion);
 6. records the decision.  A run that dies before the end leaves the registry unchanged.
 
-Exit codes of the CLI: 0 promoted (or first model), 3 champion kept (or nothing new),
-1 failed, 2 bad usage, 4 another retrain holds the lock.
+The holdout is the test split of the current dataset (the registry's fixed assignment),
+restricted to the tracks whose label **both** models know: when the library gains a label,
+the champion cannot predict it, so its tracks are left out of both scores; the decision
+records how many tracks were scored and how many were left out, per label.
+
+Exit codes of the CLI (:mod:`genrecls.exitcodes`): 0 promoted (or first model), 3 champion
+kept (or nothing new), 1 failed, 2 bad usage, 4 the registry is locked by another run.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .ingest import ingest, library_versions
 from .registry import Registry
 from .runtime import log
 
-__all__ = ["retrain", "dataset_snapshot", "PROMOTED", "KEPT", "UNCHANGED"]
+__all__ = ["retrain", "dataset_snapshot", "is_better", "PROMOTED", "KEPT", "UNCHANGED"]
 
 PROMOTED, KEPT, UNCHANGED = "promoted", "kept", "unchanged"
 
@@ -48,6 +53,11 @@ def dataset_snapshot(ds: Dataset) -> dict[str, Any]:
         per_label[e.label or ""] = per_label.get(e.label or "", 0) + 1
     return {"uri": ds.uri, "tracks": len(tracks), "segments": sum(e.n_segments for e in tracks.values()),
             "per_label": per_label, "fingerprint": h.hexdigest()}
+
+
+def is_better(challenger: float, champion: float | None, margin: float) -> bool:
+    """The promotion rule: no champion yet, or strictly better than the champion plus ``margin``."""
+    return champion is None or challenger > champion + margin
 
 
 def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None, *, address: str | None = None,
@@ -85,16 +95,22 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
             result = training.train(dataset, run_dir, cfg, address=address, workers=workers,
                                     splits=reg.splits_path(), progress=progress, verbose=verbose)
             holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
-            challenger_metrics = _score(run_dir, ds, holdout)
-            champion_metrics = _score(reg.version_location(champion).uri, ds, holdout) if champion else None
+            champion_run = reg.version_location(champion).uri if champion else None
+            scored, left_out = _common_holdout(ds, holdout, [run_dir] + ([champion_run] if champion_run else []))
+            challenger_metrics = _score(run_dir, ds, scored)
+            champion_metrics = _score(champion_run, ds, scored) if champion_run else None
             metric = cfg.retrain.metric
+            margin = cfg.retrain.min_improvement
             new = float(challenger_metrics[metric])
             old = None if champion_metrics is None else float(champion_metrics[metric])
-            better = old is None or new >= old + cfg.retrain.min_improvement
+            better = is_better(new, old, margin)
             decision_name = PROMOTED if better else KEPT
             reason = (f"first model ({metric} {new:.4f})" if old is None else
-                      f"{metric}: challenger {new:.4f} vs champion {old:.4f} "
-                      f"(needs +{cfg.retrain.min_improvement:.4f}) -> {decision_name}")
+                      f"{metric}: challenger {new:.4f} vs champion {old:.4f} on {len(scored)} holdout tracks "
+                      f"(promoted only if > champion + {margin:.4f}) -> {decision_name}")
+            holdout_record = {"tracks": len(scored), "left_out": sum(left_out.values()),
+                              "left_out_per_label": left_out,
+                              "rule": "test-split tracks whose label both models know"}
             info = {
                 "model_id": result.get("model_id"),
                 "metrics": challenger_metrics,
@@ -103,6 +119,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
                 "versions": library_versions(),
                 "decision": decision_name,
                 "compared_with": {"version": champion, "metrics": champion_metrics},
+                "holdout": holdout_record,
                 "train_seconds": result.get("train_seconds"),
             }
             # the split assignment of every known track is kept forever: save it before registering
@@ -111,10 +128,11 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if better:
-            reg.promote(version, reason=reason)
+            reg.set_champion(version, reason=reason)  # we hold the registry's lock
         decision = {"decision": decision_name, "champion": version if better else champion,
                     "challenger": version, "previous_champion": champion, "reason": reason,
                     "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
+                    "holdout": holdout_record, "min_improvement": margin,
                     "dataset": snapshot, "ingest": ingest_summary.to_dict(),
                     "seconds": round(time.monotonic() - t0, 1)}
         reg.record_decision(decision)
@@ -141,15 +159,32 @@ def _holdout(ds: Dataset, splits_file: str) -> list[str]:
     return holdout
 
 
+def _common_holdout(ds: Dataset, holdout: list[str], runs: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The holdout tracks whose label every run knows, and how many were left out per label."""
+    from .inference import read_run_info
+
+    known = None
+    for run in runs:
+        labels = set(read_run_info(run)["labels"])
+        known = labels if known is None else known & labels
+    tracks = ds.tracks()
+    scored = [t for t in holdout if tracks[t].label in known]
+    left_out: dict[str, int] = {}
+    for t in holdout:
+        if tracks[t].label not in known:
+            left_out[tracks[t].label] = left_out.get(tracks[t].label, 0) + 1
+    if not scored:
+        raise ValueError(f"no holdout track of {ds.uri} has a label that both the challenger and the champion know")
+    return scored, dict(sorted(left_out.items()))
+
+
 def _score(run: str, ds: Dataset, holdout: list[str]) -> dict[str, Any]:
-    """Metrics of a run's model on the holdout (tracks with labels it does not know are left out)."""
+    """Metrics of a run's model on the holdout (every track's label is one the model knows)."""
     from .evaluation import evaluate_predictor
     from .inference import Predictor
 
     predictor = Predictor(run)
-    tracks = ds.tracks()
-    known = [t for t in holdout if tracks[t].label in set(predictor.labels)]
-    metrics = evaluate_predictor(predictor, ds, {"test": known})
+    metrics = evaluate_predictor(predictor, ds, {"test": holdout})
     metrics["model_id"] = predictor.model_id
-    metrics["holdout_tracks"] = len(known)
+    metrics["holdout_tracks"] = len(holdout)
     return metrics

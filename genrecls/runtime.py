@@ -40,7 +40,9 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+        from .exitcodes import ExitCode
+
+        return ExitCode.TERMINATED if self.signal_name == "SIGTERM" else ExitCode.INTERRUPTED
 
 
 _last_signal: str | None = None

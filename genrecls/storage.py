@@ -1,34 +1,43 @@
 """Storage: local paths or any URI ``pyarrow.fs`` understands (``s3://``, ``gs://``, ``file://``).
 
-Every output file is written under a hidden temporary name (``.tmp-<id>-<name>.partial``:
-``pyarrow.dataset`` skips hidden files, and ``*.parquet`` globs in DuckDB and Polars, which
-do match dot files, do not match the suffix) and renamed into place when complete.
-On object stores the rename is a copy plus delete, still invisible to readers until done.
+Readers never see a partial file:
+
+* **local disks**: a file is written under a hidden temporary name
+  (``.tmp-<id>-<name>.partial``: ``pyarrow.dataset`` skips hidden files, and ``*.parquet``
+  globs in DuckDB and Polars, which do match dot files, do not match the suffix), flushed
+  to disk (``fsync``) and renamed into place.
+* **object stores**: there is no rename (a "move" is a copy then a delete, and the copy is
+  listed before the delete), so nothing is written under a temporary name there.  The
+  bytes are first written to a local spool file; only a complete file is uploaded, straight
+  to its final key, as one PUT (small objects) or a multipart upload.  The store makes the
+  object visible only when the PUT or the ``CompleteMultipartUpload`` succeeds: a writer
+  that fails before that uploads nothing, and one killed mid-upload leaves an incomplete
+  multipart upload that no listing or GET shows (a bucket lifecycle rule
+  ``AbortIncompleteMultipartUpload`` reclaims its parts).  An object replaced by a new PUT
+  is atomically replaced: readers get the old or the new bytes, never a mix.
+
+Locks: :mod:`genrecls.locks`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import posixpath
-import socket
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from .locks import LockedError, folder_lock
 
 __all__ = ["Location", "AtomicFile", "LockedError", "TMP_PREFIX"]
 
 TMP_PREFIX = ".tmp-"
-
-
-class LockedError(RuntimeError):
-    """Another process holds the lock of an output folder."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +102,14 @@ class Location:
             pass
 
     def open_atomic(self, rel: str) -> "AtomicFile":
-        """Open ``rel`` for writing under a temporary name; ``commit()`` renames it into place.
+        """Open ``rel`` for writing; ``commit()`` makes it appear whole, ``abort()`` leaves nothing.
 
-        Readers never see a partial file: until ``commit()`` the bytes live in a hidden
-        ``.tmp-*`` file (removed by ``abort()``, or by :meth:`remove_temporaries` after a crash).
+        Local disks: a hidden ``.tmp-*`` file renamed into place (removed by ``abort()``, or
+        by :meth:`remove_temporaries` after a crash).  Object stores: a local spool file
+        uploaded to the final key on ``commit()`` (see the module's docstring).
         """
         folder, name = posixpath.split(rel)
-        if folder:
+        if folder and self.is_local:
             self.makedirs(folder)
         # hidden (pyarrow.dataset skips it) and not matching '*.parquet' (DuckDB and Polars globs match dot files)
         tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}.partial")
@@ -139,62 +149,38 @@ class Location:
         return n
 
     @contextmanager
-    def lock(self, what: str) -> Iterator[None]:
-        """Hold an exclusive lock on this folder for ``what`` (an ingest, a retrain...).
+    def lock(self, what: str, **kwargs: Any) -> Iterator[None]:
+        """Hold the exclusive lock of this folder for ``what`` (an ingest, a retrain...).
 
-        Local folders use ``flock`` (released by the kernel if the process dies).  On an
-        object store there is no atomic lock primitive: the lock is advisory only (a lock
-        file with the owner is written and removed) and concurrent writers must be avoided
-        by the scheduler.
+        ``flock`` on local disks, a conditional-create lease on S3, a candidates lease on
+        other object stores: see :mod:`genrecls.locks`.  Raises :class:`LockedError`
+        naming the holder when another run has it.
         """
-        self.makedirs()
-        owner = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if not self.is_local:
-            self.write_json(".lock.json", owner)
-            try:
-                yield
-            finally:
-                self.delete(".lock.json")
-            return
-        path = self.join(".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                # The holder writes its details right after taking the lock: if we lost a
-                # race by microseconds they may not be there yet, so look again briefly.
-                info: dict = {}
-                for _ in range(20):
-                    try:
-                        held = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                        info = json.loads(held) if held else {}
-                    except (OSError, ValueError):
-                        info = {}
-                    if info:
-                        break
-                    time.sleep(0.05)
-                desc = f"{info.get('what', 'another genrecls process')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')})"
-                raise LockedError(f"{self.uri} is in use by {desc}; wait for it to finish or stop it first") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(owner).encode(), 0)
+        with folder_lock(self, what, **kwargs):
             yield
-        finally:
-            os.close(fd)
 
 
 class AtomicFile:
-    """An output stream written under a temporary name and renamed into place on :meth:`commit`."""
+    """An output stream that appears at ``rel`` only on :meth:`commit`, whole."""
 
     def __init__(self, location: Location, rel: str, tmp: str):
         self.location = location
         self.rel = rel
-        self.tmp = tmp
-        self.stream = location.fs.open_output_stream(location.join(tmp))
         self.done = False
+        if location.is_local:
+            self.tmp = tmp
+            self.spool = None
+            self.stream = location.fs.open_output_stream(location.join(tmp))
+        else:  # object stores: no temporary object, a local spool file
+            import tempfile
+
+            fd, self.spool = tempfile.mkstemp(prefix="genrecls-upload-", suffix=f"-{posixpath.basename(rel)}")
+            os.close(fd)
+            self.tmp = None
+            self.stream = pa.OSFile(self.spool, "wb")
 
     def commit(self) -> None:
-        """Close the stream, make the bytes durable (local disks) and rename into place."""
+        """Close the stream; local disks: ``fsync`` and rename; object stores: upload whole."""
         loc = self.location
         self.stream.close()
         if loc.is_local:
@@ -203,11 +189,19 @@ class AtomicFile:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        loc.fs.move(loc.join(self.tmp), loc.join(self.rel))
+            loc.fs.move(loc.join(self.tmp), loc.join(self.rel))
+        else:
+            try:
+                # one call into Arrow: a single PUT, or a multipart upload completed only
+                # after every part arrived
+                pafs.copy_files(self.spool, loc.join(self.rel), source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=loc.fs)
+            finally:
+                os.unlink(self.spool)
         self.done = True
 
     def abort(self) -> None:
-        """Close and delete the temporary file (best effort; never raises)."""
+        """Close and delete the temporary or spool file (best effort; never raises)."""
         if self.done:
             return
         self.done = True
@@ -216,6 +210,9 @@ class AtomicFile:
         except Exception:
             pass
         try:
-            self.location.delete(self.tmp)
+            if self.spool is not None:
+                os.unlink(self.spool)
+            else:
+                self.location.delete(self.tmp)
         except Exception:
             pass

