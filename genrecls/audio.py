@@ -44,6 +44,12 @@ MAX_BAD_PACKETS = 64
 
 _BLOCK_FRAMES = 1 << 16
 
+#: containers whose header declares the stream's length (FLAC STREAMINFO, an MP3 Xing/LAME/VBRI
+#: frame count, MP4's moov, a WAV/AIFF data size): decoding less is evidence of a cut.  An Ogg
+#: stream's length is FFmpeg's inference from its last page (wrong for chained streams); an
+#: Ogg file cut short is known by its missing end-of-stream page instead.
+_DECLARES_LENGTH = {"flac", "mp3", "mov", "wav", "aiff", "w64", "caf"}
+
 # sample scale of FFmpeg's integer sample formats (planar or packed)
 _INT_SCALE = {"s16": 1 / 32768, "s32": 1 / 2147483648, "u8": 1 / 128, "s64": 1 / 9223372036854775808}
 
@@ -390,7 +396,8 @@ def iter_mono_blocks(
         if broke_off is not None:
             truncated = (f"the stream breaks off after {decoded / src_rate:.1f} s "
                          f"({_ffmpeg_message(broke_off)}); the audio before it is kept")
-        elif whole and info.exact_length and info.frames and decoded < info.frames * TRUNCATED_BELOW:
+        elif (whole and info.exact_length and info.format in _DECLARES_LENGTH and info.frames
+              and decoded < info.frames * TRUNCATED_BELOW):
             truncated = (f"the stream ends early: decoded {decoded / src_rate:.1f} s of the "
                          f"{info.frames / src_rate:.1f} s its header declares (file cut short?)")
         elif whole and info.format in ("ogg", "wav"):
