@@ -167,8 +167,9 @@ def sampled_track_features(path: str | os.PathLike, cfg: FeatureConfig, max_segm
 
     With ``max_segments <= 0`` or a track short enough, this is the same as
     :func:`track_features` (every segment).  A header whose length is only an estimate (an
-    MP3 without a Xing/LAME/VBRI header) may place windows past the real end: those are
-    dropped, and if none is left the whole track is decoded.
+    MP3 without a Xing/LAME/VBRI header) is not sampled, and a stream that ends before the
+    last window (a file cut short) is decoded whole: either way the track's warnings and the
+    truncation policy are those of :func:`track_features`.
     """
     decode = decode or DecodeConfig()
     info = probe(path)
@@ -194,8 +195,8 @@ def sampled_track_features(path: str | os.PathLike, cfg: FeatureConfig, max_segm
         seg[: part.size] = part
         segments.append(seg)
         kept_starts.append(start)
-    if not segments:
-        return track_features(path, cfg, decode)
+    if len(segments) < len(starts_src):  # the stream ends before its header says: decode it whole, so that
+        return track_features(path, cfg, decode)  # the truncation rules (a warning, or decode.on_truncated) apply
     batch = feature_batch(cfg)
     mels = np.concatenate([log_mel(np.stack(segments[i:i + batch]), cfg)
                            for i in range(0, len(segments), batch)])

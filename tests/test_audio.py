@@ -273,3 +273,23 @@ def test_unreadable_file(tmp_path):
         assert kind == "unreadable" and "permission denied" in reason
     finally:
         os.chmod(p, 0o644)
+
+
+def test_classify_sampling_applies_the_same_truncation_rules(tmp_path):
+    """K evenly spaced windows of a file cut short: its stream ends before the last window, so it is decoded
+    whole and gets the warning (or, strict, the failure) that ingest gives it."""
+    from genrecls.config import DecodeConfig, FeatureConfig
+    from genrecls.pipeline import sampled_track_features
+
+    cfg = FeatureConfig(sample_rate=8000, segment_samples=8000, segment_hop=8000, n_fft=512, hop_length=256, n_mels=32)
+    full = write(tmp_path / "full.flac", tone(44100, 30.0, 2), 44100, "FLAC", "PCM_16")
+    data = open(full, "rb").read()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[: len(data) // 2])
+    whole = sampled_track_features(full, cfg, 4)
+    assert len(whole.starts) == 4 and whole.warnings == []
+    kept = sampled_track_features(str(cut), cfg, 4)
+    assert [w.kind for w in kept.warnings] == ["truncated"] and 10 <= len(kept.starts) <= 20
+    with pytest.raises(AudioError) as err:
+        sampled_track_features(str(cut), cfg, 4, DecodeConfig(on_truncated="fail"))
+    assert err.value.kind == "truncated"
