@@ -60,6 +60,18 @@ def cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "genrecls", "ingest", *args]
 
 
+def start_until_first_shard(args: list[str], out) -> subprocess.Popen:
+    """Start an ingest CLI and return once its first shard is complete (it must still be running then)."""
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None:
+        if os.path.isdir(out / "shards") and any(n.endswith(".parquet") for n in os.listdir(out / "shards")):
+            break
+        time.sleep(0.005)
+    assert driver.poll() is None, f"the ingest ended before its first shard was seen: {driver.stderr.read()[-2000:]}"
+    return driver
+
+
 @pytest.fixture
 def cluster_args(ray_local, small_cfg, tmp_path):
     """CLI flags: the small features, one or two tracks per task (many tasks), the session's Ray."""
@@ -96,13 +108,7 @@ def test_a_killed_worker_changes_nothing(sample_library, sample_dataset, small_c
 def test_a_killed_driver_then_the_same_command_gives_the_undisturbed_rows(sample_library, sample_dataset, cluster_args, tmp_path):
     out = tmp_path / "ds"
     args = cli([str(sample_library), "--out", str(out), *cluster_args])
-    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None:
-        if os.path.isdir(out / "shards") and any(n.endswith(".parquet") for n in os.listdir(out / "shards")):
-            break
-        time.sleep(0.005)
-    assert driver.poll() is None, f"the ingest ended before it could be killed: {driver.stderr.read()[-2000:]}"
+    driver = start_until_first_shard(args, out)
     driver.send_signal(signal.SIGKILL)  # half-way: at the first complete shard
     driver.wait()
     # Ray stops the dead driver's tasks; wait until none runs any more
@@ -199,13 +205,7 @@ def test_a_stop_signal_ends_the_run_with_one_line_and_the_same_command_resumes(s
     # in_process_mb 0: an embedded Ray even for this small library (the path whose core worker printed C++ dumps)
     cfg.write_text(small_cfg.with_section(ingest={"tracks_per_task": 1, "in_process_mb": 0}).to_json())
     args = cli([str(sample_library), "--out", str(out), "--config", str(cfg), "--workers", "1", "-q"])
-    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None:
-        if os.path.isdir(out / "shards") and any(n.endswith(".parquet") for n in os.listdir(out / "shards")):
-            break
-        time.sleep(0.01)
-    assert driver.poll() is None, f"the ingest ended before the signal: {driver.stderr.read()[-2000:]}"
+    driver = start_until_first_shard(args, out)
     driver.send_signal(sig)
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 128 + sig, stderr[-3000:]
