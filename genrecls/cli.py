@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import as_interrupted, handle_stop_signals, quiet_environment
+    from .runtime import RayStartError, as_interrupted, handle_stop_signals, quiet_environment
 
     quiet_environment(verbose="-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv))
     handle_stop_signals()
@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
         print(f"genrecls {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RayStartError as exc:
+        print(f"genrecls {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURES
     except KeyboardInterrupt as exc:
         stop = as_interrupted(exc)
         kept = f"{stop.kept}; " if stop.kept else ""

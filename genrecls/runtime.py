@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 __all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log", "Interrupted",
-           "as_interrupted", "handle_stop_signals"]
+           "as_interrupted", "handle_stop_signals", "RayStartError"]
 
 log = logging.getLogger("genrecls")
 
@@ -28,6 +28,10 @@ WORKER_ENV = {
     "PYTHONWARNINGS": "ignore",
     "RAY_DEDUP_LOGS": "1",
 }
+
+
+class RayStartError(RuntimeError):
+    """The embedded local Ray could not be started."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -142,7 +146,11 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
         ray.init(address=address, **kwargs)
     else:
         # "local": always a new embedded Ray, even if `ray start` runs a cluster on this machine
-        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, **kwargs)
+        try:
+            ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, **kwargs)
+        except Exception as exc:  # e.g. "The current node timed out during startup" on an overloaded machine
+            raise RayStartError(f"the embedded Ray did not start ({exc}); nothing was changed, run the same "
+                                "command again") from None
     handle_stop_signals()
     _quiet_ray_data()
     try:
