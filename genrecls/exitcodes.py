@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
 
 TABLE: dict[ExitCode, str] = {
     ExitCode.OK: "success (retrain: the challenger or the first model was promoted)",
-    ExitCode.FAILURES: "the run finished with failed files under --strict, or training/retraining failed",
+    ExitCode.FAILURES: "the run finished with failed files under --strict, or it failed (training, retraining, the local Ray did not start)",
     ExitCode.USAGE: "bad usage or input, with a one-line reason",
     ExitCode.KEPT: "retrain kept the champion (the challenger was not strictly better, or nothing changed)",
     ExitCode.LOCKED: "the output is locked by another run; the message names the holder",
