@@ -5,7 +5,8 @@ One run at a time may write a folder; a second one stops at once with
 
 * **local disks**: ``flock`` on ``FOLDER/.lock``; the kernel releases it when the holder
   dies, so a killed run never leaves a stale lock.
-* **S3** (``s3://``, and S3-compatible servers that implement conditional writes):
+* **S3** (``s3://``: AWS S3, and S3-compatible servers with conditional writes, such as
+  MinIO and SeaweedFS; a server that answers 501 gets the candidates lease below):
   ``FOLDER/.lock.json`` is created with ``PUT ... If-None-Match: *``, which the store
   performs atomically: of two runs exactly one gets 200, the other 412.  The object is a
   *lease*: it names its owner (a random token, pid, host, start time) and an expiry time,
@@ -92,7 +93,14 @@ def folder_lock(loc: "Location", what: str, *, lease_seconds: float = LEASE_SECO
             yield
         return
     lease = (_ConditionalLease if protocol == "conditional" else _CandidateLease)(loc, what, lease_seconds)
-    lease.acquire()
+    try:
+        lease.acquire()
+    except Exception as exc:
+        if protocol != "conditional" or _code(exc) not in ("NotImplemented", "501"):
+            raise
+        log.warning("%s: the store has no conditional writes; using a lease of candidates", loc.uri)
+        lease = _CandidateLease(loc, what, lease_seconds)
+        lease.acquire()
     try:
         yield
     finally:

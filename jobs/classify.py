@@ -14,8 +14,9 @@ Submit from a checkout, with the dashboard reached through ``ray dashboard clust
         python jobs/classify.py /mnt/music --model s3://my-bucket/genrecls/registry \\
             --out s3://my-bucket/genrecls/predictions/main --gpu --actors 4 --csv
 
-Exit code: 0 done (bad files are recorded in PREDICTIONS/failures/, not fatal), 1 some files
-could not be classified under ``--strict``, 2 bad input or no cluster to join.  Run
+Exit codes: the CLI's table (``genrecls/exitcodes.py``, README): 0 done (bad files are recorded
+in PREDICTIONS/failures/, not fatal), 1 some files could not be classified under ``--strict``,
+2 bad input or no cluster to join, 4 PREDICTIONS is locked by another run.  Run
 ``python jobs/classify.py --help`` for every flag.
 """
 

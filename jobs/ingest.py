@@ -12,8 +12,9 @@ Submit from a checkout, with the dashboard reached through ``ray dashboard clust
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/ingest.py /mnt/music --out s3://my-bucket/genrecls/datasets/main
 
-Exit code: 0 done (bad files are recorded in DATASET/failures/, not fatal), 1 some files
-failed under ``--strict``, 2 bad input or no cluster to join.  Ray marks the job FAILED on
+Exit codes: the CLI's table (``genrecls/exitcodes.py``, README): 0 done (bad files are recorded
+in DATASET/failures/, not fatal), 1 some files failed under ``--strict``, 2 bad input or no
+cluster to join, 4 DATASET is locked by another run.  Ray marks the job FAILED on
 any non-zero code.  Run ``python jobs/ingest.py --help`` for every flag.
 """
 

@@ -24,5 +24,5 @@ from genrecls import cli
 
 if __name__ == "__main__":
     code = cli.run_job("retrain")
-    # EXIT_KEPT: the challenger was not better, or there was nothing new to learn from
-    sys.exit(0 if code == getattr(cli, "EXIT_KEPT", None) else code)
+    # KEPT: the challenger was not better, or there was nothing new to learn from
+    sys.exit(0 if code == cli.ExitCode.KEPT else code)

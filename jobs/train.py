@@ -10,7 +10,8 @@ from every node: a shared file system path or a ``s3://`` / ``gs://`` URI
         python jobs/train.py s3://my-bucket/genrecls/datasets/main \\
         --out s3://my-bucket/genrecls/runs/2025-06-01
 
-Exit code: 0 trained, 2 bad input or no cluster to join (Ray marks the job FAILED on any
+Exit codes: the CLI's table (``genrecls/exitcodes.py``, README): 0 trained, 1 training failed,
+2 bad input or no cluster to join, 4 RUN is locked by another run (Ray marks the job FAILED on any
 non-zero code).  Run ``python jobs/train.py --help`` for every flag.
 """
 
