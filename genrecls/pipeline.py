@@ -6,6 +6,7 @@ spaced segments, scored), so that both compute identical inputs for the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .features import log_mel
 from .segments import iter_segments, segment_starts
 
 __all__ = ["TrackFeatures", "FeatureStream", "feature_batch", "fingerprint_file", "track_features", "sampled_track_features",
-           "tune_allocator"]
+           "tune_allocator", "one_thread"]
 
 #: segments turned into spectrograms at once, at most (bounded memory)
 FEATURE_BATCH = 16
@@ -52,6 +53,34 @@ def tune_allocator() -> None:
         libc.mallopt(m_trim_threshold, 128 << 20)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block with one thread in each native pool: BLAS/OpenMP (threadpoolctl) and pyarrow's.
+
+    A decoding task holds one CPU (``num_cpus=1``), but NumPy's OpenBLAS starts one thread
+    per core when it is imported, before Ray sets ``OMP_NUM_THREADS`` for the task: the mel
+    projection's small matrix products then run on two threads whose spin-waiting doubles the
+    task's CPU time (bench/ingest_profile.py: 2.5 vs 1.2 CPU-s for the same 16 tracks), and
+    two such workers on two cores fight over them.  The pools are restored on exit, so a
+    caller's own process (a run without Ray, a test) keeps its settings.
+    """
+    from threadpoolctl import threadpool_limits
+
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - a dependency
+        pa = None
+    cpus = pa.cpu_count() if pa is not None else None
+    with threadpool_limits(limits=1):
+        if pa is not None:
+            pa.set_cpu_count(1)
+        try:
+            yield
+        finally:
+            if pa is not None:
+                pa.set_cpu_count(cpus)
 
 
 def feature_batch(cfg: FeatureConfig) -> int:
