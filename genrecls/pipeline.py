@@ -37,7 +37,7 @@ def tune_allocator() -> None:
     glibc serves every allocation above 128 KiB-32 MiB (decoded blocks, STFT frames, row
     groups) with a fresh ``mmap`` and unmaps it on free, so each one page-faults anew: about
     5 000 faults per track, 15-20% of the CPU time of an ingest or classify decoding task
-    (bench/ingest.py, bench/classify.py).  Raising the mmap and trim thresholds lets the heap
+    (bench/ingest_parts.py, bench/classify.py).  Raising the mmap and trim thresholds lets the heap
     recycle those buffers.  Called once per worker process; a no-op off glibc.
     """
     global _ALLOCATOR_TUNED
