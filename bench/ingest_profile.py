@@ -140,19 +140,55 @@ def profile(cmd: list[str], interval: float, env: dict | None = None) -> dict:
             "output_tail": out_text[-1500:]}
 
 
+THREADS_CHECK = r"""
+import glob, json, resource, sys
+from threadpoolctl import threadpool_info, threadpool_limits
+from genrecls.config import FeatureConfig
+from genrecls.pipeline import one_thread, track_features
+files = sorted(glob.glob(sys.argv[1] + "/**/*.mp3", recursive=True))[:int(sys.argv[2])]
+cfg = FeatureConfig()
+track_features(files[0], cfg)
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+out = {"tracks": len(files), "blas_threads_default": [p["num_threads"] for p in threadpool_info()]}
+for rep in range(2):
+    for name in ("default_threads", "one_thread"):
+        with (one_thread() if name == "one_thread" else threadpool_limits(None)):
+            c = cpu()
+            for f in files:
+                track_features(f, cfg)
+            out.setdefault(name + "_cpu_seconds", []).append(round(cpu() - c, 2))
+print(json.dumps(out))
+"""
+
+
+def threads_check(library: str, tracks: int, python: str, env: dict) -> dict:
+    """CPU seconds of track_features on the same tracks in one process: default native threads vs one_thread()."""
+    r = subprocess.run([python, "-c", THREADS_CHECK, library, str(tracks)], env=env, capture_output=True, text=True,
+                       check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("library")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="--workers of each profiled run (none: only --threads-check)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--threads-check", type=int, default=0, metavar="TRACKS",
+                   help="also time track_features on TRACKS tracks in one process, default threads vs one_thread()")
+    p.add_argument("--code", default=REPO, help="folder holding the genrecls package to run (default: this checkout)")
     p.add_argument("--label", default="", help="a name for this profile in the JSON (e.g. before, after)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "ingest_profile.json"))
     a = p.parse_args(argv)
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = a.code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     runs = {}
+    if a.threads_check:
+        runs["threads_check"] = threads_check(a.library, a.threads_check, a.python, env)
+        print("threads check:", runs["threads_check"])
     for n in a.workers:
         out = tempfile.mkdtemp(prefix="genrecls-prof-")
         try:

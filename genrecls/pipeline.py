@@ -59,12 +59,14 @@ def tune_allocator() -> None:
 def one_thread():
     """Run the block with one thread in each native pool: BLAS/OpenMP (threadpoolctl) and pyarrow's.
 
-    A decoding task holds one CPU (``num_cpus=1``), but NumPy's OpenBLAS starts one thread
-    per core when it is imported, before Ray sets ``OMP_NUM_THREADS`` for the task: the mel
-    projection's small matrix products then run on two threads whose spin-waiting doubles the
-    task's CPU time (bench/ingest_profile.py: 2.5 vs 1.2 CPU-s for the same 16 tracks), and
-    two such workers on two cores fight over them.  The pools are restored on exit, so a
-    caller's own process (a run without Ray, a test) keeps its settings.
+    Decoding holds one CPU per batch.  In the command's own process (a small run without
+    Ray) and in any process started without ``OMP_NUM_THREADS``, NumPy's OpenBLAS has one
+    thread per core, and the mel projection's small matrix products then keep a second
+    thread spinning: 2.5 instead of 1.2 CPU-seconds for the same 16 tracks
+    (bench/ingest_profile.py's notes).  Ray's own workers already start with
+    ``OMP_NUM_THREADS=1``; there the caps change nothing but also guard against a cluster
+    whose environment sets more.  The pools are restored on exit, so a caller's own process
+    (a test, a notebook) keeps its settings.
     """
     from threadpoolctl import threadpool_limits
 
