@@ -187,10 +187,17 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
     ``warning_kind`` / ``warning_reason`` (a file used although something is off; several
     joined with "; ").  Never raises for a bad file.
     """
-    from .failures import failure_of
-    from .pipeline import sampled_track_features, tune_allocator
+    from .pipeline import one_thread, tune_allocator
 
     tune_allocator()
+    with one_thread():  # one CPU per decoding task: no spinning BLAS threads (genrecls.pipeline.one_thread)
+        return _featurise(batch, features, max_segments, decode)
+
+
+def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, decode: DecodeConfig | None) -> pa.Table:
+    from .failures import failure_of
+    from .pipeline import sampled_track_features
+
     dtype = np.float16 if features.dtype == "float16" else np.float32
     out: dict[str, list] = {k: [] for k in ("path", "track_id", "size", "mtime_ns", "duration", "n_segments",
                                            "mels", "error_kind", "error_reason", "warning_kind", "warning_reason")}

@@ -56,7 +56,7 @@ SHAPE_KEY = b"genrecls.mel_shape"
 VERSION_KEY = b"genrecls.schema_version"
 ROW_GROUP_SEGMENTS = 256
 SHARD_COMPRESSION = "zstd"
-#: zstd level 1: 40% less CPU than level 3 for 5% larger float16 shards (bench/ingest.py --profile)
+#: zstd level 1: 40% less CPU than level 3 for 5% larger float16 shards (bench/ingest_parts.py --profile)
 SHARD_COMPRESSION_LEVEL = 1
 
 

@@ -17,7 +17,7 @@ synthetic rock, classical and ambient tracks, both on the same samples and again
 asserts a maximum error below 2e-3 dB.  Bins far below a frame's loudest bin (beyond the
 80 dB ``top_db`` floor) carry more float32 round-off, but are clipped to the same floor.
 
-Speed (see ``bench/ingest.py --profile``): the mel projection only multiplies the non-zero
+Speed (see ``bench/ingest_parts.py --profile``): the mel projection only multiplies the non-zero
 part of the filter bank (each FFT bin feeds at most two Slaney filters, so about 2 000 of
 the 1025 x 128 weights are non-zero), band by band, 3x cheaper than a dense product;
 the natural log replaces log10 (3x cheaper in NumPy); batches hold about 4 MiB of frames

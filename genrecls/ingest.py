@@ -33,7 +33,7 @@ from .config import Config, DecodeConfig, FeatureConfig
 from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
 from .discovery import Discovery, Track, discover
 from .failures import failure_of, record_row, warning_row
-from .pipeline import FeatureStream, fingerprint_file, tune_allocator
+from .pipeline import FeatureStream, fingerprint_file, one_thread, tune_allocator
 from .progress import Progress, format_duration, format_table
 from .runtime import as_interrupted, log, ray_session
 from .storage import Location
@@ -66,6 +66,12 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
     written, after deleting its partial shard.
     """
     tune_allocator()
+    with one_thread():
+        return _process_batch(tasks, cfg, dataset_uri, shard_name, decode)
+
+
+def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str,
+                   decode: DecodeConfig | None) -> dict[str, Any]:
     loc = Location.parse(dataset_uri)
     writer = ShardWriter(loc, shard_name, cfg)
     failures, warnings, unchanged = [], [], []
@@ -279,7 +285,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         if todo and runs_in_process(todo, cfg, address):
             _run_in_process(todo, cfg, loc, summary, progress)
         elif todo:
-            with ray_session(address, workers, verbose=verbose):
+            with ray_session(address, workers, verbose=verbose, data=False):
                 _run_tasks(todo, cfg, loc, summary, workers, progress)
     except BaseException:
         try:  # leave the dataset as readers expect it: no temporaries, manifest matching the shards
@@ -310,7 +316,10 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
 def _batches(todo: list[TrackTask], tracks_per_task: int, slots: int) -> list[list[TrackTask]]:
     # small runs: spread over every slot (at least ~2 tasks each) rather than one fat task
     size = max(1, min(tracks_per_task, math.ceil(len(todo) / max(1, 2 * slots))))
-    return [todo[i:i + size] for i in range(0, len(todo), size)]
+    # a whole number of rounds, evened out: no last task running alone while the other slots idle
+    n = min(len(todo), math.ceil(math.ceil(len(todo) / size) / max(1, slots)) * max(1, slots))
+    bounds = [len(todo) * i // n for i in range(n + 1)] if n else [0]
+    return [todo[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _slots(workers: int | None, inflight_per_cpu: int) -> tuple[int, int]:

@@ -6,6 +6,7 @@ spaced segments, scored), so that both compute identical inputs for the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .features import log_mel
 from .segments import iter_segments, segment_starts
 
 __all__ = ["TrackFeatures", "FeatureStream", "feature_batch", "fingerprint_file", "track_features", "sampled_track_features",
-           "tune_allocator"]
+           "tune_allocator", "one_thread"]
 
 #: segments turned into spectrograms at once, at most (bounded memory)
 FEATURE_BATCH = 16
@@ -36,7 +37,7 @@ def tune_allocator() -> None:
     glibc serves every allocation above 128 KiB-32 MiB (decoded blocks, STFT frames, row
     groups) with a fresh ``mmap`` and unmaps it on free, so each one page-faults anew: about
     5 000 faults per track, 15-20% of the CPU time of an ingest or classify decoding task
-    (bench/ingest.py, bench/classify.py).  Raising the mmap and trim thresholds lets the heap
+    (bench/ingest_parts.py, bench/classify.py).  Raising the mmap and trim thresholds lets the heap
     recycle those buffers.  Called once per worker process; a no-op off glibc.
     """
     global _ALLOCATOR_TUNED
@@ -52,6 +53,36 @@ def tune_allocator() -> None:
         libc.mallopt(m_trim_threshold, 128 << 20)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block with one thread in each native pool: BLAS/OpenMP (threadpoolctl) and pyarrow's.
+
+    Decoding holds one CPU per batch.  In the command's own process (a small run without
+    Ray) and in any process started without ``OMP_NUM_THREADS``, NumPy's OpenBLAS has one
+    thread per core, and the mel projection's small matrix products then keep a second
+    thread spinning: 2.5 instead of 1.2 CPU-seconds for the same 16 tracks
+    (bench/ingest_profile.py's notes).  Ray's own workers already start with
+    ``OMP_NUM_THREADS=1``; there the caps change nothing but also guard against a cluster
+    whose environment sets more.  The pools are restored on exit, so a caller's own process
+    (a test, a notebook) keeps its settings.
+    """
+    from threadpoolctl import threadpool_limits
+
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - a dependency
+        pa = None
+    cpus = pa.cpu_count() if pa is not None else None
+    with threadpool_limits(limits=1):
+        if pa is not None:
+            pa.set_cpu_count(1)
+        try:
+            yield
+        finally:
+            if pa is not None:
+                pa.set_cpu_count(cpus)
 
 
 def feature_batch(cfg: FeatureConfig) -> int:

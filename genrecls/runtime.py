@@ -120,7 +120,8 @@ def quiet_environment(verbose: bool = False) -> None:
 
 
 @contextmanager
-def ray_session(address: str | None = None, workers: int | None = None, *, verbose: bool = False) -> Iterator[None]:
+def ray_session(address: str | None = None, workers: int | None = None, *, verbose: bool = False,
+                data: bool = True) -> Iterator[None]:
     """Connect to Ray for the duration of a command.
 
     Parameters
@@ -128,6 +129,11 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
     address : a Ray cluster address (``auto``, ``ray://host:10001``, ``host:6379``); None starts
         an embedded local Ray unless one is already initialised in this process.
     workers : CPUs the embedded local Ray may use (default: all cores).
+    data : the job runs Ray Data, whose workers need :func:`worker_setup`.  Without it (ingest's
+        plain tasks), an embedded local Ray gets no runtime environment at all: its workers
+        inherit this process's environment (set by :func:`quiet_environment`), so the workers
+        Ray starts with the node serve the tasks, with no ``setup_worker.py`` step per worker
+        and no pandas import in each.
     """
     import ray
 
@@ -137,10 +143,13 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
         return
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
+    env = runtime_env() if data else {"env_vars": worker_env()}
+    if not address and not data:
+        env = None
     kwargs = dict(
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
-        runtime_env=runtime_env(),
+        runtime_env=env,
     )
     if address:
         ray.init(address=address, **kwargs)

@@ -187,6 +187,37 @@ def test_workers_limit_concurrency_on_a_bigger_cluster(ray_local):
     assert _slots(cpus + 5, 2) == (cpus, 2 * cpus)
 
 
+def test_batches_fill_whole_rounds_of_the_slots():
+    from genrecls.ingest import _batches
+
+    for n, per_task, slots in [(600, 32, 2), (120, 32, 2), (101, 8, 3), (7, 4, 2), (33, 32, 1), (1, 32, 4)]:
+        batches = _batches(list(range(n)), per_task, slots)
+        assert [t for b in batches for t in b] == list(range(n))  # every track once, in order
+        sizes = [len(b) for b in batches]
+        assert max(sizes) <= per_task and max(sizes) - min(sizes) <= 1
+        # no last round in which one task runs while the other slots have nothing left to do
+        assert len(batches) % slots == 0 or len(batches) == n
+
+
+def test_decoding_runs_with_one_thread_per_native_pool():
+    import pyarrow as pa
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from genrecls.pipeline import one_thread
+
+    before = pa.cpu_count()
+    pa.set_cpu_count(3)
+    try:
+        with threadpool_limits(limits=2):
+            with one_thread():
+                assert pa.cpu_count() == 1
+                assert all(p["num_threads"] == 1 for p in threadpool_info())
+            assert pa.cpu_count() == 3  # the caller's settings come back
+            assert all(p["num_threads"] == 2 for p in threadpool_info())
+    finally:
+        pa.set_cpu_count(before)
+
+
 def test_cli_ingest_strict_and_inspect(small_library, small_cfg, ray_local, tmp_path, capsys):
     from genrecls.cli import main
 
