@@ -92,3 +92,23 @@ def test_with_section_updates_and_validates():
     with pytest.raises(ConfigError, match="features.n_mels"):
         Config().with_section(features={"n_mels": 0})
     assert Config().with_section(features=FeatureConfig(n_mels=16)).features.n_mels == 16
+
+
+def test_feature_presets_are_complete_and_derived_from_the_values():
+    from genrecls.config import DEFAULT_PRESET, FEATURE_PRESETS, FeatureConfig, feature_preset
+
+    assert Config().features.preset == DEFAULT_PRESET
+    m = Config().override(["features.dtype=float32", "features.preset=musicnn"])  # preset first, then the others
+    assert m.features == feature_preset("musicnn", dtype="float32")
+    assert (m.features.sample_rate, m.features.n_mels, m.features.mel_shape, m.features.log_scale) == (16000, 96, (96, 187), "log10_10000")
+    assert Config.from_dict({"features": {"preset": "musicnn"}}).features.preset == "musicnn"
+    assert Config.from_dict(m.to_dict()).features == m.features  # a resolved config.json round-trips
+    assert m.override(["features.preset=tutorial"]).features == feature_preset("tutorial")
+    assert m.override(["features.n_mels=64"]).features.preset == "custom"  # changed input: no longer the preset
+    assert m.override(["features.segment_hop=24000"]).features.preset == "musicnn"  # overlap keeps the input
+    assert FeatureConfig().preset == "tutorial"  # datasets written before presets: the tutorial's values
+    assert set(FEATURE_PRESETS) == {"tutorial", "musicnn"}
+    with pytest.raises(ConfigError, match="features.preset: unknown preset 'vgg'"):
+        Config().override(["features.preset=vgg"])
+    with pytest.raises(ConfigError, match="features.log_scale"):
+        Config().override(["features.log_scale=ln"])
