@@ -16,9 +16,11 @@ then starts Ray Train's ``TensorflowTrainer``.  Each worker runs :func:`train_fu
   runs exactly the same number of steps per epoch (computed by the driver from the equal
   split; a worker that came up short would repeat its last batch rather than leave the
   others waiting in an all-reduce);
-* the validation split is evaluated every epoch; learning rate follows a cosine decay
-  over ``train.epochs``; early stopping on validation loss (the best epoch's weights are
-  the ones exported); class weights inverse to the label frequencies and track weights
+* the validation split is evaluated every epoch, per track (each worker sums its segments'
+  probabilities per track, one all-reduce adds the workers' sums): the epoch exported is
+  the one of highest validation **track** accuracy (ties: lower validation loss), and early
+  stopping counts epochs without such an improvement (:mod:`genrecls.selection`); learning
+  rate follows a cosine decay over ``train.epochs``; class weights inverse to the label frequencies and track weights
   (every training track counts the same, whatever its length); fixed seed;
 * a checkpoint every epoch through ``ray.train.report`` (weights, optimizer state, best
   weights, history): a worker that dies makes Ray Train restart the group from the last
@@ -51,6 +53,7 @@ import numpy as np
 from .config import Config, ConfigError, FeatureConfig
 from .dataset import FEATURES_KEY, TRACKS_KEY, Dataset, DatasetError
 from .runtime import log, quiet_environment, ray_session
+from .selection import TrackTally, is_better, validation_metrics
 from .split import SplitError, assign_splits, split_counts, write_splits
 from .storage import Location
 
@@ -326,9 +329,11 @@ def _segment_weights(tracks: list[dict[str, Any]], assignment: dict[str, str], b
 # --------------------------------------------------------------------------------------
 # Ray Data
 # --------------------------------------------------------------------------------------
-def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, float] | None = None,
+           track_index: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Shard rows (pyarrow) -> ``x`` float16 (n, n_mels, n_frames), ``y`` int32 label index
-    and, with ``weights`` (track_id -> weight), ``w`` float32."""
+    and, with ``weights`` (track_id -> weight), ``w`` float32; with ``track_index`` (track_id ->
+    index), ``t`` int32 (validation: segment probabilities are summed per track)."""
     mel = batch.column("mel").combine_chunks()
     x = mel.flatten().to_numpy(zero_copy_only=False).reshape(len(mel), *shape).astype(np.float16, copy=False)
     index = {l: i for i, l in enumerate(labels)}
@@ -336,11 +341,13 @@ def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, 
     out = {"x": x, "y": y}
     if weights is not None:
         out["w"] = np.fromiter((weights[t] for t in batch.column("track_id").to_pylist()), dtype=np.float32, count=len(mel))
+    if track_index is not None:
+        out["t"] = np.fromiter((track_index[t] for t in batch.column("track_id").to_pylist()), dtype=np.int32, count=len(mel))
     return out
 
 
 def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bool = False,
-                     weights: dict[str, float] | None = None):
+                     weights: dict[str, float] | None = None, track_index: dict[str, int] | None = None):
     """A Ray Dataset of ``x``/``y`` rows for the given tracks (the track filter is pushed into the Parquet scan);
     with ``weights`` (track_id -> loss weight of each segment) a ``w`` column too."""
     import ray.data
@@ -365,7 +372,8 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
             ctx.use_datasource_v2 = v2
     ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
     return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights})
+                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights,
+                                     "track_index": track_index})
 
 
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
@@ -377,7 +385,7 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
     again, shuffled globally (``random_shuffle``) or by file order plus the local buffer.
     """
     train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local", weights=plan.segment_weights)
-    val = make_ray_dataset(plan, ids["val"])
+    val = make_ray_dataset(plan, ids["val"], track_index=val_track_index(ids["val"]))
     if plan.cache:
         # a real row shuffle once: shards hold a few labels each (ingest order), every block must mix them
         train = train.random_shuffle(seed=plan.seed).materialize()
@@ -385,6 +393,11 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
         return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
     epoch_train = train.random_shuffle(seed=plan.seed) if plan.shuffle == "global" else train
     return {"train": epoch_train, "val": val}, train
+
+
+def val_track_index(val_ids: list[str]) -> dict[str, int]:
+    """Row of each validation track in the workers' per-track sums (sorted track ids)."""
+    return {t: i for i, t in enumerate(sorted(val_ids))}
 
 
 def normalisation_stats(train_ds) -> tuple[np.ndarray, np.ndarray, int]:
@@ -464,6 +477,22 @@ def _tf_dataset(tf, gen, shape: tuple[int, int], weighted: bool):
     return ds.with_options(options)
 
 
+def _validation_tally(tf, model, shard, *, batch: int, n_tracks: int, n_labels: int, stats: dict[str, Any]) -> TrackTally:
+    """Probabilities of every validation segment of this worker's share, summed per track.
+
+    The model is called directly (no ``predict``), so no collective runs while workers
+    iterate shares of different lengths.
+    """
+    tally = TrackTally(n_tracks, n_labels)
+    t = time.perf_counter()
+    for b in shard.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2):
+        stats["val_wait"] = stats.get("val_wait", 0.0) + time.perf_counter() - t
+        probs = model(tf.constant(b["x"], tf.float32), training=False).numpy()
+        tally.add(probs, b["y"], b["t"])
+        t = time.perf_counter()
+    return tally
+
+
 def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
     np.savez(path, **{f"a{i:04d}": a for i, a in enumerate(arrays)})
 
@@ -509,8 +538,8 @@ def train_func(config: dict[str, Any]) -> None:
     # augmentation masks and dropout
     tf.random.set_seed(int(config["seed"]) * 1009 + 1 + rank)
 
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": None, "wait": 0,
-                             "stopped": False, "restarts": []}
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_val_track_accuracy": None,
+                             "best_epoch": None, "wait": 0, "stopped": False, "restarts": []}
     best_weights = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -522,31 +551,25 @@ def train_func(config: dict[str, Any]) -> None:
                 var.assign(value)
             if os.path.exists(os.path.join(d, "best.npz")):
                 best_weights = _load_arrays(os.path.join(d, "best.npz"))
+        state.setdefault("best_val_track_accuracy", None)
         state.setdefault("restarts", []).append({"from_epoch": state["epoch"], "time": time.time(), "world_size": world})
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     weights = np.asarray(config["class_weights"], np.float32)
-    epochs, steps, vsteps = config["epochs"], config["steps_per_epoch"], config["val_steps"]
-    batch, vbatch = config["batch_size"], config["val_batch_size"]
+    epochs, steps = config["epochs"], config["steps_per_epoch"]
+    batch = config["batch_size"]
     patience = config["early_stopping_patience"]
+    n_labels, n_val_tracks = len(config["labels"]), int(config["val_tracks"])
 
-    class _Clock(k.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-            self.t1 = None
+    def all_workers_sum(vector: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every worker's array (one collective all-reduce; the same result everywhere)."""
+        if world == 1:
+            return vector
+        value = tf.constant(vector)
+        per_replica = strategy.experimental_distribute_values_from_function(lambda _: value)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
-        def on_test_begin(self, logs=None):
-            if self.t1 is None:
-                self.t1 = time.perf_counter()
-
-        def on_test_end(self, logs=None):
-            self.t2 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.t3 = time.perf_counter()
-
-    clock = _Clock()
     while state["epoch"] < epochs and not state["stopped"]:
         epoch = state["epoch"]
         lr = learning_rate_at(epoch, epochs, config["learning_rate"])
@@ -555,37 +578,41 @@ def train_func(config: dict[str, Any]) -> None:
         seed = int(config["seed"]) * 100_003 + epoch * 101 + rank
         train_gen = _epoch_generator(train_shard, steps=steps, batch=batch, buffer=config["shuffle_buffer"], seed=seed,
                                      weights=weights, stats=stats)
-        val_gen = _epoch_generator(val_shard, steps=vsteps, batch=vbatch, buffer=0, seed=None, weights=None, stats=stats,
-                                   name="val")
         if world > 1:
             train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, train_gen, shape, True))
-            val_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, val_gen, shape, False))
         else:
-            train_data, val_data = _tf_dataset(tf, train_gen, shape, True), _tf_dataset(tf, val_gen, shape, False)
+            train_data = _tf_dataset(tf, train_gen, shape, True)
         t0 = time.perf_counter()
-        hist = model.fit(train_data, epochs=1, steps_per_epoch=steps, validation_data=val_data,
-                         validation_steps=vsteps, verbose=0, callbacks=[clock])
-        epoch_seconds = time.perf_counter() - t0
+        hist = model.fit(train_data, epochs=1, steps_per_epoch=steps, verbose=0)
+        train_seconds = time.perf_counter() - t0
         logs = {key: float(v[-1]) for key, v in hist.history.items()}
-        train_seconds = (clock.t1 or time.perf_counter()) - clock.t0
-        val_loss = logs["val_loss"]
-        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-4
+        # validation: every segment of this worker's share, probabilities summed per track, summed over workers
+        t_val = time.perf_counter()
+        tally = _validation_tally(tf, model, val_shard, batch=max(256, batch), n_tracks=n_val_tracks,
+                                  n_labels=n_labels, stats=stats)
+        val = validation_metrics(all_workers_sum(tally.vector()), n_val_tracks, n_labels)
+        val_seconds = time.perf_counter() - t_val
+        epoch_seconds = time.perf_counter() - t0
+        best = None if state["best_epoch"] is None else {"val_track_accuracy": state["best_val_track_accuracy"],
+                                                          "val_loss": state["best_val_loss"]}
+        improved = is_better(val, best)
         weights_now = model.get_weights()  # collective under MWMS: every worker calls it
         if improved:
-            state["best_val_loss"], state["best_epoch"], state["wait"] = val_loss, epoch + 1, 0
+            state["best_val_track_accuracy"], state["best_val_loss"] = val["val_track_accuracy"], val["val_loss"]
+            state["best_epoch"], state["wait"] = epoch + 1, 0
             best_weights = weights_now
         else:
             state["wait"] += 1
         if patience and state["wait"] >= patience:
             state["stopped"] = True
         record = {"epoch": epoch + 1, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
-                  "val_loss": val_loss, "val_accuracy": logs.get("val_accuracy"), "lr": lr,
+                  "val_loss": val["val_loss"], "val_accuracy": val["val_accuracy"],
+                  "val_track_accuracy": val["val_track_accuracy"], "val_tracks_scored": val["val_tracks_scored"], "lr": lr,
                   "train_seconds": round(train_seconds, 3), "epoch_seconds": round(epoch_seconds, 3),
                   "segments_per_s": round(steps * batch * world / max(train_seconds, 1e-9), 2),
                   "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0),
                   "train_data_wait_seconds": round(stats.get("train_wait", 0.0), 3),
-                  "val_seconds": round(clock.t2 - clock.t1, 3) if clock.t1 else None,
-                  "fit_exit_seconds": round(time.perf_counter() - clock.t3, 3),
+                  "val_seconds": round(val_seconds, 3),
                   "val_data_wait_seconds": round(stats.get("val_wait", 0.0), 3),
                   "pid": os.getpid(),  # of rank 0, which writes the checkpoint
                   "threads": int(threads), "onednn": onednn}
@@ -602,6 +629,7 @@ def train_func(config: dict[str, Any]) -> None:
             with open(os.path.join(d, "state.json"), "w") as f:
                 json.dump({**state, "files": files}, f)
             metrics = {**record, "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+                       "best_val_track_accuracy": state["best_val_track_accuracy"],
                        "stopped": state["stopped"], "epochs": epochs, "restarts": len(state.get("restarts", []))}
             checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -620,7 +648,8 @@ def _epoch_printer(total_epochs: int, enabled: bool):
             r = result
             line = (f"epoch {r.get('epoch')}/{total_epochs}: loss {r.get('loss', float('nan')):.4f} "
                     f"acc {r.get('accuracy', float('nan')):.3f}  val_loss {r.get('val_loss', float('nan')):.4f} "
-                    f"val_acc {r.get('val_accuracy', float('nan')):.3f}  lr {r.get('lr', 0):.2e}  "
+                    f"val_acc {r.get('val_accuracy', float('nan')):.3f}  val_track_acc {r.get('val_track_accuracy', float('nan')):.3f}  "
+                    f"lr {r.get('lr', 0):.2e}  "
                     f"{r.get('epoch_seconds', 0):.1f} s, {r.get('segments_per_s', 0):.0f} segments/s"
                     + ("  (best)" if r.get("best_epoch") == r.get("epoch") else "")
                     + ("  early stop" if r.get("stopped") else ""))
@@ -706,6 +735,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
         "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "val_steps": plan.val_steps,
         "batch_size": plan.batch_size, "val_batch_size": plan.val_batch_size, "shuffle_buffer": plan.shuffle_buffer,
         "class_weights": plan.class_weights, "early_stopping_patience": plan.early_stopping_patience,
+        "val_tracks": plan.tracks_per_split["val"]["total"],
         "cpus_per_worker": plan.cpus_per_worker,
     }
     trainer = TensorflowTrainer(
@@ -918,7 +948,8 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
                  f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
     lines.append(f"- training: {plan.workers} Ray Train worker(s) x {plan.cpus_per_worker:g} CPU{' + GPU' if plan.use_gpu else ''}, "
                  f"batch {plan.batch_size} per worker, {plan.steps_per_epoch} steps per epoch, {summary['epochs_run']} of "
-                 f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']}, "
+                 f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']} "
+                 "(highest validation track accuracy), "
                  f"learning rate {plan.learning_rate:g} with cosine decay, shuffle {plan.shuffle}, seed {plan.seed}, "
                  f"class weights {'on' if cfg.train.class_weights else 'off'}, track weights {'on' if plan.segment_weights else 'off'}, augmentation {'on' if plan.augment and plan.model != 'tutorial' else 'off'}")
     sps = [r["segments_per_s"] for r in h[1:]] or [r["segments_per_s"] for r in h]
@@ -941,8 +972,8 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
     lines += ["", "## Metrics", "", "```", format_metrics(m), "```", ""]
     lines += ["## Per epoch", "", "```", format_table(
         [(r["epoch"], f"{r['loss']:.4f}", f"{r['accuracy']:.3f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
-          f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
-        ("epoch", "loss", "acc", "val loss", "val acc", "lr", "seconds")), "```", ""]
+          f"{r.get('val_track_accuracy', float('nan')):.3f}", f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
+        ("epoch", "loss", "acc", "val loss", "val acc", "val track acc", "lr", "seconds")), "```", ""]
     lines += ["![learning curves](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
     return "\n".join(lines)
