@@ -67,6 +67,8 @@ FEATURE_PRESETS: dict[str, dict[str, Any]] = {
     "musicnn": {"sample_rate": 16000, "segment_samples": 47_616, "segment_hop": 47_616, "n_fft": 512,
                 "hop_length": 256, "n_mels": 96, "fmin": 0.0, "fmax": None, "log_scale": "log10_10000", "top_db": None},
 }
+#: the models `genrecls train --model` knows (genrecls.models.MODELS builds them)
+MODEL_NAMES = ("tutorial", "default", "cnn2d", "linear", "musicnn")
 #: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
 DEFAULT_PRESET = "tutorial"
 #: the values that define a preset's model input (segment_hop only changes how many segments a track gives)
@@ -208,7 +210,11 @@ class IngestConfig:
 class TrainConfig:
     """How a model is trained."""
 
+    #: tutorial, default (1-D CNN), cnn2d, linear (pooled log-mel statistics) or musicnn (pretrained backbone)
     model: str = "default"
+    #: musicnn only: train the whole pretrained network too (every epoch runs the backbone), not just a
+    #: new head on embeddings computed once
+    fine_tune: bool = False
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -249,18 +255,22 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0 (0 = auto)")
         _check(self.cache in ("auto", "on", "off"), "train.cache", "must be 'auto', 'on' or 'off'")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0")
-        _check(bool(self.model), "train.model", "must name a model (tutorial or default)")
+        _check(self.model in MODEL_NAMES, "train.model", f"unknown model {self.model!r}; known: {', '.join(MODEL_NAMES)}")
         return self
+
+
+#: classify.max_segments for runs that did not choose one (trained before the choice was recorded)
+FALLBACK_MAX_SEGMENTS = 10
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
     """How a library is classified."""
 
-    #: score at most this many evenly spaced segments per track (0 = all).  10 by measurement
-    #: (bench/classify.py, held-out real tracks): track accuracy equal to scoring every segment, 1 segment
-    #: loses ~10 points, and the longest tracks cost ~1/11 of featurising them whole
-    max_segments: int = 10
+    #: score at most this many evenly spaced segments per track (0 = all; -1 = the K the run chose on its
+    #: validation tracks, run.json "classify", else FALLBACK_MAX_SEGMENTS).  Fewer segments cost less on
+    #: long tracks (a 10-min track costs ~1/11 of featurising it whole at K=10)
+    max_segments: int = -1
     top_k: int = 3
     #: segments per model call
     batch_size: int = 256
@@ -280,7 +290,7 @@ class ClassifyConfig:
     strict: bool = False
 
     def validate(self) -> "ClassifyConfig":
-        _check(self.max_segments >= 0, "classify.max_segments", "must be >= 0 (0 = all)")
+        _check(self.max_segments >= -1, "classify.max_segments", "must be >= -1 (0 = all, -1 = the run's choice)")
         _check(self.top_k >= 1, "classify.top_k", "must be >= 1")
         _check(self.batch_size >= 1, "classify.batch_size", "must be >= 1")
         _check(self.tracks_per_task >= 1, "classify.tracks_per_task", "must be >= 1")

@@ -118,13 +118,15 @@ def accuracy_by_k(track_ids: Sequence[str], segment_index: Sequence[int], labels
 
 
 def choose_k(by_k: list[dict[str, Any]], tracks: int) -> int:
-    """The smallest K whose validation track accuracy is within one track of the best K's (0 = every segment)."""
+    """The smallest K with the best validation track accuracy (0 = every segment, when only it reaches the best).
+
+    ``tracks`` (the number of validation tracks) is recorded by callers; accuracies are
+    compared exactly, so a K is chosen only if it scores as many validation tracks right.
+    """
     if not by_k:
         return 0
     best = max(r["track_accuracy"] for r in by_k)
-    slack = 1.0 / max(1, tracks) + 1e-9
-    finite = sorted((r for r in by_k if r["k"] > 0), key=lambda r: r["k"])
-    for r in finite:
-        if r["track_accuracy"] >= best - slack:
+    for r in sorted((r for r in by_k if r["k"] > 0), key=lambda r: r["k"]):
+        if r["track_accuracy"] >= best - 1e-9:
             return r["k"]
     return 0

@@ -105,7 +105,7 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     manifest = ds.manifest()  # raises DatasetError when there is none
     features = ds.feature_config()
-    if cfg.features != FeatureConfig() and cfg.features != features:
+    if cfg.features != Config().features and cfg.features != features:
         diff = {k: (v, getattr(cfg.features, k)) for k, v in asdict(features).items() if getattr(cfg.features, k) != v}
         raise DatasetError(
             f"{ds.uri} was built with other feature settings than the configuration asks for "
@@ -172,6 +172,21 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
                         columns or [])
 
 
+def check_model_input(model: str, check: DatasetCheck, dataset: str) -> None:
+    """A model that needs a feature preset refuses a dataset of another one, naming the ingest to run."""
+    from .models import MODEL_PRESETS, MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"train.model: unknown model {model!r}; known: {', '.join(MODELS)}")
+    need = MODEL_PRESETS[model]
+    if need and check.features.preset != need:
+        raise DatasetError(
+            f"the {model} model needs segments of the {need!r} feature preset, but {check.dataset.uri} holds "
+            f"{check.features.preset!r} features ({check.features.n_mels}x{check.features.n_frames} at "
+            f"{check.features.sample_rate} Hz); ingest the library again into a new dataset: "
+            f"genrecls ingest SOURCE --out NEW_DATASET --set features.preset={need}")
+
+
 @dataclass
 class TrainPlan:
     """What the workers need, resolved by the driver; written to RUN/plan.json."""
@@ -205,6 +220,9 @@ class TrainPlan:
     std: list[float] | None = None
     #: loss weight of each segment of each training track (train.track_weights), else None
     segment_weights: dict[str, float] | None = None
+    #: what the workers train on: "mel" (stored segments) or "embedding" (musicnn embeddings computed once)
+    input: str = "mel"
+    fine_tune: bool = False
 
     @property
     def mel_shape(self) -> tuple[int, int]:
@@ -295,6 +313,11 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         shuffle = "global" if train_bytes <= GLOBAL_SHUFFLE_MAX_BYTES else "local"
     decoded = sum(segs[s]["total"] for s in ("train", "val")) * (check.features.n_mels * check.features.n_frames * 2 + 4)
     cache = t.cache == "on" or (t.cache == "auto" and object_store_bytes is not None and decoded <= object_store_bytes / 4)
+    train_input = "embedding" if t.model == "musicnn" and not t.fine_tune else "mel"
+    if train_input == "embedding":
+        cache = True  # embeddings are computed once and kept: 400 bytes per segment
+        notes.append("frozen musicnn backbone: each segment's embedding is computed once (a Ray Data actor) "
+                     "and only the head trains")
     plan = TrainPlan(
         dataset=check.dataset.uri, shard_paths=check.shard_paths, features=asdict(check.features), labels=labels,
         model=t.model, workers=workers, cpus_per_worker=cpw, use_gpu=t.gpu, epochs=t.epochs, batch_size=batch,
@@ -302,7 +325,7 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         seed=t.seed, augment=t.augment, shuffle=shuffle, shuffle_buffer=t.shuffle_buffer, cache=cache,
         early_stopping_patience=t.early_stopping_patience, class_weights=class_weights,
         tracks_per_split=counts, segments_per_split=segs, unlabelled_tracks=check.unlabelled, notes=notes,
-        segment_weights=segment_weights)
+        segment_weights=segment_weights, input=train_input, fine_tune=t.fine_tune)
     return plan, table
 
 
@@ -386,6 +409,12 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
     """
     train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local", weights=plan.segment_weights)
     val = make_ray_dataset(plan, ids["val"], track_index=val_track_index(ids["val"]))
+    if plan.input == "embedding":  # the frozen backbone runs once per segment, here; the epochs reuse its output
+        from .transfer import embed_dataset
+
+        train = embed_dataset(train).random_shuffle(seed=plan.seed).materialize()
+        val = embed_dataset(val).materialize()
+        return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
     if plan.cache:
         # a real row shuffle once: shards hold a few labels each (ingest order), every block must mix them
         train = train.random_shuffle(seed=plan.seed).materialize()
@@ -405,6 +434,8 @@ def normalisation_stats(train_ds) -> tuple[np.ndarray, np.ndarray, int]:
     n, s, ss = 0, None, None
     for b in train_ds.iter_batches(batch_size=1024, batch_format="numpy"):
         x = b["x"].astype(np.float64)
+        if x.ndim == 2:  # embeddings: one value per dimension
+            x = x[:, :, None]
         n += x.shape[0] * x.shape[2]
         bs, bss = x.sum(axis=(0, 2)), np.einsum("imt,imt->m", x, x)
         s = bs if s is None else s + bs
@@ -531,8 +562,16 @@ def train_func(config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     shape = tuple(config["mel_shape"])
     with strategy.scope():
-        model = build_model(config["model"], shape, len(config["labels"]), mean=config["mean"], std=config["std"],
-                            augment=config["augment"], learning_rate=config["learning_rate"])
+        if config.get("input") == "embedding":  # frozen musicnn backbone: the head alone, on embeddings
+            from .transfer import EMBEDDING_DIM, build_head
+
+            shape = (EMBEDDING_DIM,)
+            model = build_head(len(config["labels"]), learning_rate=config["learning_rate"], mean=config["mean"],
+                               std=config["std"])
+        else:
+            model = build_model(config["model"], shape, len(config["labels"]), mean=config["mean"], std=config["std"],
+                                augment=config["augment"], learning_rate=config["learning_rate"],
+                                fine_tune=config.get("fine_tune", False))
         model.optimizer.build(model.trainable_variables)
     # same initial weights everywhere (MWMS also broadcasts them); then each worker draws its own
     # augmentation masks and dropout
@@ -735,7 +774,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
         "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "val_steps": plan.val_steps,
         "batch_size": plan.batch_size, "val_batch_size": plan.val_batch_size, "shuffle_buffer": plan.shuffle_buffer,
         "class_weights": plan.class_weights, "early_stopping_patience": plan.early_stopping_patience,
-        "val_tracks": plan.tracks_per_split["val"]["total"],
+        "val_tracks": plan.tracks_per_split["val"]["total"], "input": plan.input, "fine_tune": plan.fine_tune,
         "cpus_per_worker": plan.cpus_per_worker,
     }
     trainer = TensorflowTrainer(
@@ -819,10 +858,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             raise FileExistsError(f"{run.uri} already holds a training run; pass --resume to continue it "
                                   "or choose another --out")
         labels = None
-    from .models import MODELS
-
-    if cfg.train.model not in MODELS:
-        raise ConfigError(f"train.model: unknown model {cfg.train.model!r}; known: {sorted(MODELS)}")
+    check_model_input(cfg.train.model, check, dataset)
     # a first plan without Ray: every data error surfaces before anything starts
     plan, table = plan_training(check, cfg, splits=splits, labels=labels)
     run.makedirs()
@@ -859,6 +895,14 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             datasets, stats_source = prepare_datasets(plan, ids) if not finished else ({}, None)
             if resume and run.exists("normalisation.json"):
                 norm = run.read_json("normalisation.json")
+            elif plan.model == "musicnn" and plan.input != "embedding":  # fine-tuning: the network's own input batch norm
+                norm = {"mean": None, "std": None, "note": "none: the musicnn backbone's own input batch norm"}
+                run.write_json("normalisation.json", norm)
+            elif plan.input == "embedding":  # the head standardises the embedding
+                mean, std, n = normalisation_stats(stats_source)
+                norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "embedding dimension",
+                        "units": "musicnn embedding", "computed_on": "train split", "values": n}
+                run.write_json("normalisation.json", norm)
             else:
                 mean, std, n = normalisation_stats(stats_source)
                 norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "mel band", "units": "dB",
@@ -898,13 +942,18 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
 
     import_tensorflow()
     model = build_model(plan.model, plan.mel_shape, len(plan.labels), mean=plan.mean, std=plan.std,
-                        augment=plan.augment, learning_rate=plan.learning_rate)
-    model.set_weights(best)
+                        augment=plan.augment, learning_rate=plan.learning_rate, fine_tune=plan.fine_tune)
+    if plan.input == "embedding":  # the trained head onto the pretrained backbone: the export scores raw segments
+        from .transfer import head_weights_into
+
+        head_weights_into(model, best)
+    else:
+        model.set_weights(best)
     history = state["history"]
     versions = _versions()
     info = export_model(model, run, labels=plan.labels, features=check.features, model_name=plan.model, extra={
         "dataset": check.dataset.uri, "normalisation": {"file": "normalisation.json", "axis": "mel band",
-                                                        "inside_model": plan.model != "tutorial"},
+                                                        "inside_model": plan.model not in ("tutorial", "musicnn")},
         "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"], "versions": versions,
         "model": model_summary(model), "splits": "splits.parquet", "config": "config.json"})
     run.write_json("history.json", history)
@@ -913,6 +962,10 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
     groups = {s: [t for t, v in assignment.items() if v == s] for s in ("val", "test")}
     metrics = evaluate_predictor(predictor, check.dataset, groups)
+    if "classify_max_segments" in metrics:  # classify's K, chosen on the validation tracks (genrecls.selection)
+        info["classify"] = {"max_segments": metrics["classify_max_segments"], "chosen_on": "validation tracks",
+                            "val_track_accuracy_by_k": metrics["val_track_accuracy_by_k"]}
+        run.write_json("run.json", info)
     metrics.update({
         "model_id": info["model_id"], "model": plan.model, "dataset": check.dataset.uri,
         "tracks_per_split": plan.tracks_per_split, "segments_per_split": plan.segments_per_split,
@@ -942,10 +995,17 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
     lines = [f"# Training run {summary['model_id']}", ""]
     lines.append(f"- dataset: `{plan.dataset}` ({sum(plan.tracks_per_split[s]['total'] for s in plan.tracks_per_split)} "
                  f"labelled tracks, {len(plan.labels)} labels{f', {plan.unlabelled_tracks} unlabelled tracks ignored' if plan.unlabelled_tracks else ''})")
-    lines.append(f"- model: `{plan.model}` ({info['model']['parameters']:,} weights); input {plan.mel_shape[0]}x{plan.mel_shape[1]} "
-                 "log-mel dB, normalised per mel band inside the model with training-split statistics"
-                 if plan.model != "tutorial" else
-                 f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
+    f = FeatureConfig(**plan.features)
+    scale = "log-mel dB" if f.log_scale == "db" else "log10(10000 mel + 1)"
+    if plan.model == "tutorial":
+        lines.append(f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
+    elif plan.model == "musicnn":
+        lines.append(f"- model: `musicnn` ({info['model']['parameters']:,} weights): the pretrained MSD musicnn backbone "
+                     f"({'fine-tuned' if plan.fine_tune else 'frozen; each segment embedded once, only the head trained'}) "
+                     f"and a softmax head; input {plan.mel_shape[0]}x{plan.mel_shape[1]} {scale} (preset {f.preset})")
+    else:
+        lines.append(f"- model: `{plan.model}` ({info['model']['parameters']:,} weights); input {plan.mel_shape[0]}x{plan.mel_shape[1]} "
+                     f"{scale} (preset {f.preset}), normalised per mel band inside the model with training-split statistics")
     lines.append(f"- training: {plan.workers} Ray Train worker(s) x {plan.cpus_per_worker:g} CPU{' + GPU' if plan.use_gpu else ''}, "
                  f"batch {plan.batch_size} per worker, {plan.steps_per_epoch} steps per epoch, {summary['epochs_run']} of "
                  f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']} "
