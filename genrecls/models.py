@@ -304,7 +304,7 @@ def build_linear(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[
 
     Per-band normalised input, the mean and standard deviation over time of each band
     (:class:`TimeStats`), standardised (batch normalisation, a fixed affine map at
-    inference), one softmax ``Dense`` with L2; Adam.  2 x n_mels x n_labels + 5 n_mels weights.
+    inference), one softmax ``Dense`` with L2; Adam.  (2 n_mels + 1) n_labels + 8 n_mels weights.
     """
     k = keras()
     inputs, x = _normalised_input(input_shape, mean, std, augment=False)

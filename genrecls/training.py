@@ -184,7 +184,8 @@ def check_model_input(model: str, check: DatasetCheck, dataset: str) -> None:
             f"the {model} model needs segments of the {need!r} feature preset, but {check.dataset.uri} holds "
             f"{check.features.preset!r} features ({check.features.n_mels}x{check.features.n_frames} at "
             f"{check.features.sample_rate} Hz); ingest the library again into a new dataset: "
-            f"genrecls ingest SOURCE --out NEW_DATASET --set features.preset={need}")
+            f"genrecls ingest SOURCE --out NEW_DATASET --set features.preset={need} "
+            f"(or train a model for any log-mel input on it: --model default)")
 
 
 @dataclass

@@ -14,7 +14,7 @@ Two ways to train it (``train.fine_tune``):
   train only the head on 200-d rows, epoch after epoch.  An epoch then costs what a
   logistic regression on 200 numbers costs; the backbone runs once per segment in all.
 * fine-tuning (``train.fine_tune=true``): the whole network trains on the log-mel
-  segments every epoch (backbone batch norm in training mode); about the CPU cost of the
+  segments every epoch (its batch norm layers keep their pretrained statistics); about the CPU cost of the
   backbone's forward and backward pass per segment and epoch.  Use a small
   ``train.learning_rate`` (1e-4) not to wreck the pretrained weights.
 
@@ -57,7 +57,9 @@ def build_backbone(*, trainable: bool = False):
     inputs = k.Input(shape=(n_mels, n_frames), name="mel")
     x = k.layers.Permute((2, 1), name="time_first")(inputs)  # stored mel-major; the network wants time first
     embedding = k.Model(net.inputs, net.get_layer("penultimate").output, name="musicnn_backbone")
-    return k.Model(inputs, embedding(x, training=None if trainable else False), name="musicnn_embedding")
+    # always in inference mode: batch norm keeps the pretrained statistics (and dropout is off) even when
+    # fine-tuning, the usual way to fine-tune a network with batch norm on small batches
+    return k.Model(inputs, embedding(x, training=False), name="musicnn_embedding")
 
 
 def _head(k, x, n_labels: int, mean, std):

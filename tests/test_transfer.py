@@ -113,3 +113,20 @@ def test_classify_with_the_pretrained_tagger_needs_no_training(musicnn_dataset, 
         assert row["model_id"] == "musicnn-tags-msd-1" and row["n_segments"] == 2
     again = classify(str(lib), "musicnn-tags", str(out), Config(), progress=False)
     assert again["classified"] == 0 and again["skipped_done"] == 4  # a stable model id: nothing re-tagged
+
+
+def test_fine_tuning_trains_the_backbone_too(musicnn_dataset, musicnn_cfg, tmp_path):
+    """train.fine_tune: the workers train the whole network on the stored segments; its weights move."""
+    from genrecls.models import load_keras_model
+    from genrecls.musicnn import load_musicnn
+
+    from genrecls.training import train
+
+    run = tmp_path / "ft"
+    cfg = musicnn_cfg.override(["train.fine_tune=true", "train.epochs=2", "train.learning_rate=1e-4"])
+    summary = train(musicnn_dataset, str(run), cfg, workers=1, progress=False)
+    assert json.load(open(run / "plan.json"))["input"] == "mel" and len(summary["history"]) == 2
+    model = load_keras_model(str(run / "model.keras"))
+    tuned = model.get_layer("musicnn_embedding").get_layer("musicnn_backbone").get_layer("timbral_74").get_weights()[0]
+    pretrained = load_musicnn().get_layer("timbral_74").get_weights()[0]
+    assert tuned.shape == pretrained.shape and not np.allclose(tuned, pretrained)
