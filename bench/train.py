@@ -239,6 +239,7 @@ def main() -> int:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "train.json"))
+    p.add_argument("--merge", metavar="JSON", help="also take the accuracy runs of another results file (a bench run in parallel)")
     a = p.parse_args()
 
     import ray
@@ -259,6 +260,12 @@ def main() -> int:
                                                    "python": platform.python_version()},
                      "load_at_start": load(), "accuracy_runs": list(previous.get("accuracy_runs", [])),
                      "backbone": previous.get("backbone"), "throughput": previous.get("throughput", {})}
+    if a.merge:
+        other = json.load(open(a.merge))
+        keys = {(r["set"], r["model"], r["seed"]) for r in other.get("accuracy_runs", [])}
+        results["accuracy_runs"] = [r for r in results["accuracy_runs"] if (r["set"], r["model"], r["seed"]) not in keys]
+        results["accuracy_runs"] += other.get("accuracy_runs", [])
+        results["backbone"] = results["backbone"] or other.get("backbone")
     os.makedirs(a.work, exist_ok=True)
     wanted = [s.strip() for s in a.sets.split(",") if s.strip()]
     models = [m.strip() for m in a.models.split(",") if m.strip()]
