@@ -116,6 +116,22 @@ def run_training(dataset: str, run: str, cfg, workers: int, splits: str | None =
     }
 
 
+def fixed_split(folder: str, dataset: str, cfg) -> str:
+    """The split every run of a set uses: the product's assignment with seed 0, written once to FOLDER/splits.parquet."""
+    from genrecls.split import assign_splits, write_splits
+    from genrecls.storage import Location
+    from genrecls.training import check_dataset
+
+    if not os.path.exists(os.path.join(folder, "splits.parquet")):
+        check = check_dataset(dataset, cfg)
+        t = cfg.train
+        table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=0)
+        loc = Location.parse(folder)
+        loc.makedirs()
+        write_splits(table, loc)
+    return folder
+
+
 def backbone_cost(dataset: str, n: int = 192) -> dict:
     """CPU milliseconds per segment of the frozen musicnn backbone (stored segments -> embedding), batches of 64."""
     import numpy as np
@@ -231,6 +247,7 @@ def main() -> int:
     p.add_argument("--sets", default="synthetic,real", help="accuracy sets: synthetic, real (comma-separated)")
     p.add_argument("--models", default="tutorial,default,cnn2d,linear,musicnn", help="models to run (comma-separated)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model (0..N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (to run seeds in parallel processes)")
     p.add_argument("--epochs", type=int, help="epochs per accuracy run on the synthetic set (default 15, quick 6)")
     p.add_argument("--real-epochs", type=int, default=12, help="epochs per accuracy run on the real set (default 12)")
     p.add_argument("--throughput-epochs", type=int, help="epochs per throughput run (default 3, quick 3)")
@@ -274,33 +291,27 @@ def main() -> int:
         shape = (4, 10, 45.0) if a.quick else (8, 12, 60.0)  # 10 (13) tutorial segments per track
         sets.append(("synthetic", {"tutorial": ensure_synthetic(a.work, *shape, base),
                                    "musicnn": ensure_synthetic(a.work + "/musicnn", *shape, mnn)}, epochs))
-    if "real" in wanted and not a.quick:
-        real = ensure_real(a.real, a.source, base)
-        real_m = ensure_real(a.real_musicnn, a.source, mnn)
-        if real and real_m:
+    if "real" in wanted and not a.quick:  # only the presets the models asked for
+        need_t = any(m != "musicnn" for m in models) or not a.skip_throughput
+        real = ensure_real(a.real, a.source, base) if need_t else None
+        real_m = ensure_real(a.real_musicnn, a.source, mnn) if "musicnn" in models else None
+        if (real or not need_t) and (real_m or "musicnn" not in models):
             sets.append(("real (game-music)", {"tutorial": real, "musicnn": real_m}, a.real_epochs))
 
     if not a.skip_accuracy:
         for set_name, datasets, n_epochs in sets:
             tag = set_name.split()[0]
-            split_run = None
+            split_run = fixed_split(os.path.join(a.work, "runs", f"{tag}-split"),
+                                    next(d for d in datasets.values() if d), base)
             for model in models:
                 ds = datasets["musicnn" if model == "musicnn" else "tutorial"]
-                for seed in range(a.seeds):
+                for seed in range(a.first_seed, a.seeds):
                     print(f"\n== accuracy: {model} seed {seed} on {set_name} ({n_epochs} epochs max)", flush=True)
                     cfg = (mnn if model == "musicnn" else base).with_section(train={
                         "model": model, "epochs": n_epochs, "seed": seed, "batch_size": 32,
                         "early_stopping_patience": max(3, n_epochs // 3)})
                     run = os.path.join(a.work, "runs", f"{tag}-{model}-s{seed}")
-                    fixed = split_run or (os.path.join(a.work, "runs", f"{tag}-split") if os.path.exists(
-                        os.path.join(a.work, "runs", f"{tag}-split", "splits.parquet")) else None)
-                    r = run_training(ds, run, cfg, a.workers, splits=fixed)
-                    if fixed is None:  # the first run's split is everyone's
-                        keep = os.path.join(a.work, "runs", f"{tag}-split")
-                        os.makedirs(keep, exist_ok=True)
-                        shutil.copy(os.path.join(run, "splits.parquet"), os.path.join(keep, "splits.parquet"))
-                        fixed = keep
-                    split_run = fixed
+                    r = run_training(ds, run, cfg, a.workers, splits=split_run)
                     r["set"] = set_name
                     r["dataset"] = ds
                     results["accuracy_runs"] = [x for x in results["accuracy_runs"] if not (

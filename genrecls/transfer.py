@@ -138,7 +138,8 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.asarray(batch["x"], np.float32)
-        parts = [self._fn(self._tf.constant(x[i:i + 64])).numpy() for i in range(0, len(x), 64)]
+        # 16 segments per call: the timbral convolutions' activations take ~9 MB per segment
+        parts = [self._fn(self._tf.constant(x[i:i + 16])).numpy() for i in range(0, len(x), 16)]
         out = dict(batch)
         out["x"] = (np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), np.float32)).astype(np.float16)
         return out
