@@ -161,6 +161,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     for r in runs:
         if (r["set"], r["model"]) not in keys:
             keys.append((r["set"], r["model"]))
+    order = ["tutorial", "default", "cnn2d", "linear", "musicnn"]
+    keys.sort(key=lambda k: (k[0] != "synthetic", order.index(k[1]) if k[1] in order else len(order)))
     for set_name, model in keys:
         rs = [r for r in runs if r["set"] == set_name and r["model"] == model]
         acc = [r["test_track_accuracy"] for r in rs]
@@ -256,7 +258,8 @@ def main() -> int:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "train.json"))
-    p.add_argument("--merge", metavar="JSON", help="also take the accuracy runs of another results file (a bench run in parallel)")
+    p.add_argument("--merge", metavar="JSON", action="append", default=[],
+                   help="also take the accuracy runs of another results file (a bench run in parallel; repeatable)")
     a = p.parse_args()
 
     import ray
@@ -277,12 +280,12 @@ def main() -> int:
                                                    "python": platform.python_version()},
                      "load_at_start": load(), "accuracy_runs": list(previous.get("accuracy_runs", [])),
                      "backbone": previous.get("backbone"), "throughput": previous.get("throughput", {})}
-    if a.merge:
-        other = json.load(open(a.merge))
+    for path in a.merge:
+        other = json.load(open(path))
         keys = {(r["set"], r["model"], r["seed"]) for r in other.get("accuracy_runs", [])}
         results["accuracy_runs"] = [r for r in results["accuracy_runs"] if (r["set"], r["model"], r["seed"]) not in keys]
         results["accuracy_runs"] += other.get("accuracy_runs", [])
-        results["backbone"] = results["backbone"] or other.get("backbone")
+        results["backbone"] = other.get("backbone") or results["backbone"]
     os.makedirs(a.work, exist_ok=True)
     wanted = [s.strip() for s in a.sets.split(",") if s.strip()]
     models = [m.strip() for m in a.models.split(",") if m.strip()]

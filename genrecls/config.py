@@ -70,7 +70,8 @@ FEATURE_PRESETS: dict[str, dict[str, Any]] = {
 #: the models `genrecls train --model` knows (genrecls.models.MODELS builds them)
 MODEL_NAMES = ("tutorial", "default", "cnn2d", "linear", "musicnn")
 #: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
-DEFAULT_PRESET = "tutorial"
+#: (musicnn, chosen on measurement: bench/results/train.json)
+DEFAULT_PRESET = "musicnn"
 #: the values that define a preset's model input (segment_hop only changes how many segments a track gives)
 _RECIPE_KEYS = ("sample_rate", "segment_samples", "n_fft", "hop_length", "n_mels", "fmin", "fmax", "log_scale", "top_db")
 
@@ -210,8 +211,9 @@ class IngestConfig:
 class TrainConfig:
     """How a model is trained."""
 
-    #: tutorial, default (1-D CNN), cnn2d, linear (pooled log-mel statistics) or musicnn (pretrained backbone)
-    model: str = "default"
+    #: musicnn (pretrained backbone + trained head; the most accurate on real music, bench/results/train.json),
+    #: default (1-D CNN), cnn2d, tutorial, linear (pooled log-mel statistics); musicnn needs the musicnn preset
+    model: str = "musicnn"
     #: musicnn only: train the whole pretrained network too (every epoch runs the backbone), not just a
     #: new head on embeddings computed once
     fine_tune: bool = False

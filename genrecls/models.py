@@ -9,7 +9,9 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
     filters, ReLU) with a 2x2 ``MaxPooling2D`` between each, ``Flatten``, ``Dense(128)``,
     a softmax ``Dense``; RMSprop; unnormalised dB input.  Kept as the baseline.
 ``default``
-    Per-mel-band input normalisation with statistics of the training split (a
+    (The name is historical: the default of ``train.model`` is ``musicnn`` since the
+    pretrained backbone measured best on real music; this is the best model trained from
+    scratch.)  Per-mel-band input normalisation with statistics of the training split (a
     ``Normalization`` layer, stored in the model), SpecAugment-style time and frequency
     masking (:class:`SpecAugment`, active only in training), then four 1-D convolution
     blocks over time with the mel bands as channels (kernel 3, batch normalisation, ReLU,
@@ -30,7 +32,7 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
     The baseline: per-band normalisation, mean and standard deviation over time of every
     mel band, standardised, one softmax ``Dense`` (a logistic regression on pooled log-mel
     statistics).  What the CNNs must beat.
-``musicnn``
+``musicnn`` (the default of ``train.model``)
     The pretrained MSD musicnn tagger (Pons and Serra 2019) as a frozen feature extractor:
     its 200-d penultimate embedding of each 187-frame patch, then a trained softmax head
     (:mod:`genrecls.transfer`); needs the ``musicnn`` feature preset.

@@ -9,9 +9,12 @@ import pytest
 from genrecls.config import Config, ConfigError, FeatureConfig, IngestConfig, load_config
 
 
-def test_defaults_are_the_tutorials_and_valid():
+def test_defaults_are_the_musicnn_model_and_its_preset_and_the_tutorial_preset_is_the_tutorials():
+    from genrecls.config import feature_preset
+
     cfg = Config().validate()
-    f = cfg.features
+    assert cfg.train.model == "musicnn" and cfg.features == feature_preset("musicnn")
+    f = feature_preset("tutorial")
     assert (f.sample_rate, f.segment_samples, f.n_fft, f.hop_length, f.n_mels, f.dtype) == (22050, 100_000, 2048, 512, 128, "float16")
     assert f.n_frames == 196 and f.mel_shape == (128, 196)
     assert f.segment_seconds == pytest.approx(100_000 / 22050)
@@ -33,7 +36,7 @@ def test_overrides_parse_values_by_type():
     ("features.fmax=20000", "features.fmax: must be in"),
     ("features.fmin=-1", "features.fmin"),
     ("features.hop_length=0", "features.hop_length"),
-    ("features.segment_samples=1000", "features.segment_samples: must be >= n_fft"),
+    ("features.segment_samples=100", "features.segment_samples: must be >= n_fft"),
     ("features.segment_hop=0", "features.segment_hop: must be >= 1"),
     ("features.max_segments_per_track=-1", "features.max_segments_per_track"),
     ("features.tail=keep", "features.tail: 'keep' is not one of"),
@@ -88,7 +91,7 @@ def test_config_file_errors(tmp_path):
 
 def test_with_section_updates_and_validates():
     cfg = Config().with_section(features={"n_mels": 32, "n_fft": 512, "hop_length": 256})
-    assert cfg.features.mel_shape == (32, 1 + 100_000 // 256)
+    assert cfg.features.mel_shape == (32, 1 + 47_616 // 256) and cfg.features.preset == "custom"
     with pytest.raises(ConfigError, match="features.n_mels"):
         Config().with_section(features={"n_mels": 0})
     assert Config().with_section(features=FeatureConfig(n_mels=16)).features.n_mels == 16
