@@ -36,6 +36,7 @@ def tagger_run(predictions: Location | str) -> Location:
     from .inference import export_model
     from .models import keras
     from .musicnn import MSD_TAGS, MUSICNN_FEATURES, load_musicnn
+    from .transfer import MAX_BATCH
 
     k = keras()
     net = load_musicnn()
@@ -43,7 +44,7 @@ def tagger_run(predictions: Location | str) -> Location:
     tags = net(k.layers.Permute((2, 1), name="time_first")(inputs), training=False)["taggram"]
     model = k.Model(inputs, k.layers.Identity(name="probabilities")(tags), name="musicnn_tags")
     export_model(model, loc, labels=list(MSD_TAGS), features=feature_preset("musicnn"), model_name=TAGGER_MODEL,
-                 extra={"model_id": TAGGER_MODEL_ID, "output": {
+                 extra={"model_id": TAGGER_MODEL_ID, "max_batch": MAX_BATCH, "output": {
                      "name": "probabilities", "kind": "independent tag probabilities (sigmoid), not a softmax",
                      "aggregation": "mean of segment probabilities per track"},
                      "source": "MSD_musicnn (Pons and Serra 2019, ISC licence), genrecls/weights"})

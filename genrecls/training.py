@@ -956,7 +956,8 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
         "dataset": check.dataset.uri, "normalisation": {"file": "normalisation.json", "axis": "mel band",
                                                         "inside_model": plan.model not in ("tutorial", "musicnn")},
         "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"], "versions": versions,
-        "model": model_summary(model), "splits": "splits.parquet", "config": "config.json"})
+        "model": model_summary(model), "splits": "splits.parquet", "config": "config.json",
+        **({"max_batch": _max_batch()} if plan.model == "musicnn" else {})})
     run.write_json("history.json", history)
     plot_curves(history, run, title=f"{info['model_id']} ({plan.model})")
     predictor = Predictor(run)
@@ -984,6 +985,12 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
                "versions": versions, "notes": plan.notes}
     run.write_text("report.md", format_report(summary, plan, cfg, info))
     return summary
+
+
+def _max_batch() -> int:
+    from .transfer import MAX_BATCH
+
+    return MAX_BATCH
 
 
 def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:

@@ -39,6 +39,8 @@ __all__ = ["EMBEDDING_DIM", "HEAD_LAYER", "build_backbone", "build_head", "build
 
 #: size of the musicnn embedding the head is trained on
 EMBEDDING_DIM = 200
+#: segments per call of a model holding the backbone (run.json "max_batch"; ~9 MB of activations per segment)
+MAX_BATCH = 32
 #: the head's one weighted layer (its name is the same in the head alone and in the full model)
 HEAD_LAYER = "probabilities"
 _HEAD_DROPOUT = 0.3
