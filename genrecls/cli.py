@@ -257,7 +257,7 @@ def _demo():
         p.add_argument("--genres", type=int, default=4)
         p.add_argument("--tracks-per-genre", type=int, default=10)
         p.add_argument("--seconds", type=float, default=20.0)
-        p.add_argument("--epochs", type=int, default=12)
+        p.add_argument("--epochs", type=int, help="training epochs (default: train.epochs for musicnn, whose epochs train only its head; 12 for the CNNs)")
         add_config_args(p)
         add_ray_args(p)
 

@@ -38,7 +38,7 @@ def test_the_epoch_kept_is_the_best_track_accuracy_then_the_lower_loss():
     assert not is_better({"val_track_accuracy": 0.8, "val_loss": 0.49995}, best)
 
 
-def test_k_is_the_smallest_number_of_segments_with_the_best_validation_accuracy():
+def test_k_is_the_number_of_segments_with_the_best_validation_accuracy():
     # track A (truth a): its first and last segments say "b", the middle three "a"; track B: every segment "b".
     # K segments are taken evenly spaced as classify takes them: K=1 -> the first, K=2 -> first and last
     probs = np.array([[0.2, 0.8], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.3, 0.7],
@@ -52,7 +52,9 @@ def test_k_is_the_smallest_number_of_segments_with_the_best_validation_accuracy(
     assert choose_k(by_k, 2) == 0  # only every segment gets A right
     by_k = [{"k": 1, "track_accuracy": 0.5}, {"k": 2, "track_accuracy": 0.9}, {"k": 4, "track_accuracy": 0.9},
             {"k": 0, "track_accuracy": 0.9}]
-    assert choose_k(by_k, 10) == 2
+    assert choose_k(by_k, 10) == 4  # ties: the K nearest 10 (the prior)
+    assert choose_k(by_k + [{"k": 10, "track_accuracy": 0.9}], 10) == 10
+    assert choose_k([{"k": 10, "track_accuracy": 0.8}, {"k": 16, "track_accuracy": 0.85}], 10) == 16
 
 
 def test_linear_model_pools_mean_and_std_over_time_and_saves_safely(tmp_path):
