@@ -67,9 +67,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import ClassifyConfig, Config, DecodeConfig, FeatureConfig
+from .config import FALLBACK_MAX_SEGMENTS, ClassifyConfig, Config, DecodeConfig, FeatureConfig
 from .discovery import Discovery, discover, track_id_for
 from .inference import RUN_FILE, aggregate_tracks, read_run_info
+from .tagger import TAGGER_MODEL
 from .progress import Progress, format_duration, format_table
 from .runtime import as_interrupted, log, ray_session
 from .storage import Location
@@ -547,13 +548,22 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
     from .ingest import library_versions
 
     cfg = (cfg or Config()).validate()
-    ccfg = cfg.classify
     t0 = time.monotonic()
+    if str(run) == TAGGER_MODEL:  # the pretrained tagger, no training: written once as a run folder
+        from .models import import_tensorflow
+        from .tagger import tagger_run
+
+        import_tensorflow()
+        run = tagger_run(Location.parse(out))
     run_loc = resolve_run(run)
     info = read_run_info(run_loc)
     labels, model_id = list(info["labels"]), str(info["model_id"])
+    if cfg.classify.max_segments < 0:  # K chosen on the run's validation tracks (genrecls.selection)
+        cfg = cfg.with_section(classify={"max_segments": int((info.get("classify") or {}).get(
+            "max_segments", FALLBACK_MAX_SEGMENTS))})
+    ccfg = cfg.classify
     features = FeatureConfig(**info["features"]).validate()
-    if cfg.features != features and cfg.features != FeatureConfig():
+    if cfg.features != features and cfg.features != Config().features:
         log.warning("classify uses the feature settings stored in the run %s; the configured features are ignored", run_loc.uri)
     resolved = cfg.with_section(features=features)
     found = discover(library, root)

@@ -136,7 +136,8 @@ def _inspect():
 def _classify():
     def add(p):
         p.add_argument("library", help="folder of audio (any depth; folder names are not used) or a CSV/Parquet manifest (path)")
-        p.add_argument("--model", required=True, metavar="RUN", help="trained run folder (RUN/run.json, RUN/model/) or a model registry (its champion); the run's features are used")
+        p.add_argument("--model", required=True, metavar="RUN", help="trained run folder (RUN/run.json, RUN/model/) or a model registry (its champion); the run's features are used; "
+                       "'musicnn-tags': the pretrained musicnn tagger's top tags, no training needed")
         p.add_argument("--out", required=True, metavar="PREDICTIONS", help="predictions folder or URI; re-running adds only new or changed tracks")
         p.add_argument("--root", help="root for relative paths in a manifest (default: the manifest's folder)")
         p.add_argument("--csv", action="store_true", help="also write PREDICTIONS/predictions.csv")
@@ -250,7 +251,7 @@ def _demo():
         p.add_argument("--genres", type=int, default=4)
         p.add_argument("--tracks-per-genre", type=int, default=10)
         p.add_argument("--seconds", type=float, default=20.0)
-        p.add_argument("--epochs", type=int, default=12)
+        p.add_argument("--epochs", type=int, help="training epochs (default: train.epochs for musicnn, whose epochs train only its head; 12 for the CNNs)")
         add_config_args(p)
         add_ray_args(p)
 
@@ -273,7 +274,8 @@ def _train():
         p.add_argument("--out", metavar="RUN", help="run folder to create (model, metrics, figures, report)")
         p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint "
                        "(its config.json is the base configuration; --epochs etc. still apply)")
-        p.add_argument("--model", help="model name: default or tutorial (train.model)")
+        p.add_argument("--model", help="model name (train.model): musicnn (pretrained backbone; needs the musicnn "
+                       "feature preset), default (1-D CNN), cnn2d, tutorial, linear (baseline)")
         p.add_argument("--epochs", type=int, help="train.epochs")
         p.add_argument("--batch-size", type=int, help="segments per worker and step (train.batch_size)")
         p.add_argument("--learning-rate", type=float, help="train.learning_rate")

@@ -26,6 +26,9 @@ __all__ = [
     "ConfigError",
     "FeatureConfig",
     "DecodeConfig",
+    "FEATURE_PRESETS",
+    "DEFAULT_PRESET",
+    "feature_preset",
     "IngestConfig",
     "TrainConfig",
     "ClassifyConfig",
@@ -44,14 +47,50 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}")
 
 
+#: Named feature recipes.  Each is a complete model input: the values below are what a
+#: model trained on it expects, so a dataset, a run and a classification agree on them.
+#:
+#: ``tutorial``: the tutorial genrecls starts from: 22050 Hz, 100000-sample cuts (about
+#: 4.5 s), 128 Slaney mel bands of a 2048-point STFT with hop 512, in dB
+#: (``librosa.power_to_db(S, ref=1.0, top_db=80)``).  Input of ``tutorial``, ``default``,
+#: ``cnn2d`` and ``linear``.
+#:
+#: ``musicnn``: the recipe of the pretrained MSD musicnn tagger (Pons and Serra 2019):
+#: 16 kHz, 512-point STFT, hop 256, 96 Slaney mel bands, ``log10(10000 * power + 1)`` (in
+#: float32; the original casts to float16 first, which overflows under NumPy 2), 187-frame
+#: patches.  A centred STFT gives ``1 + samples // hop`` frames, so 187 frames are
+#: 186 * 256 = 47616 samples (2.976 s; 47616..47871 all give 187).  Segments do not
+#: overlap (hop = length): the original extractor's default, and half the backbone cost of
+#: 50 % overlap per track, whose patches are nearly the same audio.  Input of ``musicnn``.
+FEATURE_PRESETS: dict[str, dict[str, Any]] = {
+    "tutorial": {"sample_rate": 22050, "segment_samples": 100_000, "segment_hop": 100_000, "n_fft": 2048,
+                 "hop_length": 512, "n_mels": 128, "fmin": 0.0, "fmax": None, "log_scale": "db", "top_db": 80.0},
+    "musicnn": {"sample_rate": 16000, "segment_samples": 47_616, "segment_hop": 47_616, "n_fft": 512,
+                "hop_length": 256, "n_mels": 96, "fmin": 0.0, "fmax": None, "log_scale": "log10_10000", "top_db": None},
+}
+#: the models `genrecls train --model` knows (genrecls.models.MODELS builds them)
+MODEL_NAMES = ("tutorial", "default", "cnn2d", "linear", "musicnn")
+#: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
+#: (musicnn, chosen on measurement: bench/results/train.json)
+DEFAULT_PRESET = "musicnn"
+#: the values that define a preset's model input (segment_hop only changes how many segments a track gives)
+_RECIPE_KEYS = ("sample_rate", "segment_samples", "n_fft", "hop_length", "n_mels", "fmin", "fmax", "log_scale", "top_db")
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """How audio becomes a log-mel spectrogram segment.
 
-    The defaults follow the tutorial genrecls starts from: 22050 Hz mono, cuts of
-    100000 samples (about 4.5 s), 128 mel bands from a 2048-point STFT with hop 512.
+    The field defaults are the ``tutorial`` preset (the values of datasets written before
+    presets existed); :func:`feature_preset` gives a preset's values, and the default
+    configuration (``Config().features``) is :data:`DEFAULT_PRESET`.  ``preset`` is derived
+    from the values: the name of the preset they match, or ``custom``.  To choose a preset,
+    set ``features.preset`` in a configuration file or with ``--set``: every value of the
+    preset is applied first, then the other ``features.*`` values given.
     """
 
+    #: the preset these values match ("tutorial", "musicnn") or "custom"; derived, see the class docstring
+    preset: str = "tutorial"
     sample_rate: int = 22050
     segment_samples: int = 100_000
     #: distance between segment starts in samples; equal to segment_samples means no overlap
@@ -69,12 +108,26 @@ class FeatureConfig:
     n_mels: int = 128
     fmin: float = 0.0
     fmax: float | None = None
+    #: how mel power is compressed: "db" (10 log10(max(S, 1e-10)), floored top_db below the
+    #: segment's peak) or "log10_10000" (log10(10000 S + 1), musicnn's; top_db is not used)
+    log_scale: Literal["db", "log10_10000"] = "db"
     #: dB floor relative to the segment's peak (librosa.power_to_db's top_db); None disables it
     top_db: float | None = 80.0
     #: storage type of the spectrogram values in the Parquet shards
     dtype: Literal["float16", "float32"] = "float16"
     #: soxr quality used to resample to `sample_rate`
     resample_quality: Literal["HQ", "VHQ", "MQ", "LQ", "QQ"] = "HQ"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preset", self.matching_preset())
+
+    def matching_preset(self) -> str:
+        """The name of the preset whose model input these values are, or ``custom``."""
+        for name, values in FEATURE_PRESETS.items():
+            keys = [k for k in _RECIPE_KEYS if not (k == "top_db" and values["log_scale"] != "db")]
+            if all(getattr(self, k) == values[k] for k in keys):
+                return name
+        return "custom"
 
     def validate(self) -> "FeatureConfig":
         _check(self.sample_rate >= 1000, "features.sample_rate", "must be >= 1000 Hz")
@@ -91,6 +144,7 @@ class FeatureConfig:
         _check(0 <= self.fmin < nyq, "features.fmin", f"must be in [0, {nyq})")
         _check(self.fmax is None or self.fmin < self.fmax <= nyq, "features.fmax", f"must be in (fmin, {nyq}]")
         _check(self.top_db is None or self.top_db > 0, "features.top_db", "must be > 0 or null")
+        _check(self.log_scale in ("db", "log10_10000"), "features.log_scale", "must be 'db' or 'log10_10000'")
         _check(self.dtype in ("float16", "float32"), "features.dtype", "must be 'float16' or 'float32'")
         _check(self.resample_quality in ("HQ", "VHQ", "MQ", "LQ", "QQ"), "features.resample_quality", "must be one of HQ, VHQ, MQ, LQ, QQ")
         return self
@@ -108,6 +162,28 @@ class FeatureConfig:
     @property
     def segment_seconds(self) -> float:
         return self.segment_samples / self.sample_rate
+
+
+def feature_preset(name: str, **overrides: Any) -> FeatureConfig:
+    """A preset's feature configuration, with optional other values (e.g. ``dtype``, ``segment_hop``)."""
+    if name not in FEATURE_PRESETS:
+        raise ConfigError(f"features.preset: unknown preset {name!r}; known: {sorted(FEATURE_PRESETS)} (or 'custom')")
+    return FeatureConfig(**{**FEATURE_PRESETS[name], **overrides}).validate()
+
+
+def _features_from_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A features section with its preset expanded: the preset's values, then the values given.
+
+    No preset (or ``custom``) starts from :data:`DEFAULT_PRESET`.  The derived ``preset``
+    key itself is dropped (the values decide it).
+    """
+    data = dict(data)
+    name = data.pop("preset", None)
+    if name in (None, "custom"):
+        name = DEFAULT_PRESET
+    if name not in FEATURE_PRESETS:
+        raise ConfigError(f"features.preset: unknown preset {name!r}; known: {sorted(FEATURE_PRESETS)} (or 'custom')")
+    return {**FEATURE_PRESETS[name], **data}
 
 
 @dataclass(frozen=True)
@@ -164,7 +240,12 @@ class IngestConfig:
 class TrainConfig:
     """How a model is trained."""
 
-    model: str = "default"
+    #: musicnn (pretrained backbone + trained head; the most accurate on real music, bench/results/train.json),
+    #: default (1-D CNN), cnn2d, tutorial, linear (pooled log-mel statistics); musicnn needs the musicnn preset
+    model: str = "musicnn"
+    #: musicnn only: train the whole pretrained network too (every epoch runs the backbone), not just a
+    #: new head on embeddings computed once
+    fine_tune: bool = False
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -205,18 +286,22 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0 (0 = auto)")
         _check(self.cache in ("auto", "on", "off"), "train.cache", "must be 'auto', 'on' or 'off'")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0")
-        _check(bool(self.model), "train.model", "must name a model (tutorial or default)")
+        _check(self.model in MODEL_NAMES, "train.model", f"unknown model {self.model!r}; known: {', '.join(MODEL_NAMES)}")
         return self
+
+
+#: classify.max_segments for runs that did not choose one (trained before the choice was recorded)
+FALLBACK_MAX_SEGMENTS = 10
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
     """How a library is classified."""
 
-    #: score at most this many evenly spaced segments per track (0 = all).  10 by measurement
-    #: (bench/classify.py, held-out real tracks): track accuracy equal to scoring every segment, 1 segment
-    #: loses ~10 points, and the longest tracks cost ~1/11 of featurising them whole
-    max_segments: int = 10
+    #: score at most this many evenly spaced segments per track (0 = all; -1 = the K the run chose on its
+    #: validation tracks, run.json "classify", else FALLBACK_MAX_SEGMENTS).  Fewer segments cost less on
+    #: long tracks (a 10-min track costs ~1/11 of featurising it whole at K=10)
+    max_segments: int = -1
     top_k: int = 3
     #: segments per model call
     batch_size: int = 256
@@ -236,7 +321,7 @@ class ClassifyConfig:
     strict: bool = False
 
     def validate(self) -> "ClassifyConfig":
-        _check(self.max_segments >= 0, "classify.max_segments", "must be >= 0 (0 = all)")
+        _check(self.max_segments >= -1, "classify.max_segments", "must be >= -1 (0 = all, -1 = the run's choice)")
         _check(self.top_k >= 1, "classify.top_k", "must be >= 1")
         _check(self.batch_size >= 1, "classify.batch_size", "must be >= 1")
         _check(self.tracks_per_task >= 1, "classify.tracks_per_task", "must be >= 1")
@@ -261,7 +346,7 @@ class RetrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    features: FeatureConfig = field(default_factory=FeatureConfig)
+    features: FeatureConfig = field(default_factory=lambda: feature_preset(DEFAULT_PRESET))
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -288,14 +373,17 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown configuration section(s) {sorted(unknown)}; known: {sorted(sections)}")
         kwargs = {}
-        for name, f in sections.items():
-            sub_cls = f.default_factory  # type: ignore[misc]
-            kwargs[name] = _section_from_dict(sub_cls, data.get(name, {}) or {}, name)
+        hints = typing.get_type_hints(cls)
+        for name in sections:
+            kwargs[name] = _section_from_dict(hints[name], data.get(name, {}) or {}, name)
         return cls(**kwargs).validate()
 
     def override(self, pairs: list[str] | None) -> "Config":
         """Return a copy with ``section.key=value`` overrides applied (values parsed as JSON when they can be)."""
         data = self.to_dict()
+        presets = [p for p in pairs or [] if p.split("=", 1)[0].strip() == "features.preset"]
+        if presets:  # a preset replaces every feature value; the other features.* pairs then apply
+            data["features"] = {"preset": _parse_value(presets[-1].split("=", 1)[1])}
         for pair in pairs or []:
             if "=" not in pair or "." not in pair.split("=", 1)[0]:
                 raise ConfigError(f"override {pair!r} must look like section.key=value")
@@ -312,7 +400,8 @@ class Config:
         for name, value in sections.items():
             current = getattr(cfg, name)
             if isinstance(value, dict):
-                value = _section_from_dict(type(current), {**dataclasses.asdict(current), **value}, name)
+                base = {} if "preset" in value else dataclasses.asdict(current)
+                value = _section_from_dict(type(current), {**base, **value}, name)
             cfg = replace(cfg, **{name: value})
         return cfg.validate()
 
@@ -328,6 +417,8 @@ def _section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{section}: must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
+    if cls is FeatureConfig:
+        data = _features_from_dict(data)
     unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"{section}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")

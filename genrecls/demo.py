@@ -21,8 +21,13 @@ __all__ = ["run_demo"]
 
 
 def run_demo(out: str, *, genres: int = 4, tracks_per_genre: int = 10, seconds: float = 20.0,
-             epochs: int = 12, workers: int | None = None, cfg: Config | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the whole pipeline on a generated collection; returns the key figures."""
+             epochs: int | None = None, workers: int | None = None, cfg: Config | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline on a generated collection; returns the key figures.
+
+    ``epochs`` defaults to the configuration's for the musicnn model (its epochs train only
+    the head on embeddings computed once: under a second each here) and to 12 for the CNNs.
+    """
     from .classify import classify
     from .dataset import Dataset
     from .ingest import describe, ingest
@@ -30,7 +35,10 @@ def run_demo(out: str, *, genres: int = 4, tracks_per_genre: int = 10, seconds: 
     from .sample_data import make_sample_collection
     from .training import train
 
-    cfg = (cfg or Config()).override([f"train.epochs={epochs}"])
+    cfg = cfg or Config()
+    if epochs is None:
+        epochs = cfg.train.epochs if cfg.train.model == "musicnn" else 12
+    cfg = cfg.override([f"train.epochs={epochs}"])
     t0 = time.monotonic()
     paths = {k: os.path.join(out, k) for k in ("library", "dataset", "run", "new-library", "predictions")}
 

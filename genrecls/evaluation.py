@@ -32,10 +32,11 @@ class EvaluationError(ValueError):
 
 
 def score_segments(predictor: Predictor, dataset: Dataset, track_ids: Iterable[str],
-                   batch_rows: int = 512) -> tuple[list[str], list[str], np.ndarray]:
+                   batch_rows: int = 512, *, segment_index: list[int] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """Probabilities of every segment of the given tracks.
 
     Returns (segment track ids, segment labels, probabilities (n, n_labels)); rows in shard order.
+    With ``segment_index`` (a list), each row's position in its track is appended to it.
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -49,9 +50,12 @@ def score_segments(predictor: Predictor, dataset: Dataset, track_ids: Iterable[s
     tids: list[str] = []
     labels: list[str] = []
     probs = []
-    for batch in pds.to_batches(columns=["track_id", "label", "mel"], filter=flt, batch_size=batch_rows):
+    columns = ["track_id", "label", "mel"] + (["segment_index"] if segment_index is not None else [])
+    for batch in pds.to_batches(columns=columns, filter=flt, batch_size=batch_rows):
         if batch.num_rows == 0:
             continue
+        if segment_index is not None:
+            segment_index.extend(batch.column("segment_index").to_pylist())
         tids.extend(batch.column("track_id").to_pylist())
         labels.extend(batch.column("label").to_pylist())
         probs.append(predictor.predict(mel_array(batch.column("mel"), shape)))
@@ -99,11 +103,24 @@ def split_metrics(prefix: str, vocab: Sequence[str], seg_tracks: Sequence[str], 
 
 
 def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str, Sequence[str]]) -> dict[str, Any]:
-    """Metrics for each named group of tracks (``{"val": [...], "test": [...]}``)."""
+    """Metrics for each named group of tracks (``{"val": [...], "test": [...]}``).
+
+    On the ``val`` group also: track accuracy when each track is scored on K evenly spaced
+    segments (``val_track_accuracy_by_k``) and the K classify should use
+    (``classify_max_segments``, :func:`genrecls.selection.choose_k`): chosen on validation
+    tracks, never on test tracks.
+    """
+    from .selection import accuracy_by_k, choose_k
+
     metrics: dict[str, Any] = {"track_rule": TRACK_RULE, "labels": list(predictor.labels)}
     for name, ids in splits.items():
-        tids, labels, probs = score_segments(predictor, dataset, ids)
+        index: list[int] | None = [] if name == "val" else None
+        tids, labels, probs = score_segments(predictor, dataset, ids, segment_index=index)
         metrics.update(split_metrics(name, predictor.labels, tids, labels, probs))
+        if index is not None and tids:
+            by_k = accuracy_by_k(tids, index, labels, probs, predictor.labels)
+            metrics["val_track_accuracy_by_k"] = by_k
+            metrics["classify_max_segments"] = choose_k(by_k, metrics["val_tracks"])
     return metrics
 
 

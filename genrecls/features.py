@@ -9,6 +9,9 @@
 
 computes for one (centred STFT with zero padding, periodic Hann window, power 2,
 Slaney mel scale and Slaney-normalised filters), but on a whole batch at once in float32.
+With ``log_scale="log10_10000"`` (the ``musicnn`` preset) the last step is instead
+``np.log10(10000 * S + 1)`` on the same mel power ``S``, as the musicnn tagger's own
+preprocessing computes it (in float32: see :data:`genrecls.config.FEATURE_PRESETS`).
 
 Tolerance: librosa runs its FFT in float64 and rounds to complex64; this module stays in
 float32 throughout.  On music the two agree to within 4e-4 dB on every bin (measured on
@@ -136,7 +139,7 @@ def hann_window(n_fft: int) -> np.ndarray:
 
 
 def log_mel(segments: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """Log-mel spectrograms in dB of a batch of segments.
+    """Log-mel spectrograms of a batch of segments, in dB or ``log10(10000 S + 1)`` (``cfg.log_scale``).
 
     Parameters
     ----------
@@ -189,6 +192,12 @@ def log_mel(segments: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     power = ri[..., 0::2] + ri[..., 1::2]  # (n, frames, bins), contiguous
     del spec, ri
     mel = mel_project(power.reshape(n * n_frames, -1), cfg)  # (n_mels, n * frames)
+    if cfg.log_scale == "log10_10000":  # musicnn's log10(10000 S + 1), in float32 throughout
+        mel *= np.float32(10000.0)
+        np.log1p(mel, out=mel)
+        mel *= np.float32(1.0 / np.log(10.0))
+        out = np.ascontiguousarray(mel.reshape(cfg.n_mels, n, n_frames).transpose(1, 0, 2))
+        return out[0] if single else out
     np.maximum(mel, AMIN, out=mel)
     db = np.log(mel, out=mel)  # natural log is ~3x faster than log10 in NumPy
     db *= np.float32(10.0 / np.log(10.0))
@@ -207,4 +216,6 @@ def log_mel_reference(segment: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         y=np.asarray(segment, dtype=np.float32), sr=cfg.sample_rate, n_fft=cfg.n_fft,
         hop_length=cfg.hop_length, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax,
     )
+    if cfg.log_scale == "log10_10000":  # musicnn's recipe, without its float16 cast (inf under NumPy 2)
+        return np.log10(10000.0 * S.astype(np.float32) + 1.0).astype(np.float32)
     return librosa.power_to_db(S, ref=1.0, amin=AMIN, top_db=cfg.top_db).astype(np.float32)

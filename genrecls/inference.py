@@ -121,6 +121,9 @@ class Predictor:
         self.labels: list[str] = list(self.info["labels"])
         self.features = FeatureConfig(**self.info["features"]).validate()
         self.model_id: str = self.info["model_id"]
+        #: segments per model call at most (run.json "max_batch"): the musicnn backbone's activations take
+        #: ~9 MB per segment, so 256 at once would need over 2 GB
+        self.max_batch: int = int(self.info.get("max_batch") or 0)
         if loc.is_local:
             self._model = tf.saved_model.load(loc.join("model"))
         else:
@@ -144,6 +147,8 @@ class Predictor:
             raise ValueError(f"segments must have shape (n, {expected[0]}, {expected[1]}), got {mels.shape}")
         if mels.shape[0] == 0:
             return np.zeros((0, len(self.labels)), np.float32)
+        if self.max_batch:
+            batch_size = min(batch_size, self.max_batch)
         out = [self._fn(mel=tf.constant(mels[i:i + batch_size]))["probabilities"].numpy()
                for i in range(0, mels.shape[0], batch_size)]
         return np.concatenate(out).astype(np.float32)

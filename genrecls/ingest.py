@@ -568,7 +568,7 @@ def describe(ds: Dataset) -> str:
             out.append(f"  ... and {warns.num_rows - 10} more")
     f = m["features"]
     out.append("")
-    out.append(f"features: {f['sample_rate']} Hz, segments of {f['segment_samples']} samples "
+    out.append(f"features: preset {f.get('preset', 'tutorial')}, {f['sample_rate']} Hz, segments of {f['segment_samples']} samples "
                f"({f['segment_samples'] / f['sample_rate']:.2f} s, hop {f['segment_hop']}), "
                f"log-mel {m['mel_shape'][0]}x{m['mel_shape'][1]} (n_fft {f['n_fft']}, hop {f['hop_length']}), "
                f"stored as {f['dtype']}; {m['counts']['shards']} shards")

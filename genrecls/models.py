@@ -9,7 +9,9 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
     filters, ReLU) with a 2x2 ``MaxPooling2D`` between each, ``Flatten``, ``Dense(128)``,
     a softmax ``Dense``; RMSprop; unnormalised dB input.  Kept as the baseline.
 ``default``
-    Per-mel-band input normalisation with statistics of the training split (a
+    (The name is historical: the default of ``train.model`` is ``musicnn`` since the
+    pretrained backbone measured best on real music; this is the best model trained from
+    scratch.)  Per-mel-band input normalisation with statistics of the training split (a
     ``Normalization`` layer, stored in the model), SpecAugment-style time and frequency
     masking (:class:`SpecAugment`, active only in training), then four 1-D convolution
     blocks over time with the mel bands as channels (kernel 3, batch normalisation, ReLU,
@@ -26,6 +28,14 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
     2x2 max pooling, dropout; 16-32-64-128 filters), global average and max pooling,
     dropout and a softmax ``Dense``; Adam.  About 100 k weights.  The first default;
     kept for comparison.
+``linear``
+    The baseline: per-band normalisation, mean and standard deviation over time of every
+    mel band, standardised, one softmax ``Dense`` (a logistic regression on pooled log-mel
+    statistics).  What the CNNs must beat.
+``musicnn`` (the default of ``train.model``)
+    The pretrained MSD musicnn tagger (Pons and Serra 2019) as a frozen feature extractor:
+    its 200-d penultimate embedding of each 187-frame patch, then a trained softmax head
+    (:mod:`genrecls.transfer`); needs the ``musicnn`` feature preset.
 
 Why tf-keras and not Keras 3: Keras 3 does not train under
 ``tf.distribute.MultiWorkerMirroredStrategy`` (keras-team/keras#20585), which Ray
@@ -42,7 +52,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["MODELS", "import_tensorflow", "keras", "SpecAugment", "build_model", "model_summary", "load_keras_model"]
+__all__ = ["MODELS", "MODEL_PRESETS", "import_tensorflow", "keras", "SpecAugment", "build_model", "model_summary", "load_keras_model"]
 
 
 def import_tensorflow():
@@ -266,7 +276,63 @@ def build_cnn2d(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[f
                         pools=(k.layers.GlobalAveragePooling2D, k.layers.GlobalMaxPooling2D))
 
 
-MODELS: dict[str, Callable[..., Any]] = {"tutorial": build_tutorial, "default": build_default, "cnn2d": build_cnn2d}
+_TIME_STATS_CLASS = None
+
+
+def _time_stats_class():
+    """Define and register :class:`TimeStats` on first use (keeps TensorFlow out of import time)."""
+    global _TIME_STATS_CLASS
+    if _TIME_STATS_CLASS is not None:
+        return _TIME_STATS_CLASS
+    tf = import_tensorflow()
+    k = keras()
+
+    @k.saving.register_keras_serializable(package="genrecls")
+    class TimeStats(k.layers.Layer):
+        """Mean and standard deviation over time of each mel band: (batch, n_mels, n_frames) -> (batch, 2 n_mels)."""
+
+        def call(self, inputs):
+            mean = tf.reduce_mean(inputs, axis=2)
+            std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.square(inputs), axis=2) - tf.square(mean), 0.0) + 1e-6)
+            return tf.concat([mean, std], axis=1)
+
+    _TIME_STATS_CLASS = TimeStats
+    return TimeStats
+
+
+def build_linear(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, learning_rate: float = 1e-3, l2: float = 1e-3, **_: Any):
+    """The baseline a CNN must beat: a logistic regression on pooled log-mel statistics.
+
+    Per-band normalised input, the mean and standard deviation over time of each band
+    (:class:`TimeStats`), standardised (batch normalisation, a fixed affine map at
+    inference), one softmax ``Dense`` with L2; Adam.  (2 n_mels + 1) n_labels + 8 n_mels weights.
+    """
+    k = keras()
+    inputs, x = _normalised_input(input_shape, mean, std, augment=False)
+    x = _time_stats_class()(name="time_stats")(x)
+    x = k.layers.BatchNormalization(name="standardise")(x)
+    outputs = k.layers.Dense(n_labels, activation="softmax", kernel_regularizer=k.regularizers.L2(l2),
+                             name="probabilities")(x)
+    model = k.Model(inputs, outputs, name="linear")
+    model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def build_musicnn(input_shape: tuple[int, int], n_labels: int, *, learning_rate: float = 1e-3,
+                  fine_tune: bool = False, **kwargs: Any):
+    """The pretrained MSD musicnn backbone (its 200-d embedding) and a softmax head; see :mod:`genrecls.transfer`."""
+    from .transfer import build_musicnn_classifier
+
+    return build_musicnn_classifier(input_shape, n_labels, learning_rate=learning_rate, fine_tune=fine_tune, **kwargs)
+
+
+MODELS: dict[str, Callable[..., Any]] = {"tutorial": build_tutorial, "default": build_default, "cnn2d": build_cnn2d,
+                                         "linear": build_linear, "musicnn": build_musicnn}
+#: the feature preset each model needs (None: any log-mel input)
+MODEL_PRESETS: dict[str, str | None] = {"tutorial": None, "default": None, "cnn2d": None, "linear": None,
+                                        "musicnn": "musicnn"}
 
 
 def build_model(name: str, input_shape: tuple[int, int], n_labels: int, **kwargs: Any):
@@ -274,7 +340,7 @@ def build_model(name: str, input_shape: tuple[int, int], n_labels: int, **kwargs
 
     Parameters
     ----------
-    name : ``tutorial`` or ``default``
+    name : a key of :data:`MODELS`
     input_shape : (n_mels, n_frames)
     n_labels : number of output classes (>= 2)
     kwargs : ``mean``/``std`` (per mel band, from the training split), ``augment``, ``learning_rate``
@@ -292,7 +358,8 @@ def model_summary(model) -> dict[str, Any]:
 
 
 def load_keras_model(path: str):
-    """Load a run's ``model.keras`` (safe mode; registers :class:`SpecAugment` first)."""
+    """Load a run's ``model.keras`` (safe mode; registers genrecls' layers first)."""
     _spec_augment_class()
+    _time_stats_class()
     k = keras()
     return k.models.load_model(path, safe_mode=True, compile=False)

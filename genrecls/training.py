@@ -16,9 +16,11 @@ then starts Ray Train's ``TensorflowTrainer``.  Each worker runs :func:`train_fu
   runs exactly the same number of steps per epoch (computed by the driver from the equal
   split; a worker that came up short would repeat its last batch rather than leave the
   others waiting in an all-reduce);
-* the validation split is evaluated every epoch; learning rate follows a cosine decay
-  over ``train.epochs``; early stopping on validation loss (the best epoch's weights are
-  the ones exported); class weights inverse to the label frequencies and track weights
+* the validation split is evaluated every epoch, per track (each worker sums its segments'
+  probabilities per track, one all-reduce adds the workers' sums): the epoch exported is
+  the one of highest validation **track** accuracy (ties: lower validation loss), and early
+  stopping counts epochs without such an improvement (:mod:`genrecls.selection`); learning
+  rate follows a cosine decay over ``train.epochs``; class weights inverse to the label frequencies and track weights
   (every training track counts the same, whatever its length); fixed seed;
 * a checkpoint every epoch through ``ray.train.report`` (weights, optimizer state, best
   weights, history): a worker that dies makes Ray Train restart the group from the last
@@ -51,6 +53,7 @@ import numpy as np
 from .config import Config, ConfigError, FeatureConfig
 from .dataset import FEATURES_KEY, TRACKS_KEY, Dataset, DatasetError
 from .runtime import log, quiet_environment, ray_session
+from .selection import TrackTally, is_better, validation_metrics
 from .split import SplitError, assign_splits, split_counts, write_splits
 from .storage import Location
 
@@ -102,7 +105,7 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     manifest = ds.manifest()  # raises DatasetError when there is none
     features = ds.feature_config()
-    if cfg.features != FeatureConfig() and cfg.features != features:
+    if cfg.features != Config().features and cfg.features != features:
         diff = {k: (v, getattr(cfg.features, k)) for k, v in asdict(features).items() if getattr(cfg.features, k) != v}
         raise DatasetError(
             f"{ds.uri} was built with other feature settings than the configuration asks for "
@@ -169,6 +172,22 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
                         columns or [])
 
 
+def check_model_input(model: str, check: DatasetCheck, dataset: str) -> None:
+    """A model that needs a feature preset refuses a dataset of another one, naming the ingest to run."""
+    from .models import MODEL_PRESETS, MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"train.model: unknown model {model!r}; known: {', '.join(MODELS)}")
+    need = MODEL_PRESETS[model]
+    if need and check.features.preset != need:
+        raise DatasetError(
+            f"the {model} model needs segments of the {need!r} feature preset, but {check.dataset.uri} holds "
+            f"{check.features.preset!r} features ({check.features.n_mels}x{check.features.n_frames} at "
+            f"{check.features.sample_rate} Hz); ingest the library again into a new dataset: "
+            f"genrecls ingest SOURCE --out NEW_DATASET --set features.preset={need} "
+            f"(or train a model for any log-mel input on it: --model default)")
+
+
 @dataclass
 class TrainPlan:
     """What the workers need, resolved by the driver; written to RUN/plan.json."""
@@ -202,6 +221,9 @@ class TrainPlan:
     std: list[float] | None = None
     #: loss weight of each segment of each training track (train.track_weights), else None
     segment_weights: dict[str, float] | None = None
+    #: what the workers train on: "mel" (stored segments) or "embedding" (musicnn embeddings computed once)
+    input: str = "mel"
+    fine_tune: bool = False
 
     @property
     def mel_shape(self) -> tuple[int, int]:
@@ -292,6 +314,11 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         shuffle = "global" if train_bytes <= GLOBAL_SHUFFLE_MAX_BYTES else "local"
     decoded = sum(segs[s]["total"] for s in ("train", "val")) * (check.features.n_mels * check.features.n_frames * 2 + 4)
     cache = t.cache == "on" or (t.cache == "auto" and object_store_bytes is not None and decoded <= object_store_bytes / 4)
+    train_input = "embedding" if t.model == "musicnn" and not t.fine_tune else "mel"
+    if train_input == "embedding":
+        cache = True  # embeddings are computed once and kept: 400 bytes per segment
+        notes.append("frozen musicnn backbone: each segment's embedding is computed once (a Ray Data actor) "
+                     "and only the head trains")
     plan = TrainPlan(
         dataset=check.dataset.uri, shard_paths=check.shard_paths, features=asdict(check.features), labels=labels,
         model=t.model, workers=workers, cpus_per_worker=cpw, use_gpu=t.gpu, epochs=t.epochs, batch_size=batch,
@@ -299,7 +326,7 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         seed=t.seed, augment=t.augment, shuffle=shuffle, shuffle_buffer=t.shuffle_buffer, cache=cache,
         early_stopping_patience=t.early_stopping_patience, class_weights=class_weights,
         tracks_per_split=counts, segments_per_split=segs, unlabelled_tracks=check.unlabelled, notes=notes,
-        segment_weights=segment_weights)
+        segment_weights=segment_weights, input=train_input, fine_tune=t.fine_tune)
     return plan, table
 
 
@@ -326,9 +353,11 @@ def _segment_weights(tracks: list[dict[str, Any]], assignment: dict[str, str], b
 # --------------------------------------------------------------------------------------
 # Ray Data
 # --------------------------------------------------------------------------------------
-def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, float] | None = None,
+           track_index: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Shard rows (pyarrow) -> ``x`` float16 (n, n_mels, n_frames), ``y`` int32 label index
-    and, with ``weights`` (track_id -> weight), ``w`` float32."""
+    and, with ``weights`` (track_id -> weight), ``w`` float32; with ``track_index`` (track_id ->
+    index), ``t`` int32 (validation: segment probabilities are summed per track)."""
     mel = batch.column("mel").combine_chunks()
     x = mel.flatten().to_numpy(zero_copy_only=False).reshape(len(mel), *shape).astype(np.float16, copy=False)
     index = {l: i for i, l in enumerate(labels)}
@@ -336,11 +365,13 @@ def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, 
     out = {"x": x, "y": y}
     if weights is not None:
         out["w"] = np.fromiter((weights[t] for t in batch.column("track_id").to_pylist()), dtype=np.float32, count=len(mel))
+    if track_index is not None:
+        out["t"] = np.fromiter((track_index[t] for t in batch.column("track_id").to_pylist()), dtype=np.int32, count=len(mel))
     return out
 
 
 def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bool = False,
-                     weights: dict[str, float] | None = None):
+                     weights: dict[str, float] | None = None, track_index: dict[str, int] | None = None):
     """A Ray Dataset of ``x``/``y`` rows for the given tracks (the track filter is pushed into the Parquet scan);
     with ``weights`` (track_id -> loss weight of each segment) a ``w`` column too."""
     import ray.data
@@ -365,7 +396,8 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
             ctx.use_datasource_v2 = v2
     ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
     return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights})
+                          fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights,
+                                     "track_index": track_index})
 
 
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
@@ -377,7 +409,13 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
     again, shuffled globally (``random_shuffle``) or by file order plus the local buffer.
     """
     train = make_ray_dataset(plan, ids["train"], shuffle_files=plan.shuffle == "local", weights=plan.segment_weights)
-    val = make_ray_dataset(plan, ids["val"])
+    val = make_ray_dataset(plan, ids["val"], track_index=val_track_index(ids["val"]))
+    if plan.input == "embedding":  # the frozen backbone runs once per segment, here; the epochs reuse its output
+        from .transfer import embed_dataset
+
+        train = embed_dataset(train).random_shuffle(seed=plan.seed).materialize()
+        val = embed_dataset(val).materialize()
+        return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
     if plan.cache:
         # a real row shuffle once: shards hold a few labels each (ingest order), every block must mix them
         train = train.random_shuffle(seed=plan.seed).materialize()
@@ -387,11 +425,18 @@ def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[s
     return {"train": epoch_train, "val": val}, train
 
 
+def val_track_index(val_ids: list[str]) -> dict[str, int]:
+    """Row of each validation track in the workers' per-track sums (sorted track ids)."""
+    return {t: i for i, t in enumerate(sorted(val_ids))}
+
+
 def normalisation_stats(train_ds) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-mel-band mean and std (dB) of a dataset of ``x`` rows, and the number of values per band."""
     n, s, ss = 0, None, None
     for b in train_ds.iter_batches(batch_size=1024, batch_format="numpy"):
         x = b["x"].astype(np.float64)
+        if x.ndim == 2:  # embeddings: one value per dimension
+            x = x[:, :, None]
         n += x.shape[0] * x.shape[2]
         bs, bss = x.sum(axis=(0, 2)), np.einsum("imt,imt->m", x, x)
         s = bs if s is None else s + bs
@@ -464,6 +509,22 @@ def _tf_dataset(tf, gen, shape: tuple[int, int], weighted: bool):
     return ds.with_options(options)
 
 
+def _validation_tally(tf, model, shard, *, batch: int, n_tracks: int, n_labels: int, stats: dict[str, Any]) -> TrackTally:
+    """Probabilities of every validation segment of this worker's share, summed per track.
+
+    The model is called directly (no ``predict``), so no collective runs while workers
+    iterate shares of different lengths.
+    """
+    tally = TrackTally(n_tracks, n_labels)
+    t = time.perf_counter()
+    for b in shard.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2):
+        stats["val_wait"] = stats.get("val_wait", 0.0) + time.perf_counter() - t
+        probs = model(tf.constant(b["x"], tf.float32), training=False).numpy()
+        tally.add(probs, b["y"], b["t"])
+        t = time.perf_counter()
+    return tally
+
+
 def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
     np.savez(path, **{f"a{i:04d}": a for i, a in enumerate(arrays)})
 
@@ -502,15 +563,23 @@ def train_func(config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     shape = tuple(config["mel_shape"])
     with strategy.scope():
-        model = build_model(config["model"], shape, len(config["labels"]), mean=config["mean"], std=config["std"],
-                            augment=config["augment"], learning_rate=config["learning_rate"])
+        if config.get("input") == "embedding":  # frozen musicnn backbone: the head alone, on embeddings
+            from .transfer import EMBEDDING_DIM, build_head
+
+            shape = (EMBEDDING_DIM,)
+            model = build_head(len(config["labels"]), learning_rate=config["learning_rate"], mean=config["mean"],
+                               std=config["std"])
+        else:
+            model = build_model(config["model"], shape, len(config["labels"]), mean=config["mean"], std=config["std"],
+                                augment=config["augment"], learning_rate=config["learning_rate"],
+                                fine_tune=config.get("fine_tune", False))
         model.optimizer.build(model.trainable_variables)
     # same initial weights everywhere (MWMS also broadcasts them); then each worker draws its own
     # augmentation masks and dropout
     tf.random.set_seed(int(config["seed"]) * 1009 + 1 + rank)
 
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": None, "wait": 0,
-                             "stopped": False, "restarts": []}
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_val_track_accuracy": None,
+                             "best_epoch": None, "wait": 0, "stopped": False, "restarts": []}
     best_weights = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -522,31 +591,25 @@ def train_func(config: dict[str, Any]) -> None:
                 var.assign(value)
             if os.path.exists(os.path.join(d, "best.npz")):
                 best_weights = _load_arrays(os.path.join(d, "best.npz"))
+        state.setdefault("best_val_track_accuracy", None)
         state.setdefault("restarts", []).append({"from_epoch": state["epoch"], "time": time.time(), "world_size": world})
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     weights = np.asarray(config["class_weights"], np.float32)
-    epochs, steps, vsteps = config["epochs"], config["steps_per_epoch"], config["val_steps"]
-    batch, vbatch = config["batch_size"], config["val_batch_size"]
+    epochs, steps = config["epochs"], config["steps_per_epoch"]
+    batch = config["batch_size"]
     patience = config["early_stopping_patience"]
+    n_labels, n_val_tracks = len(config["labels"]), int(config["val_tracks"])
 
-    class _Clock(k.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-            self.t1 = None
+    def all_workers_sum(vector: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every worker's array (one collective all-reduce; the same result everywhere)."""
+        if world == 1:
+            return vector
+        value = tf.constant(vector)
+        per_replica = strategy.experimental_distribute_values_from_function(lambda _: value)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
-        def on_test_begin(self, logs=None):
-            if self.t1 is None:
-                self.t1 = time.perf_counter()
-
-        def on_test_end(self, logs=None):
-            self.t2 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.t3 = time.perf_counter()
-
-    clock = _Clock()
     while state["epoch"] < epochs and not state["stopped"]:
         epoch = state["epoch"]
         lr = learning_rate_at(epoch, epochs, config["learning_rate"])
@@ -555,37 +618,41 @@ def train_func(config: dict[str, Any]) -> None:
         seed = int(config["seed"]) * 100_003 + epoch * 101 + rank
         train_gen = _epoch_generator(train_shard, steps=steps, batch=batch, buffer=config["shuffle_buffer"], seed=seed,
                                      weights=weights, stats=stats)
-        val_gen = _epoch_generator(val_shard, steps=vsteps, batch=vbatch, buffer=0, seed=None, weights=None, stats=stats,
-                                   name="val")
         if world > 1:
             train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, train_gen, shape, True))
-            val_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(tf, val_gen, shape, False))
         else:
-            train_data, val_data = _tf_dataset(tf, train_gen, shape, True), _tf_dataset(tf, val_gen, shape, False)
+            train_data = _tf_dataset(tf, train_gen, shape, True)
         t0 = time.perf_counter()
-        hist = model.fit(train_data, epochs=1, steps_per_epoch=steps, validation_data=val_data,
-                         validation_steps=vsteps, verbose=0, callbacks=[clock])
-        epoch_seconds = time.perf_counter() - t0
+        hist = model.fit(train_data, epochs=1, steps_per_epoch=steps, verbose=0)
+        train_seconds = time.perf_counter() - t0
         logs = {key: float(v[-1]) for key, v in hist.history.items()}
-        train_seconds = (clock.t1 or time.perf_counter()) - clock.t0
-        val_loss = logs["val_loss"]
-        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-4
+        # validation: every segment of this worker's share, probabilities summed per track, summed over workers
+        t_val = time.perf_counter()
+        tally = _validation_tally(tf, model, val_shard, batch=max(256, batch), n_tracks=n_val_tracks,
+                                  n_labels=n_labels, stats=stats)
+        val = validation_metrics(all_workers_sum(tally.vector()), n_val_tracks, n_labels)
+        val_seconds = time.perf_counter() - t_val
+        epoch_seconds = time.perf_counter() - t0
+        best = None if state["best_epoch"] is None else {"val_track_accuracy": state["best_val_track_accuracy"],
+                                                          "val_loss": state["best_val_loss"]}
+        improved = is_better(val, best)
         weights_now = model.get_weights()  # collective under MWMS: every worker calls it
         if improved:
-            state["best_val_loss"], state["best_epoch"], state["wait"] = val_loss, epoch + 1, 0
+            state["best_val_track_accuracy"], state["best_val_loss"] = val["val_track_accuracy"], val["val_loss"]
+            state["best_epoch"], state["wait"] = epoch + 1, 0
             best_weights = weights_now
         else:
             state["wait"] += 1
         if patience and state["wait"] >= patience:
             state["stopped"] = True
         record = {"epoch": epoch + 1, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
-                  "val_loss": val_loss, "val_accuracy": logs.get("val_accuracy"), "lr": lr,
+                  "val_loss": val["val_loss"], "val_accuracy": val["val_accuracy"],
+                  "val_track_accuracy": val["val_track_accuracy"], "val_tracks_scored": val["val_tracks_scored"], "lr": lr,
                   "train_seconds": round(train_seconds, 3), "epoch_seconds": round(epoch_seconds, 3),
                   "segments_per_s": round(steps * batch * world / max(train_seconds, 1e-9), 2),
                   "short_batches": stats.get("short", 0), "drained_batches": stats.get("drained", 0),
                   "train_data_wait_seconds": round(stats.get("train_wait", 0.0), 3),
-                  "val_seconds": round(clock.t2 - clock.t1, 3) if clock.t1 else None,
-                  "fit_exit_seconds": round(time.perf_counter() - clock.t3, 3),
+                  "val_seconds": round(val_seconds, 3),
                   "val_data_wait_seconds": round(stats.get("val_wait", 0.0), 3),
                   "pid": os.getpid(),  # of rank 0, which writes the checkpoint
                   "threads": int(threads), "onednn": onednn}
@@ -602,6 +669,7 @@ def train_func(config: dict[str, Any]) -> None:
             with open(os.path.join(d, "state.json"), "w") as f:
                 json.dump({**state, "files": files}, f)
             metrics = {**record, "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+                       "best_val_track_accuracy": state["best_val_track_accuracy"],
                        "stopped": state["stopped"], "epochs": epochs, "restarts": len(state.get("restarts", []))}
             checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -620,7 +688,8 @@ def _epoch_printer(total_epochs: int, enabled: bool):
             r = result
             line = (f"epoch {r.get('epoch')}/{total_epochs}: loss {r.get('loss', float('nan')):.4f} "
                     f"acc {r.get('accuracy', float('nan')):.3f}  val_loss {r.get('val_loss', float('nan')):.4f} "
-                    f"val_acc {r.get('val_accuracy', float('nan')):.3f}  lr {r.get('lr', 0):.2e}  "
+                    f"val_acc {r.get('val_accuracy', float('nan')):.3f}  val_track_acc {r.get('val_track_accuracy', float('nan')):.3f}  "
+                    f"lr {r.get('lr', 0):.2e}  "
                     f"{r.get('epoch_seconds', 0):.1f} s, {r.get('segments_per_s', 0):.0f} segments/s"
                     + ("  (best)" if r.get("best_epoch") == r.get("epoch") else "")
                     + ("  early stop" if r.get("stopped") else ""))
@@ -706,6 +775,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
         "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch, "val_steps": plan.val_steps,
         "batch_size": plan.batch_size, "val_batch_size": plan.val_batch_size, "shuffle_buffer": plan.shuffle_buffer,
         "class_weights": plan.class_weights, "early_stopping_patience": plan.early_stopping_patience,
+        "val_tracks": plan.tracks_per_split["val"]["total"], "input": plan.input, "fine_tune": plan.fine_tune,
         "cpus_per_worker": plan.cpus_per_worker,
     }
     trainer = TensorflowTrainer(
@@ -789,10 +859,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             raise FileExistsError(f"{run.uri} already holds a training run; pass --resume to continue it "
                                   "or choose another --out")
         labels = None
-    from .models import MODELS
-
-    if cfg.train.model not in MODELS:
-        raise ConfigError(f"train.model: unknown model {cfg.train.model!r}; known: {sorted(MODELS)}")
+    check_model_input(cfg.train.model, check, dataset)
     # a first plan without Ray: every data error surfaces before anything starts
     plan, table = plan_training(check, cfg, splits=splits, labels=labels)
     run.makedirs()
@@ -829,6 +896,14 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             datasets, stats_source = prepare_datasets(plan, ids) if not finished else ({}, None)
             if resume and run.exists("normalisation.json"):
                 norm = run.read_json("normalisation.json")
+            elif plan.model == "musicnn" and plan.input != "embedding":  # fine-tuning: the network's own input batch norm
+                norm = {"mean": None, "std": None, "note": "none: the musicnn backbone's own input batch norm"}
+                run.write_json("normalisation.json", norm)
+            elif plan.input == "embedding":  # the head standardises the embedding
+                mean, std, n = normalisation_stats(stats_source)
+                norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "embedding dimension",
+                        "units": "musicnn embedding", "computed_on": "train split", "values": n}
+                run.write_json("normalisation.json", norm)
             else:
                 mean, std, n = normalisation_stats(stats_source)
                 norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "mel band", "units": "dB",
@@ -868,21 +943,31 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
 
     import_tensorflow()
     model = build_model(plan.model, plan.mel_shape, len(plan.labels), mean=plan.mean, std=plan.std,
-                        augment=plan.augment, learning_rate=plan.learning_rate)
-    model.set_weights(best)
+                        augment=plan.augment, learning_rate=plan.learning_rate, fine_tune=plan.fine_tune)
+    if plan.input == "embedding":  # the trained head onto the pretrained backbone: the export scores raw segments
+        from .transfer import head_weights_into
+
+        head_weights_into(model, best)
+    else:
+        model.set_weights(best)
     history = state["history"]
     versions = _versions()
     info = export_model(model, run, labels=plan.labels, features=check.features, model_name=plan.model, extra={
         "dataset": check.dataset.uri, "normalisation": {"file": "normalisation.json", "axis": "mel band",
-                                                        "inside_model": plan.model != "tutorial"},
+                                                        "inside_model": plan.model not in ("tutorial", "musicnn")},
         "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"], "versions": versions,
-        "model": model_summary(model), "splits": "splits.parquet", "config": "config.json"})
+        "model": model_summary(model), "splits": "splits.parquet", "config": "config.json",
+        **({"max_batch": _max_batch()} if plan.model == "musicnn" else {})})
     run.write_json("history.json", history)
     plot_curves(history, run, title=f"{info['model_id']} ({plan.model})")
     predictor = Predictor(run)
     assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
     groups = {s: [t for t, v in assignment.items() if v == s] for s in ("val", "test")}
     metrics = evaluate_predictor(predictor, check.dataset, groups)
+    if "classify_max_segments" in metrics:  # classify's K, chosen on the validation tracks (genrecls.selection)
+        info["classify"] = {"max_segments": metrics["classify_max_segments"], "chosen_on": "validation tracks",
+                            "val_track_accuracy_by_k": metrics["val_track_accuracy_by_k"]}
+        run.write_json("run.json", info)
     metrics.update({
         "model_id": info["model_id"], "model": plan.model, "dataset": check.dataset.uri,
         "tracks_per_split": plan.tracks_per_split, "segments_per_split": plan.segments_per_split,
@@ -902,6 +987,12 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     return summary
 
 
+def _max_batch() -> int:
+    from .transfer import MAX_BATCH
+
+    return MAX_BATCH
+
+
 def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:
     """A human-readable report of a run (report.md)."""
     from .evaluation import format_metrics
@@ -912,13 +1003,21 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
     lines = [f"# Training run {summary['model_id']}", ""]
     lines.append(f"- dataset: `{plan.dataset}` ({sum(plan.tracks_per_split[s]['total'] for s in plan.tracks_per_split)} "
                  f"labelled tracks, {len(plan.labels)} labels{f', {plan.unlabelled_tracks} unlabelled tracks ignored' if plan.unlabelled_tracks else ''})")
-    lines.append(f"- model: `{plan.model}` ({info['model']['parameters']:,} weights); input {plan.mel_shape[0]}x{plan.mel_shape[1]} "
-                 "log-mel dB, normalised per mel band inside the model with training-split statistics"
-                 if plan.model != "tutorial" else
-                 f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
+    f = FeatureConfig(**plan.features)
+    scale = "log-mel dB" if f.log_scale == "db" else "log10(10000 mel + 1)"
+    if plan.model == "tutorial":
+        lines.append(f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
+    elif plan.model == "musicnn":
+        lines.append(f"- model: `musicnn` ({info['model']['parameters']:,} weights): the pretrained MSD musicnn backbone "
+                     f"({'fine-tuned' if plan.fine_tune else 'frozen; each segment embedded once, only the head trained'}) "
+                     f"and a softmax head; input {plan.mel_shape[0]}x{plan.mel_shape[1]} {scale} (preset {f.preset})")
+    else:
+        lines.append(f"- model: `{plan.model}` ({info['model']['parameters']:,} weights); input {plan.mel_shape[0]}x{plan.mel_shape[1]} "
+                     f"{scale} (preset {f.preset}), normalised per mel band inside the model with training-split statistics")
     lines.append(f"- training: {plan.workers} Ray Train worker(s) x {plan.cpus_per_worker:g} CPU{' + GPU' if plan.use_gpu else ''}, "
                  f"batch {plan.batch_size} per worker, {plan.steps_per_epoch} steps per epoch, {summary['epochs_run']} of "
-                 f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']}, "
+                 f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']} "
+                 "(highest validation track accuracy), "
                  f"learning rate {plan.learning_rate:g} with cosine decay, shuffle {plan.shuffle}, seed {plan.seed}, "
                  f"class weights {'on' if cfg.train.class_weights else 'off'}, track weights {'on' if plan.segment_weights else 'off'}, augmentation {'on' if plan.augment and plan.model != 'tutorial' else 'off'}")
     sps = [r["segments_per_s"] for r in h[1:]] or [r["segments_per_s"] for r in h]
@@ -941,8 +1040,8 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
     lines += ["", "## Metrics", "", "```", format_metrics(m), "```", ""]
     lines += ["## Per epoch", "", "```", format_table(
         [(r["epoch"], f"{r['loss']:.4f}", f"{r['accuracy']:.3f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
-          f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
-        ("epoch", "loss", "acc", "val loss", "val acc", "lr", "seconds")), "```", ""]
+          f"{r.get('val_track_accuracy', float('nan')):.3f}", f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
+        ("epoch", "loss", "acc", "val loss", "val acc", "val track acc", "lr", "seconds")), "```", ""]
     lines += ["![learning curves](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
     return "\n".join(lines)

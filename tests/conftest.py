@@ -41,13 +41,13 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def small_cfg():
-    """Short segments so tests run fast: 1 s segments at 8 kHz, 32 mels."""
+    """Short segments so tests run fast: 1 s segments at 8 kHz, 32 mels (a custom preset), the 1-D CNN model."""
     from genrecls.config import Config
 
     return Config().with_section(features={
-        "sample_rate": 8000, "segment_samples": 8000, "segment_hop": 8000, "n_fft": 512,
+        "preset": "tutorial", "sample_rate": 8000, "segment_samples": 8000, "segment_hop": 8000, "n_fft": 512,
         "hop_length": 256, "n_mels": 32, "min_track_seconds": 0.5,
-    })
+    }, train={"model": "default"})
 
 
 @pytest.fixture(scope="session")

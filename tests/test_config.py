@@ -9,9 +9,12 @@ import pytest
 from genrecls.config import Config, ConfigError, FeatureConfig, IngestConfig, load_config
 
 
-def test_defaults_are_the_tutorials_and_valid():
+def test_defaults_are_the_musicnn_model_and_its_preset_and_the_tutorial_preset_is_the_tutorials():
+    from genrecls.config import feature_preset
+
     cfg = Config().validate()
-    f = cfg.features
+    assert cfg.train.model == "musicnn" and cfg.features == feature_preset("musicnn")
+    f = feature_preset("tutorial")
     assert (f.sample_rate, f.segment_samples, f.n_fft, f.hop_length, f.n_mels, f.dtype) == (22050, 100_000, 2048, 512, 128, "float16")
     assert f.n_frames == 196 and f.mel_shape == (128, 196)
     assert f.segment_seconds == pytest.approx(100_000 / 22050)
@@ -33,7 +36,7 @@ def test_overrides_parse_values_by_type():
     ("features.fmax=20000", "features.fmax: must be in"),
     ("features.fmin=-1", "features.fmin"),
     ("features.hop_length=0", "features.hop_length"),
-    ("features.segment_samples=1000", "features.segment_samples: must be >= n_fft"),
+    ("features.segment_samples=100", "features.segment_samples: must be >= n_fft"),
     ("features.segment_hop=0", "features.segment_hop: must be >= 1"),
     ("features.max_segments_per_track=-1", "features.max_segments_per_track"),
     ("features.tail=keep", "features.tail: 'keep' is not one of"),
@@ -88,7 +91,27 @@ def test_config_file_errors(tmp_path):
 
 def test_with_section_updates_and_validates():
     cfg = Config().with_section(features={"n_mels": 32, "n_fft": 512, "hop_length": 256})
-    assert cfg.features.mel_shape == (32, 1 + 100_000 // 256)
+    assert cfg.features.mel_shape == (32, 1 + 47_616 // 256) and cfg.features.preset == "custom"
     with pytest.raises(ConfigError, match="features.n_mels"):
         Config().with_section(features={"n_mels": 0})
     assert Config().with_section(features=FeatureConfig(n_mels=16)).features.n_mels == 16
+
+
+def test_feature_presets_are_complete_and_derived_from_the_values():
+    from genrecls.config import DEFAULT_PRESET, FEATURE_PRESETS, FeatureConfig, feature_preset
+
+    assert Config().features.preset == DEFAULT_PRESET
+    m = Config().override(["features.dtype=float32", "features.preset=musicnn"])  # preset first, then the others
+    assert m.features == feature_preset("musicnn", dtype="float32")
+    assert (m.features.sample_rate, m.features.n_mels, m.features.mel_shape, m.features.log_scale) == (16000, 96, (96, 187), "log10_10000")
+    assert Config.from_dict({"features": {"preset": "musicnn"}}).features.preset == "musicnn"
+    assert Config.from_dict(m.to_dict()).features == m.features  # a resolved config.json round-trips
+    assert m.override(["features.preset=tutorial"]).features == feature_preset("tutorial")
+    assert m.override(["features.n_mels=64"]).features.preset == "custom"  # changed input: no longer the preset
+    assert m.override(["features.segment_hop=24000"]).features.preset == "musicnn"  # overlap keeps the input
+    assert FeatureConfig().preset == "tutorial"  # datasets written before presets: the tutorial's values
+    assert set(FEATURE_PRESETS) == {"tutorial", "musicnn"}
+    with pytest.raises(ConfigError, match="features.preset: unknown preset 'vgg'"):
+        Config().override(["features.preset=vgg"])
+    with pytest.raises(ConfigError, match="features.log_scale"):
+        Config().override(["features.log_scale=ln"])

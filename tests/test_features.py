@@ -133,3 +133,42 @@ def test_float16_storage_error_is_below_three_hundredths_of_a_db():
     assert -101 < mels.min() and mels.max() < 128  # the range float16 stores with steps <= 1/16 dB
     err = np.abs(mels.astype(np.float16).astype(np.float32) - mels)
     assert err.max() <= 0.0313
+
+
+# -- presets ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tutorial", "musicnn"])
+def test_each_preset_matches_a_plain_librosa_computation_of_its_recipe(name):
+    """The preset's values, written out here by hand, and its features against librosa + NumPy."""
+    import librosa
+
+    from genrecls.config import feature_preset
+
+    cfg = feature_preset(name)
+    recipe = {"tutorial": (22050, 2048, 512, 128, 100_000, (128, 196)),
+              "musicnn": (16000, 512, 256, 96, 47_616, (96, 187))}[name]
+    assert (cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.segment_samples, cfg.mel_shape) == recipe
+    assert cfg.preset == name
+    segs = music(cfg, 3, "jazz")
+    ours = log_mel(segs, cfg)
+    S = np.stack([librosa.feature.melspectrogram(y=s, sr=recipe[0], n_fft=recipe[1], hop_length=recipe[2],
+                                                 n_mels=recipe[3]) for s in segs])
+    if name == "musicnn":
+        ref = np.log10(10000.0 * S.astype(np.float32) + 1.0)  # musicnn's formula, in float32
+        tol = 1e-4
+    else:
+        ref = np.stack([librosa.power_to_db(s, ref=1.0, top_db=80.0) for s in S])
+        tol = TOL_DB
+    assert ours.shape == ref.shape == (3, *recipe[5]) and ours.dtype == np.float32
+    assert np.isfinite(ours).all()
+    err = np.abs(ours - ref)
+    assert err.max() < tol, err.max()
+    np.testing.assert_allclose(log_mel(segs[1], cfg), ours[1], atol=1e-5)  # batch == single
+
+
+def test_musicnn_scale_is_finite_where_a_float16_cast_would_overflow():
+    from genrecls.config import feature_preset
+
+    cfg = feature_preset("musicnn")
+    loud = np.clip(music(cfg, 1, "rock") * 50, -1, 1)  # clipped full-scale audio: mel power far above 6.5
+    ours = log_mel(loud, cfg)
+    assert np.isfinite(ours).all() and ours.max() > 4

@@ -252,7 +252,7 @@ def test_default_features_end_to_end(ray_local, tmp_path):
     os.makedirs(root / "rock")
     write_audio(str(root / "rock" / "song.mp3"), synthesize("rock", 14.0, seed=2), 44100)
     write_audio(str(root / "rock" / "one second.wav"), synthesize("rock", 1.0, seed=3), 44100)  # < one 4.5 s segment
-    s = ingest(str(root), str(tmp_path / "ds"), Config(), progress=False)
+    s = ingest(str(root), str(tmp_path / "ds"), Config().override(["features.preset=tutorial"]), progress=False)
     assert (s.added, s.segments_added, s.failed) == (2, 4, 0)
     ds = Dataset(str(tmp_path / "ds"))
     short = ds.tracks()[track_id_for("rock/one second.wav")]

@@ -1,0 +1,153 @@
+"""Transfer learning on the pretrained MSD musicnn tagger: the ``musicnn`` model.
+
+The classifier is the pretrained network of :mod:`genrecls.musicnn` up to its 200-d
+embedding (``penultimate``), then a trained head (dropout and one softmax ``Dense``).  It
+takes the stored segments as they are, (batch, 96, 187) ``log10(10000 S + 1)`` of the
+``musicnn`` feature preset, and transposes them to the network's time-first input inside
+the model, so the exported run scores raw segments like every other model.
+
+Two ways to train it (``train.fine_tune``):
+
+* frozen backbone (the default): the backbone is a fixed function of the segment, so each
+  segment's embedding is computed ONCE, by a Ray Data actor over the training and
+  validation segments (:func:`embed_dataset`), kept in the object store, and the workers
+  train only the head on 200-d rows, epoch after epoch.  An epoch then costs what a
+  logistic regression on 200 numbers costs; the backbone runs once per segment in all.
+* fine-tuning (``train.fine_tune=true``): the whole network trains on the log-mel
+  segments every epoch (its batch norm layers keep their pretrained statistics); about the CPU cost of the
+  backbone's forward and backward pass per segment and epoch.  Use a small
+  ``train.learning_rate`` (1e-4) not to wreck the pretrained weights.
+
+The head standardises the embedding with the training split's per-dimension mean and
+standard deviation (computed by the driver on the embeddings, like the per-band
+normalisation of the other models), then dropout and one softmax ``Dense`` (a logistic
+regression on the embedding, as in the issue's baseline of 0.93).
+
+The exported model always includes the backbone (:func:`build_musicnn_classifier` with the
+head's weights set by :func:`head_weights_into`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EMBEDDING_DIM", "HEAD_LAYER", "build_backbone", "build_head", "build_musicnn_classifier",
+           "head_weights_into", "embed_dataset", "Embedder"]
+
+#: size of the musicnn embedding the head is trained on
+EMBEDDING_DIM = 200
+#: segments per call of a model holding the backbone (run.json "max_batch"; ~9 MB of activations per segment)
+MAX_BATCH = 32
+#: the head's one weighted layer (its name is the same in the head alone and in the full model)
+HEAD_LAYER = "probabilities"
+_HEAD_DROPOUT = 0.3
+_HEAD_L2 = 1e-3
+
+
+def build_backbone(*, trainable: bool = False):
+    """The pretrained network from (batch, 96, 187) stored segments to the 200-d embedding."""
+    from .models import keras
+    from .musicnn import MUSICNN_FEATURES, load_musicnn
+
+    k = keras()
+    net = load_musicnn()
+    net.trainable = trainable
+    n_mels, n_frames = MUSICNN_FEATURES["n_mels"], MUSICNN_FEATURES["patch_frames"]
+    inputs = k.Input(shape=(n_mels, n_frames), name="mel")
+    x = k.layers.Permute((2, 1), name="time_first")(inputs)  # stored mel-major; the network wants time first
+    embedding = k.Model(net.inputs, net.get_layer("penultimate").output, name="musicnn_backbone")
+    # always in inference mode: batch norm keeps the pretrained statistics (and dropout is off) even when
+    # fine-tuning, the usual way to fine-tune a network with batch norm on small batches
+    return k.Model(inputs, embedding(x, training=False), name="musicnn_embedding")
+
+
+def _head(k, x, n_labels: int, mean, std):
+    """Standardise the embedding (training-split statistics), dropout, softmax."""
+    mean_arr = np.zeros(EMBEDDING_DIM, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(EMBEDDING_DIM)
+    std_arr = np.ones(EMBEDDING_DIM, np.float32) if std is None else np.asarray(std, np.float32).reshape(EMBEDDING_DIM)
+    std_arr = np.maximum(std_arr, 1e-3)
+    x = k.layers.Normalization(mean=mean_arr.tolist(), variance=(std_arr ** 2).tolist(), name="head_standardise")(x)
+    x = k.layers.Dropout(_HEAD_DROPOUT, name="head_dropout")(x)
+    return k.layers.Dense(n_labels, activation="softmax", kernel_regularizer=k.regularizers.L2(_HEAD_L2),
+                          name=HEAD_LAYER)(x)
+
+
+def _compile(k, model, learning_rate: float):
+    model.compile(optimizer=k.optimizers.Adam(learning_rate=learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def build_head(n_labels: int, *, learning_rate: float = 1e-3, mean=None, std=None, **_: Any):
+    """The head alone, on (batch, 200) embeddings: what the workers train with a frozen backbone.
+
+    ``mean``/``std``: per-dimension statistics of the training split's embeddings.
+    """
+    from .models import keras
+
+    k = keras()
+    inputs = k.Input(shape=(EMBEDDING_DIM,), name="embedding")
+    return _compile(k, k.Model(inputs, _head(k, inputs, n_labels, mean, std), name="musicnn_head"), learning_rate)
+
+
+def build_musicnn_classifier(input_shape: tuple[int, int], n_labels: int, *, learning_rate: float = 1e-3,
+                             fine_tune: bool = False, mean=None, std=None, **_: Any):
+    """The whole classifier: stored (96, 187) segments -> pretrained embedding -> softmax head.
+
+    ``mean``/``std``: the head's embedding standardisation (training-split statistics).
+    """
+    from .models import keras
+    from .musicnn import MUSICNN_FEATURES
+
+    expected = (MUSICNN_FEATURES["n_mels"], MUSICNN_FEATURES["patch_frames"])
+    if tuple(input_shape) != expected:
+        raise ValueError(f"the musicnn model takes {expected[0]}x{expected[1]} segments (the musicnn feature preset), "
+                         f"got {input_shape[0]}x{input_shape[1]}")
+    k = keras()
+    backbone = build_backbone(trainable=fine_tune)
+    inputs = k.Input(shape=expected, name="mel")
+    model = k.Model(inputs, _head(k, backbone(inputs), n_labels, mean, std), name="musicnn")
+    return _compile(k, model, learning_rate)
+
+
+def head_weights_into(model, head_weights: list[np.ndarray]) -> None:
+    """Set the full classifier's head from the weights of a trained :func:`build_head` model."""
+    model.get_layer(HEAD_LAYER).set_weights(head_weights)
+
+
+class Embedder:
+    """A Ray Data callable class: ``x`` (n, 96, 187) segments -> ``x`` (n, 200) embeddings, float16.
+
+    Other columns (``y``, ``w``, ``t``) pass through.  One backbone per actor, loaded once.
+    """
+
+    def __init__(self, threads: int = 0):
+        from .models import import_tensorflow
+
+        tf = import_tensorflow()
+        threads = int(threads) or (os.cpu_count() or 1)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        except RuntimeError:
+            pass
+        self._tf = tf
+        self._model = build_backbone()
+        self._fn = tf.function(lambda x: self._model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = np.asarray(batch["x"], np.float32)
+        # 16 segments per call: the timbral convolutions' activations take ~9 MB per segment
+        parts = [self._fn(self._tf.constant(x[i:i + 16])).numpy() for i in range(0, len(x), 16)]
+        out = dict(batch)
+        out["x"] = (np.concatenate(parts) if parts else np.zeros((0, EMBEDDING_DIM), np.float32)).astype(np.float16)
+        return out
+
+
+def embed_dataset(ds, *, threads: int = 0, batch_size: int = 256):
+    """A Ray Dataset of segments mapped to embeddings by one backbone actor (compute each once; materialise after)."""
+    return ds.map_batches(Embedder, fn_constructor_kwargs={"threads": threads}, batch_size=batch_size,
+                          batch_format="numpy", concurrency=1, num_cpus=1)
