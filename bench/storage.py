@@ -172,6 +172,7 @@ def main() -> int:
     if a.quick:
         cfg = cfg.with_section(features={"sample_rate": 8000, "segment_samples": 8000, "segment_hop": 8000,
                                          "n_fft": 512, "hop_length": 256, "n_mels": 32})
+        cfg = cfg.with_section(train={"model": "default"})  # the musicnn model needs its own preset
     server = S3Server(__import__("pathlib").Path(tempfile.mkdtemp(prefix="genrecls-bench-s3-"))).start()
     bucket = server.bucket("genrecls-bench")
     results: dict = {"quick": a.quick, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
