@@ -155,7 +155,7 @@ def run_ingest(folder: str, files: list[dict], all_files: bool, workers: int, ti
             outcomes[t.path] = {"outcome": "kept", "seconds": t.duration_seconds}
         for r in ds.failures().to_pylist():
             outcomes[r["path"]] = {"outcome": "rejected", "kind": r["kind"], "reason": r["reason"]}
-        for r in warning_rows(ds):
+        for r in ds.warnings().to_pylist():
             o = outcomes.setdefault(r["path"], {"outcome": "kept"})
             o.setdefault("warnings", []).append({"kind": r.get("kind"), "reason": r.get("reason")})
     except Exception as exc:  # noqa: BLE001 - a dataset the run could not finish is part of the result
@@ -163,15 +163,6 @@ def run_ingest(folder: str, files: list[dict], all_files: bool, workers: int, ti
     return {"command": " ".join(cmd[1:]).replace(scratch, "TMP"), "exit_code": proc.returncode,
             "needed_kill": killed, "wall_seconds": round(wall, 1), "log_tail": log[-2000:].replace(scratch, "TMP"),
             "outcomes": outcomes}
-
-
-def warning_rows(ds) -> list[dict]:
-    """The dataset's warnings table (path, label, kind, reason), where the dataset has one."""
-    table = getattr(ds, "warnings", None)
-    table = table() if callable(table) else table
-    if table is None:
-        return []
-    return table.to_pylist() if hasattr(table, "to_pylist") else list(table)
 
 
 def _decode_one(path: str) -> dict:

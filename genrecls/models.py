@@ -45,6 +45,7 @@ Train's TensorflowTrainer uses; tf-keras (``TF_USE_LEGACY_KERAS=1``, set by
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -112,14 +113,9 @@ def keras():
     return tf_keras
 
 
-_SPEC_AUGMENT_CLASS = None
-
-
+@functools.lru_cache(maxsize=None)
 def _spec_augment_class():
     """Define and register :class:`SpecAugment` on first use (keeps TensorFlow out of import time)."""
-    global _SPEC_AUGMENT_CLASS
-    if _SPEC_AUGMENT_CLASS is not None:
-        return _SPEC_AUGMENT_CLASS
     tf = import_tensorflow()
     k = keras()
 
@@ -173,7 +169,6 @@ def _spec_augment_class():
             return {**super().get_config(), "freq_masks": self.freq_masks, "freq_width": self.freq_width,
                     "time_masks": self.time_masks, "time_width": self.time_width, "mask_value": self.mask_value}
 
-    _SPEC_AUGMENT_CLASS = SpecAugment
     return SpecAugment
 
 
@@ -276,14 +271,9 @@ def build_cnn2d(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[f
                         pools=(k.layers.GlobalAveragePooling2D, k.layers.GlobalMaxPooling2D))
 
 
-_TIME_STATS_CLASS = None
-
-
+@functools.lru_cache(maxsize=None)
 def _time_stats_class():
     """Define and register :class:`TimeStats` on first use (keeps TensorFlow out of import time)."""
-    global _TIME_STATS_CLASS
-    if _TIME_STATS_CLASS is not None:
-        return _TIME_STATS_CLASS
     tf = import_tensorflow()
     k = keras()
 
@@ -296,7 +286,6 @@ def _time_stats_class():
             std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.square(inputs), axis=2) - tf.square(mean), 0.0) + 1e-6)
             return tf.concat([mean, std], axis=1)
 
-    _TIME_STATS_CLASS = TimeStats
     return TimeStats
 
 

@@ -94,15 +94,6 @@ def test_truncated_file_decodes_what_is_there_or_is_refused(rel):
         f"{describe(rel)}: decoded {got:.3f} s without an error, FFmpeg decodes {ref:.3f} s ({(got - ref) / ref:+.1%})"
 
 
-def warning_rows(ds) -> list[dict]:
-    """The dataset's warnings table (path, label, kind, reason), where the dataset has one."""
-    table = getattr(ds, "warnings", None)
-    table = table() if callable(table) else table
-    if table is None:
-        return []
-    return table.to_pylist() if hasattr(table, "to_pylist") else list(table)
-
-
 @pytest.mark.timeout(120)
 def test_ingest_keeps_every_intact_file_at_ffmpegs_length(tmp_path, small_cfg, ray_local):
     """The real ingest over the fixture folder: intact files land with FFmpeg's length, none is a failure."""
@@ -116,7 +107,7 @@ def test_ingest_keeps_every_intact_file_at_ffmpegs_length(tmp_path, small_cfg, r
     ds = Dataset(str(out))
     tracks = {t.path: t for t in ds.track_entries()}
     failures = {r["path"]: r for r in ds.failures().to_pylist()}
-    warned = {r["path"]: r for r in warning_rows(ds)}
+    warned = {r["path"]: r for r in ds.warnings().to_pylist()}
 
     problems = []
     for rel in INTACT:
