@@ -31,7 +31,7 @@ from typing import Any
 
 from .config import Config, DecodeConfig, FeatureConfig
 from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
-from .discovery import Discovery, Track, discover
+from .discovery import Discovery, discover
 from .failures import failure_of, record_row, warning_row
 from .pipeline import FeatureStream, fingerprint_file, one_thread, tune_allocator
 from .progress import Progress, format_duration, format_table
