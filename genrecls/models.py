@@ -34,7 +34,7 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
     statistics).  What the CNNs must beat.
 ``musicnn`` (the default of ``train.model``)
     The pretrained MSD musicnn tagger (Pons and Serra 2019) as a frozen feature extractor:
-    its 200-d penultimate embedding of each 187-frame patch, then a trained softmax head
+    its pooled mid-level features (and band statistics) of each 187-frame patch, then a trained softmax head
     (:mod:`genrecls.transfer`); needs the ``musicnn`` feature preset.
 
 Why tf-keras and not Keras 3: Keras 3 does not train under
@@ -311,7 +311,7 @@ def build_linear(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[
 
 def build_musicnn(input_shape: tuple[int, int], n_labels: int, *, learning_rate: float = 1e-3,
                   fine_tune: bool = False, **kwargs: Any):
-    """The pretrained MSD musicnn backbone (its 200-d embedding) and a softmax head; see :mod:`genrecls.transfer`."""
+    """The pretrained MSD musicnn backbone (its 945-d embedding) and a softmax head; see :mod:`genrecls.transfer`."""
     from .transfer import build_musicnn_classifier
 
     return build_musicnn_classifier(input_shape, n_labels, learning_rate=learning_rate, fine_tune=fine_tune, **kwargs)
