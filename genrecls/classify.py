@@ -64,6 +64,7 @@ from .tagger import TAGGER_MODEL
 
 __all__ = ["resolve_run", "classify", "format_summary"]
 
+
 # -- the model ------------------------------------------------------------------------
 def resolve_run(run: str | os.PathLike | Location) -> Location:
     """The run folder to load a model from.
@@ -97,8 +98,6 @@ def _track_table(found: Discovery) -> pa.Table:
 
 def _record_rows(table: pa.Table, kind: str, reason: str) -> list[dict[str, Any]]:
     """Failure or warning rows (``kind``, ``reason``: the columns holding them) of a block's tracks."""
-    from .failures import record_row
-
     return [record_row(r["path"], None, r[kind], r[reason], r["size"], r["mtime_ns"])
             for r in table.select(["path", kind, reason, "size", "mtime_ns"]).to_pylist() if r[kind] is not None]
 

@@ -163,7 +163,7 @@ def _actors(ccfg: ClassifyConfig) -> int:
 
 
 def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig, decode: DecodeConfig,
-            workers: int | None, tracks_per_task: int, verbose: bool = False) -> Iterator[pa.Table]:
+           workers: int | None, tracks_per_task: int, verbose: bool = False) -> Iterator[pa.Table]:
     """Build the Ray Data pipeline and yield its output blocks as they are produced."""
     import ray
     import ray.data
