@@ -52,7 +52,7 @@ from genrecls.runtime import quiet_environment  # noqa: E402
 
 quiet_environment()
 
-from genrecls.classify import read_predictions  # noqa: E402
+from genrecls.predictions import read_predictions  # noqa: E402
 from genrecls.config import Config  # noqa: E402
 from genrecls.dataset import Dataset, mel_array  # noqa: E402
 from genrecls.ingest import ingest  # noqa: E402

@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["MODELS", "MODEL_PRESETS", "import_tensorflow", "keras", "SpecAugment", "build_model", "model_summary", "load_keras_model"]
+__all__ = ["MODELS", "MODEL_PRESETS", "import_tensorflow", "set_tf_threads", "keras", "SpecAugment", "build_model", "model_summary", "load_keras_model"]
 
 
 def import_tensorflow():
@@ -103,6 +103,23 @@ def import_tensorflow():
     except Exception:
         pass
     return tf
+
+
+def set_tf_threads(threads: int) -> None:
+    """Let TensorFlow's kernels use ``threads`` threads (and at most 2 ops at once); 0 leaves its defaults.
+
+    Only takes effect before TensorFlow runs its first op in this process; later calls are
+    ignored (TensorFlow refuses to change its thread pools once they exist).
+    """
+    threads = int(threads)
+    if threads <= 0:
+        return
+    tf = import_tensorflow()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # TensorFlow already initialised in this process
+        pass
 
 
 def keras():
