@@ -109,19 +109,26 @@ def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str,
     On the ``val`` group also: track accuracy when each track is scored on K evenly spaced
     segments (``val_track_accuracy_by_k``) and the K classify should use
     (``classify_max_segments``, :func:`genrecls.selection.choose_k`): chosen on validation
-    tracks, never on test tracks.
+    tracks, never on test tracks.  Once K is chosen, every later group also gets its track
+    accuracy at that K (``test_track_accuracy_at_classify_k``: what ``genrecls classify``
+    gives with the run's default K, beside ``test_track_accuracy`` on every segment).
     """
     from .selection import accuracy_by_k, choose_k
 
     metrics: dict[str, Any] = {"track_rule": TRACK_RULE, "labels": list(predictor.labels)}
     for name, ids in splits.items():
-        index: list[int] | None = [] if name == "val" else None
+        index: list[int] = []
         tids, labels, probs = score_segments(predictor, dataset, ids, segment_index=index)
         metrics.update(split_metrics(name, predictor.labels, tids, labels, probs))
-        if index is not None and tids:
+        if not tids:
+            continue
+        if name == "val":
             by_k = accuracy_by_k(tids, index, labels, probs, predictor.labels)
             metrics["val_track_accuracy_by_k"] = by_k
             metrics["classify_max_segments"] = choose_k(by_k, metrics["val_tracks"])
+        elif "classify_max_segments" in metrics:
+            at_k = accuracy_by_k(tids, index, labels, probs, predictor.labels, ks=(metrics["classify_max_segments"],))
+            metrics[f"{name}_track_accuracy_at_classify_k"] = at_k[0]["track_accuracy"]
     return metrics
 
 

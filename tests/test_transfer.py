@@ -62,7 +62,7 @@ def test_frozen_backbone_run_trains_the_head_on_embeddings_and_exports_the_whole
     assert plan["input"] == "embedding" and plan["cache"] is True
     info = json.load(open(run / "run.json"))
     assert info["model_name"] == "musicnn" and info["input"]["shape"] == [None, 96, 187]
-    assert info["model"]["parameters"] > 700_000  # the backbone is inside the exported model
+    assert info["model"]["parameters"] > 450_000  # the backbone (to its mid-end features) is inside the exported model
     history = summary["history"]
     assert len(history) == 10 and all(h["val_track_accuracy"] is not None for h in history)
     best = max(h["val_track_accuracy"] for h in history)
