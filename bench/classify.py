@@ -394,13 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-run", metavar="RUN",
                    help="use this trained run for the throughput runs (e.g. one of `genrecls train`'s default model) "
                         "instead of training the CNN of section 3; skips section 3")
+    p.add_argument("--folders", default="real,synthetic", help="throughput folders (comma-separated: real, synthetic)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="configuration for the throughput runs (e.g. classify.max_segments=10); repeatable")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
     a = p.parse_args(argv)
 
     real, work = Path(a.real), Path(a.work) / ("quick" if a.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     repeats = a.repeats or (1 if a.quick else 3)
-    sets = [] if a.actor_cpus is None else [f"classify.actor_cpus={a.actor_cpus}"]
+    sets = list(a.sets) + ([] if a.actor_cpus is None else [f"classify.actor_cpus={a.actor_cpus}"])
     cfg = Config().override(sets)
     import psutil
 
@@ -443,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "synthetic": {"1x": (synth, len(synth_files)),
                       "4x": (work / "synth-4x", linked_copies(synth, work / "synth-4x", 4))},
     }
+    folders = {name: sizes for name, sizes in folders.items() if name in a.folders.split(",")}
     results["throughput"] = {}
     for name, sizes in folders.items():
         res = {}
