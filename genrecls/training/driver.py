@@ -6,9 +6,10 @@ run folder's lock, it builds the input datasets (:mod:`genrecls.training.data`),
 normalisation on the training split, and starts the trainer: ``plan.workers`` workers running
 :func:`genrecls.training.worker.train_func` on the typed plan.  Ray Train (V2) persists a
 checkpoint every epoch into ``RUN/checkpoints`` (its ``storage_path`` is RUN, its run name
-``checkpoints``; last two kept), restarts the worker group from the last one when a worker
-dies (``FailureConfig(max_failures)``), and ``train(..., resume=True)`` (``genrecls train
---resume RUN``) continues an interrupted run from its last complete checkpoint.  Ray's own
+``checkpoints``; last two kept) and restarts the worker group when a worker dies
+(``FailureConfig(max_failures)``); the workers start from the run's last complete
+checkpoint, so the group goes on from there, and ``train(..., resume=True)`` (``genrecls
+train --resume RUN``) continues an interrupted run the same way.  Ray's own
 bookkeeping there is removed when the run finishes
 (:func:`genrecls.training.checkpoints.remove_ray_state`).  The best epoch's weights are then
 exported and scored on the validation and test tracks.
@@ -135,8 +136,8 @@ class _EpochPrinter(threading.Thread):
             pass
 
 
-def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resume_from: str | None,
-                 max_failures: int, progress: bool, first_epoch: int) -> None:
+def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_failures: int, progress: bool,
+                 first_epoch: int) -> None:
     """Ray Train V2's TensorflowTrainer on the plan; raises TrainingError when it fails."""
     import functools
 
@@ -149,7 +150,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], resum
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     trainer = TensorflowTrainer(
-        train_loop_per_worker=functools.partial(train_func, plan.for_workers(), resume_from),
+        train_loop_per_worker=functools.partial(train_func, plan.for_workers(), run.uri),
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(name=CHECKPOINTS, storage_path=run.root, storage_filesystem=run.fs,
@@ -271,11 +272,9 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             timings["data"] = time.monotonic() - t_start - timings["start"]
             if not finished:
                 say(f"starting {plan.workers} Ray Train worker(s)" + (f", resuming from epoch {state['epoch']}" if state else ""))
-                remove_ray_state(run)  # a resumed run starts from done[-1], not from Ray's record of an attempt
-                resume_from = run.child(CHECKPOINTS, done[-1][1].rsplit("/", 1)[1]).uri if done else None
+                remove_ray_state(run)  # the workers start from done[-1], not from Ray's record of an earlier attempt
                 t_fit = time.monotonic()
-                _run_trainer(plan, run, datasets, resume_from, cfg.train.max_failures, progress,
-                             state["epoch"] if state else 0)
+                _run_trainer(plan, run, datasets, cfg.train.max_failures, progress, state["epoch"] if state else 0)
                 timings["trainer"] = time.monotonic() - t_fit
         found = find_checkpoints(run)
         if not found:

@@ -14,8 +14,8 @@ A worker receives the :class:`~genrecls.training.plan.WorkerPlan` (typed, frozen
   highest validation **track** accuracy, ties to the lower loss (:mod:`genrecls.selection`);
   early stopping counts epochs without such an improvement; cosine learning-rate decay;
 * reports a checkpoint every epoch (``ray.train.report``; rank 0 writes it,
-  :mod:`genrecls.training.checkpoints`).  It starts from Ray Train's latest checkpoint of this
-  run (a worker died and the group restarted) or else from ``resume_from`` (``--resume``).
+  :mod:`genrecls.training.checkpoints`), and starts from the run's last complete checkpoint:
+  after a worker died and Ray Train restarted the group, or when a run is resumed.
 """
 
 from __future__ import annotations
@@ -146,21 +146,26 @@ def _set_threads(tf, plan: WorkerPlan, local_world_size: int) -> int:
     return threads
 
 
-def _starting_checkpoint(resume_from: str | None):
-    """Ray Train's latest checkpoint of this run (after a worker failure), else the one to resume from."""
+def _starting_checkpoint(run_uri: str):
+    """The run's last complete checkpoint, or None for a new run.
+
+    Read from the run folder itself rather than asked of Ray Train (``get_checkpoint``): Ray
+    registers a checkpoint only when its controller next polls the workers (every 2 s), so a
+    worker that dies just after persisting one would otherwise make the group start over.
+    Every worker of a new group reads the same folder, written by the group before it.
+    """
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and resume_from:
-        from ..storage import Location
+    from ..storage import Location
+    from .checkpoints import find_checkpoints
 
-        loc = Location.parse(resume_from)
-        ckpt = ray.train.Checkpoint(loc.root, filesystem=loc.fs)
-    return ckpt
+    run = Location.parse(run_uri)
+    found = find_checkpoints(run)
+    return ray.train.Checkpoint(found[-1][1], filesystem=run.fs) if found else None
 
 
-def train_func(plan: WorkerPlan, resume_from: str | None = None) -> None:
-    """Ray Train worker loop (one per worker process)."""
+def train_func(plan: WorkerPlan, run_uri: str) -> None:
+    """Ray Train worker loop (one per worker process); checkpoints go to ``run_uri``/checkpoints."""
     # TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when imported; in a Ray Train worker that is when
     # ray.train.tensorflow is unpickled, before this function runs, so only the workers' runtime
     # environment (genrecls.runtime.worker_env) decides it.  It is recorded in the history: with "0"
@@ -187,7 +192,7 @@ def train_func(plan: WorkerPlan, resume_from: str | None = None) -> None:
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": None, "best_val_track_accuracy": None,
                              "best_epoch": None, "wait": 0, "stopped": False, "restarts": []}
     best_weights = None
-    ckpt = _starting_checkpoint(resume_from)
+    ckpt = _starting_checkpoint(run_uri)
     if ckpt:
         with ckpt.as_directory() as d:
             state, weights_then, optimizer_then, best_weights = read_checkpoint_dir(d)
