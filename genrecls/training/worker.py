@@ -78,7 +78,10 @@ def _epoch_generator(shard, *, steps: int, batch: int, buffer: int, seed: int | 
 
     def gen():
         t = time.perf_counter()
-        it = iter(shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
+        # read ahead by a shuffle buffer's worth: a split streamed from the shards then has its next blocks
+        # read and decoded while the model trains on the current ones, not in turn with them
+        prefetch = min(64, max(2, buffer // max(1, batch)))
+        it = iter(shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True, prefetch_batches=prefetch,
                                      local_shuffle_buffer_size=buffer or None,
                                      local_shuffle_seed=seed if buffer else None))
         last = None
