@@ -136,6 +136,12 @@ class _EpochPrinter(threading.Thread):
             pass
 
 
+def _kept(run: Location) -> str:
+    found = find_checkpoints(run)
+    return (f"{run.uri} keeps its checkpoints up to epoch {found[-1][0] if found else 0}; "
+            f"continue it with genrecls train --resume {run.uri}")
+
+
 def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_failures: int, progress: bool,
                  first_epoch: int) -> None:
     """Ray Train V2's TensorflowTrainer on the plan; raises TrainingError when it fails."""
@@ -168,6 +174,8 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_f
         trainer.fit()
     except TrainingFailedError as exc:
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}") from exc
+    except SystemExit:  # Ray Train's SIGINT handler aborts the run, then calls sys.exit(0)
+        raise Interrupted("SIGINT", kept=_kept(run)) from None
     finally:
         # fit() installs Ray Train's own SIGINT handler (abort the run); the command's comes back
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not sigint:
@@ -281,8 +289,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             raise TrainingError(f"training finished without a checkpoint in {run.uri}/{CHECKPOINTS}")
         state, best = read_checkpoint(run, found[-1][1])
         if not (state.get("stopped") or state["epoch"] >= plan.epochs):  # Ray Train's SIGINT handler aborted it
-            raise Interrupted("SIGINT", kept=f"checkpoints up to epoch {state['epoch']} in {run.uri}; "
-                                             f"continue with genrecls train --resume {run.uri}")
+            raise Interrupted("SIGINT", kept=_kept(run))
         remove_ray_state(run)
         say(f"exporting the best epoch ({state.get('best_epoch')}) and evaluating it on the validation and test tracks")
         t_finish = time.monotonic()
