@@ -224,7 +224,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(trained):
     assert "restarts from a checkpoint: " in open(os.path.join(run, "report.md")).read()
 
 
-def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path):
+def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path, capfd):
     """A driver killed after its first checkpoint; ``--resume`` picks up from that epoch."""
     from genrecls.training import train
 
@@ -245,7 +245,10 @@ def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, 
     first = json.load(open(os.path.join(_wait_for_checkpoint(run, 1, 5)[1], "state.json")))["history"][0]
     cfg = load_config(os.path.join(run, "config.json"))
     assert cfg.train.model == "tutorial" and cfg.train.epochs == 2
-    summary = train(easy_dataset, run, cfg, resume=True, progress=False)
+    capfd.readouterr()
+    summary = train(easy_dataset, run, cfg, resume=True, progress=True)
+    err = capfd.readouterr().err
+    assert "resuming from epoch 1" in err and "epoch 2/2: loss " in err and "epoch 1/2:" not in err, err
     assert summary["epochs_run"] == 2
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert summary["history"][0] == first  # the interrupted run's epochs are kept, not redone

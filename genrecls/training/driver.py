@@ -27,6 +27,7 @@ What a run folder holds when done::
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -102,16 +103,14 @@ class _EpochPrinter(threading.Thread):
 
     def __init__(self, run: Location, total_epochs: int, after_epoch: int, interval: float = 2.0):
         super().__init__(daemon=True, name="genrecls-epochs")
-        self.run, self.total, self.printed, self.interval = run, total_epochs, after_epoch, interval
+        self.location, self.total, self.printed, self.interval = run, total_epochs, after_epoch, interval
         self.done = threading.Event()
 
     def poll(self) -> None:
-        found = find_checkpoints(self.run)
+        found = find_checkpoints(self.location)
         if not found or found[-1][0] <= self.printed:
             return
-        with self.run.fs.open_input_stream(found[-1][1] + "/state.json") as f:
-            import json
-
+        with self.location.fs.open_input_stream(found[-1][1] + "/state.json") as f:
             state = json.loads(f.read())
         for r in state["history"]:
             if r["epoch"] > self.printed:
