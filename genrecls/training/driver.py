@@ -165,7 +165,8 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_f
     )
     if not isinstance(trainer, DataParallelTrainer):  # RAY_TRAIN_V2_ENABLED=0 in the environment
         raise TrainingError("Ray Train V2 is disabled in this environment (RAY_TRAIN_V2_ENABLED=0); unset it")
-    printer = _EpochPrinter(run, plan.epochs, first_epoch) if progress else None
+    # an object store is listed less often: each poll lists RUN/checkpoints and reads a state.json
+    printer = _EpochPrinter(run, plan.epochs, first_epoch, 2.0 if run.is_local else 10.0) if progress else None
     if printer:
         printer.start()
     sigint = signal.getsignal(signal.SIGINT)
