@@ -52,7 +52,7 @@ from genrecls.runtime import quiet_environment  # noqa: E402
 
 quiet_environment()
 
-from genrecls.classify import read_predictions  # noqa: E402
+from genrecls.predictions import read_predictions  # noqa: E402
 from genrecls.config import Config  # noqa: E402
 from genrecls.dataset import Dataset, mel_array  # noqa: E402
 from genrecls.ingest import ingest  # noqa: E402
@@ -335,34 +335,12 @@ def run_pair(folder: Path, run: Path, work: Path, cpus: int, sets: list[str], re
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small folders, 1 repeat, a short training")
-    p.add_argument("--real", default="/tmp/game-music", help="real-music folder (<style>/<file>)")
-    p.add_argument("--work", default="/tmp/genrecls-bench-classify", help="scratch folder (datasets and model are cached here)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
-    p.add_argument("--repeats", type=int, help="runs per measurement (median); default 3, 1 with --quick")
-    p.add_argument("--actor-cpus", type=float, help="classify.actor_cpus for the throughput runs (default: the config default)")
-    p.add_argument("--skip-k", action="store_true", help="skip the K measurement (needs a trained model already cached)")
-    p.add_argument("--skip-throughput", action="store_true", help="skip the 1x/4x throughput and memory runs")
-    p.add_argument("--large", type=int, default=0, metavar="N",
-                   help="also run ingest and classify once on N linked copies of the synthetic folder (start-up amortised)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
-    a = p.parse_args(argv)
+def model_and_k(a, cfg, work: Path, results: dict) -> Path:
+    """Section 3: ingest the real set (cached), train the CNN on 60% of its tracks, accuracy and cost vs K."""
     import ray
     from sklearn.model_selection import train_test_split
 
-    real, work = Path(a.real), Path(a.work) / ("quick" if a.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    repeats = a.repeats or (1 if a.quick else 3)
-    sets = [] if a.actor_cpus is None else [f"classify.actor_cpus={a.actor_cpus}"]
-    cfg = Config().override(sets)
-    import psutil
-
-    results: dict = {"quick": a.quick, "cpus": a.cpus, "repeats": repeats, "config": cfg.to_dict()["classify"],
-                     "load_average_start": list(os.getloadavg()), "machine_cpus": os.cpu_count(),
-                     "machine_memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
-    t_start = time.perf_counter()
+    real = Path(a.real)
     with ray_session(workers=a.cpus):
         # 3 first: the model is needed by everything else
         print("== model and K: ingest of the real set (cached), training, accuracy vs K", flush=True)
@@ -398,6 +376,45 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table([(r["k"] or "all", r["segments"], r["track_accuracy"], r["balanced_accuracy"], c["seconds_per_track"])
                                 for r, c in zip(results["k_accuracy"]["by_k"], results["k_cost"]["by_k"])],
                                ("K", "segments", "track_acc", "balanced_acc", "featurise_s/long_track")), flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small folders, 1 repeat, a short training")
+    p.add_argument("--real", default="/tmp/game-music", help="real-music folder (<style>/<file>)")
+    p.add_argument("--work", default="/tmp/genrecls-bench-classify", help="scratch folder (datasets and model are cached here)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--repeats", type=int, help="runs per measurement (median); default 3, 1 with --quick")
+    p.add_argument("--actor-cpus", type=float, help="classify.actor_cpus for the throughput runs (default: the config default)")
+    p.add_argument("--skip-k", action="store_true", help="skip the K measurement (needs a trained model already cached)")
+    p.add_argument("--skip-throughput", action="store_true", help="skip the 1x/4x throughput and memory runs")
+    p.add_argument("--large", type=int, default=0, metavar="N",
+                   help="also run ingest and classify once on N linked copies of the synthetic folder (start-up amortised)")
+    p.add_argument("--model-run", metavar="RUN",
+                   help="use this trained run for the throughput runs (e.g. one of `genrecls train`'s default model) "
+                        "instead of training the CNN of section 3; skips section 3")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
+    a = p.parse_args(argv)
+
+    real, work = Path(a.real), Path(a.work) / ("quick" if a.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    repeats = a.repeats or (1 if a.quick else 3)
+    sets = [] if a.actor_cpus is None else [f"classify.actor_cpus={a.actor_cpus}"]
+    cfg = Config().override(sets)
+    import psutil
+
+    results: dict = {"quick": a.quick, "cpus": a.cpus, "repeats": repeats, "config": cfg.to_dict()["classify"],
+                     "load_average_start": list(os.getloadavg()), "machine_cpus": os.cpu_count(),
+                     "machine_memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    t_start = time.perf_counter()
+    if a.model_run:
+        run = Path(a.model_run)
+        results["model"] = {"run": str(run), **{k: v for k, v in json.loads((run / "run.json").read_text())["model"].items()
+                                                  if k in ("name", "parameters")}}
+        print(f"== model: {run} (section 3 skipped)", flush=True)
+    else:
+        run = model_and_k(a, cfg, work, results)
 
     # 1. and 2. throughput next to ingest, and memory, at 1x and 4x the library: each command in its
     # own process with its own local Ray, as a user runs it, so its process tree is all it uses

@@ -420,9 +420,13 @@ def main(argv=None) -> int:
     if "tutorial" not in skip:
         tutorial(files[:1])  # imports and first-call costs outside the clock
 
+    import importlib.util
+
     import genrecls.ingest
 
-    one_in_same_ray = "genrecls" not in skip and "one" not in skip and hasattr(genrecls.ingest, "_slots")
+    # --workers limits concurrency on a running Ray since genrecls.ingest._slots (now genrecls.scheduling.slots)
+    limits = importlib.util.find_spec("genrecls.scheduling") is not None or hasattr(genrecls.ingest, "_slots")
+    one_in_same_ray = "genrecls" not in skip and "one" not in skip and limits
     result["setup"]["one_worker_method"] = ("--workers 1 on the same 2-CPU Ray, interleaved" if one_in_same_ray
                                             else "a separate 1-CPU Ray, after the other runs")
     cpu = result["cpu_seconds"] = {}

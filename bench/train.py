@@ -116,6 +116,7 @@ def run_training(dataset: str, run: str, cfg, workers: int, splits: str | None =
         "wall_seconds": round(wall, 1), "median_segments_per_s": round(statistics.median(sps), 1),
         "train_segments": json.load(open(os.path.join(run, "plan.json")))["segments_per_split"]["train"]["total"],
         "classify_max_segments": m.get("classify_max_segments"),
+        "test_track_accuracy_at_classify_k": m.get("test_track_accuracy_at_classify_k"),
         "parameters": json.load(open(os.path.join(run, "run.json")))["model"]["parameters"],
         "timings": r.get("timings"), "load_before": load_before, "load_after": load(),
     }
@@ -178,8 +179,16 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "wall_seconds_median": statistics.median(r["wall_seconds"] for r in rs),
                      "segments_per_s_median": statistics.median(r["median_segments_per_s"] for r in rs),
                      "epochs_run": [r["epochs_run"] for r in rs], "best_epochs": [r["best_epoch"] for r in rs],
-                     "classify_k": [r["classify_max_segments"] for r in rs], "parameters": rs[0]["parameters"]})
+                     "classify_k": [r["classify_max_segments"] for r in rs],
+                     "track_accuracy_at_classify_k": [r.get("test_track_accuracy_at_classify_k") for r in rs],
+                     "parameters": rs[0]["parameters"]})
     return rows
+
+
+def _at_k(row: dict) -> str:
+    """Test track accuracy at classify's K (chosen on validation tracks), per seed: 'K=6: 0.83, ...'."""
+    pairs = [(k, a) for k, a in zip(row.get("classify_k", []), row.get("track_accuracy_at_classify_k", [])) if a is not None]
+    return ", ".join(f"K={k or 'all'}: {a:.2f}" for k, a in pairs) or "-"
 
 
 def in_memory_throughput(dataset: str, run: str, epochs: int, batch: int) -> dict:
@@ -392,10 +401,11 @@ def main() -> int:
         print("accuracy (test split, tracks = mean of segment probabilities; epoch chosen on validation track accuracy):")
         print(format_table([(r["set"], r["model"], f"{r['parameters']:,}", len(r["seeds"]), r["test_tracks"],
                              f"{r['track_accuracy_median']:.3f}", f"{r['track_accuracy_min']:.3f}-{r['track_accuracy_max']:.3f}",
-                             f"{r['macro_f1_median']:.3f}", f"{r['wall_seconds_median']:.0f}", f"{r['segments_per_s_median']:.0f}")
+                             f"{r['macro_f1_median']:.3f}", _at_k(r), f"{r['wall_seconds_median']:.0f}",
+                             f"{r['segments_per_s_median']:.0f}")
                             for r in results["accuracy"]],
                            ("set", "model", "weights", "seeds", "test tracks", "track acc (median)", "min-max",
-                            "macro F1", "train wall s", "segments/s")))
+                            "macro F1", "at classify's K", "train wall s", "segments/s")))
     if results.get("backbone"):
         b = results["backbone"]
         print(f"musicnn backbone: {b['cpu_ms_per_segment']} CPU ms per segment ({b['wall_ms_per_segment']} ms wall, "

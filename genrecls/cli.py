@@ -90,7 +90,6 @@ def _ingest():
         add_ray_args(p)
 
     def run(a):
-        from .dataset import Dataset
         from .ingest import format_summary, ingest
 
         extra = []
@@ -101,7 +100,7 @@ def _ingest():
         cfg = resolve_config(a, extra)
         summary = ingest(a.source, a.out, cfg, address=a.address, workers=a.workers, root=a.root,
                          prune=a.prune, progress=not a.quiet, verbose=a.verbose)
-        print(format_summary(summary, Dataset(a.out)))
+        print(format_summary(summary))
         if cfg.ingest.strict and summary.failed:
             print(f"--strict: {summary.failed} file(s) failed", file=sys.stderr)
             return EXIT_FAILURES
@@ -118,14 +117,9 @@ def _inspect():
         p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     def run(a):
-        from .dataset import Dataset
-        from .ingest import describe
+        from .inspection import inspect_dataset
 
-        ds = Dataset(a.dataset)
-        if a.json:
-            print(json.dumps(ds.manifest(), indent=2))
-        else:
-            print(describe(ds))
+        print(inspect_dataset(a.dataset, as_json=a.json))
         return EXIT_OK
 
     return add, run
@@ -214,22 +208,11 @@ def _models():
         p.add_argument("--json", action="store_true", help="list as JSON")
 
     def run(a):
-        from .progress import format_table
         from .registry import Registry
 
         reg = Registry(a.registry)
         if a.action == "list":
-            rows = reg.table()
-            if a.json:
-                print(json.dumps(rows, indent=2, default=str))
-            elif not rows:
-                print(f"{a.registry}: no versions yet")
-            else:
-                fmt = lambda x: "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
-                print(format_table([("*" if r["champion"] else "", r["version"], fmt(r["test_track_accuracy"]),
-                                     fmt(r["macro_f1"]), fmt(r["tracks"]), fmt(r["decision"]), fmt(r["created"]))
-                                    for r in rows],
-                                   ("", "version", "track_acc", "macro_f1", "tracks", "decision", "registered")))
+            print(json.dumps(reg.table(), indent=2, default=str) if a.json else reg.format_table())
             return EXIT_OK
         if a.action == "promote":
             if not a.version:
@@ -342,19 +325,11 @@ def _evaluate():
         p.add_argument("-v", "--verbose", action="store_true")
 
     def run(a):
-        from .evaluation import evaluate_run, format_metrics
-        from .storage import Location
+        from .evaluation import format_metrics, run_metrics, write_metrics
 
-        loc = Location.parse(a.run)
-        if a.dataset or a.rescore or a.all_tracks:
-            metrics = evaluate_run(a.run, a.dataset, all_tracks=a.all_tracks)
-        else:
-            if not loc.exists("metrics.json"):
-                raise FileNotFoundError(f"{loc.uri} has no metrics.json (not a finished run?); "
-                                        "resume it with 'genrecls train DATASET --resume RUN'")
-            metrics = loc.read_json("metrics.json")
+        metrics = run_metrics(a.run, a.dataset, rescore=a.rescore, all_tracks=a.all_tracks)
         if a.output:
-            Location.parse(os.path.dirname(os.path.abspath(a.output))).write_json(os.path.basename(a.output), metrics)
+            write_metrics(a.output, metrics)
         print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
         return EXIT_OK
 

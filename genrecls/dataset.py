@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import FeatureConfig
-from .failures import RecordTable, record_schema
+from .failures import RecordTable, Records, record_schema
 from .storage import Location
 
 __all__ = [
@@ -342,6 +342,8 @@ class Dataset:
         self.location = location if isinstance(location, Location) else Location.parse(location)
         #: shard name -> track list read from its footer (shards are immutable but for rewrite_without)
         self._footers: dict[str, list[dict[str, Any]]] = {}
+        #: the failures and warnings tables (genrecls.failures); a write that fails raises OutputError
+        self.records = Records(self.location, OutputError)
 
     @property
     def uri(self) -> str:
@@ -447,7 +449,7 @@ class Dataset:
         run can leave: temporary files, and a changed track whose old rows were not yet
         removed.  Returns counts of what it did.
         """
-        removed_tmp = self.location.remove_temporaries("shards") + self.failure_table.remove_temporaries() + self.warning_table.remove_temporaries()
+        removed_tmp = self.location.remove_temporaries("shards") + self.records.remove_temporaries()
         drop = set(drop_track_ids)
         latest: dict[str, str] = {}
         by_shard: dict[str, set[str]] = defaultdict(set)
@@ -467,34 +469,28 @@ class Dataset:
     # -- failures and warnings (genrecls.failures) --------------------------------------
     @property
     def failure_table(self) -> RecordTable:
-        return RecordTable(self.location, "failures")
+        return self.records.failure_table
 
     @property
     def warning_table(self) -> RecordTable:
-        return RecordTable(self.location, "warnings")
+        return self.records.warning_table
 
     def failure_names(self) -> list[str]:
         return self.failure_table.names()
 
     def failures(self) -> pa.Table:
         """The current failures table: one row per path (the newest record wins)."""
-        return self.failure_table.read()
+        return self.records.failures()
 
     def warnings(self) -> pa.Table:
         """Files kept with a warning (their audio is in the shards): one row per path, the newest wins."""
-        return self.warning_table.read()
+        return self.records.warnings()
 
     def write_failures(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
-        self._write_records(self.failure_table, rows, name)
+        self.records.write_failures(rows, name)
 
     def write_warnings(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
-        self._write_records(self.warning_table, rows, name)
-
-    def _write_records(self, table: RecordTable, rows: list[dict[str, Any]], name: str | None) -> None:
-        try:
-            table.write(rows, name)
-        except OSError as exc:
-            raise OutputError(f"cannot write {table.folder}/ in {self.uri}: {exc}") from exc
+        self.records.write_warnings(rows, name)
 
     # -- touched files -----------------------------------------------------------------
     # A file whose size or modification time changed but whose content did not keeps its
@@ -527,10 +523,8 @@ class Dataset:
 
     def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
         """Rewrite the failures table as one part: drop paths that now have rows or that vanished."""
-        return self.failure_table.compact(
-            lambda r: r["path"] not in live_paths and (discovered_paths is None or r["path"] in discovered_paths))
+        return self.records.compact_failures(live_paths, discovered_paths)
 
     def compact_warnings(self) -> int:
         """Rewrite the warnings table as one part: only rows of the tracks' current versions."""
-        live = {e.path: (e.size, e.mtime_ns) for e in self.tracks().values()}
-        return self.warning_table.compact(lambda r: live.get(r["path"]) == (r["size"], r["mtime_ns"]))
+        return self.records.compact_warnings({e.path: (e.size, e.mtime_ns) for e in self.tracks().values()})

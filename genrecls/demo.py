@@ -30,7 +30,9 @@ def run_demo(out: str, *, genres: int = 4, tracks_per_genre: int = 10, seconds: 
     """
     from .classify import classify
     from .dataset import Dataset
-    from .ingest import describe, ingest
+    from .ingest import ingest
+    from .inspection import describe
+    from .predictions import read_predictions
     from .runtime import ray_session
     from .sample_data import make_sample_collection
     from .training import train
@@ -60,9 +62,7 @@ def run_demo(out: str, *, genres: int = 4, tracks_per_genre: int = 10, seconds: 
               f"({m.get('test_tracks', '?')} test tracks); pictures and report in {paths['run']}")
         step(f"4/4 classify the unseen library {paths['new-library']} -> {paths['predictions']}")
         pred = classify(paths["new-library"], paths["run"], paths["predictions"], cfg, csv=True, progress=progress)
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(os.path.join(paths["predictions"], "parts"), format="parquet").to_table(columns=["path", "genre"])
+    table = read_predictions(paths["predictions"], columns=["path", "genre"])
     truth = [p.split("/")[0] for p in table.column("path").to_pylist()]
     correct = sum(t == g for t, g in zip(truth, table.column("genre").to_pylist()))
     acc = correct / max(1, table.num_rows)

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .dataset import Dataset, DatasetError, mel_array
+from .features import check_same_features
 from .inference import Predictor, aggregate_tracks, read_run_info
 from .progress import format_table
 from .storage import Location
@@ -108,19 +109,26 @@ def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str,
     On the ``val`` group also: track accuracy when each track is scored on K evenly spaced
     segments (``val_track_accuracy_by_k``) and the K classify should use
     (``classify_max_segments``, :func:`genrecls.selection.choose_k`): chosen on validation
-    tracks, never on test tracks.
+    tracks, never on test tracks.  Once K is chosen, every later group also gets its track
+    accuracy at that K (``test_track_accuracy_at_classify_k``: what ``genrecls classify``
+    gives with the run's default K, beside ``test_track_accuracy`` on every segment).
     """
     from .selection import accuracy_by_k, choose_k
 
     metrics: dict[str, Any] = {"track_rule": TRACK_RULE, "labels": list(predictor.labels)}
     for name, ids in splits.items():
-        index: list[int] | None = [] if name == "val" else None
+        index: list[int] = []
         tids, labels, probs = score_segments(predictor, dataset, ids, segment_index=index)
         metrics.update(split_metrics(name, predictor.labels, tids, labels, probs))
-        if index is not None and tids:
+        if not tids:
+            continue
+        if name == "val":
             by_k = accuracy_by_k(tids, index, labels, probs, predictor.labels)
             metrics["val_track_accuracy_by_k"] = by_k
             metrics["classify_max_segments"] = choose_k(by_k, metrics["val_tracks"])
+        elif "classify_max_segments" in metrics:
+            at_k = accuracy_by_k(tids, index, labels, probs, predictor.labels, ks=(metrics["classify_max_segments"],))
+            metrics[f"{name}_track_accuracy_at_classify_k"] = at_k[0]["track_accuracy"]
     return metrics
 
 
@@ -141,14 +149,14 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     -------
     dict of metrics (``test_track_accuracy``... and ``scope``, which says what was scored).
     """
-    from .split import read_splits
+    from .split import as_mapping, read_splits
 
     loc = run if isinstance(run, Location) else Location.parse(run)
     info = read_run_info(loc)
     if not loc.exists("splits.parquet"):
         raise EvaluationError(f"{loc.uri} has no splits.parquet; is it a run written by 'genrecls train'?")
     assignment = read_splits(loc.uri)
-    assigned = dict(zip(assignment.column("track_id").to_pylist(), assignment.column("split").to_pylist()))
+    assigned = as_mapping(assignment)
     own = dataset is None
     if own:
         dataset = info.get("dataset")
@@ -162,14 +170,8 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
 
     import_tensorflow()  # quietly, before the Predictor imports it
     predictor = Predictor(loc)
-    feats = ds.feature_config()
-    if feats != predictor.features:
-        from dataclasses import asdict
-
-        diff = {k: (v, getattr(feats, k)) for k, v in asdict(predictor.features).items() if getattr(feats, k) != v}
-        raise EvaluationError(f"{ds.uri} was built with other feature settings than the run "
-                              f"({', '.join(f'{k}: run {a!r}, dataset {b!r}' for k, (a, b) in diff.items())}); "
-                              "re-ingest it with the run's config.json")
+    check_same_features(predictor.features, ds.feature_config(), subject=ds.uri, than="the run",
+                        names=("run", "dataset"), remedy="re-ingest it with the run's config.json", error=EvaluationError)
     tracks = ds.tracks()
     vocab = set(predictor.labels)
     scope: dict[str, Any] = {"dataset": ds.uri, "track_rule": TRACK_RULE}
@@ -198,6 +200,30 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     metrics["scope"] = scope
     metrics["model_id"] = info.get("model_id")
     return metrics
+
+
+def run_metrics(run: str | Location, dataset: str | Location | None = None, *, rescore: bool = False,
+                all_tracks: bool = False) -> dict[str, Any]:
+    """A run's metrics (``genrecls evaluate``): those it recorded, or scored anew.
+
+    With ``dataset``, ``rescore`` or ``all_tracks`` the model is scored again
+    (:func:`evaluate_run`); otherwise ``RUN/metrics.json`` is read (a run that did not
+    finish has none: the message says how to resume it).
+    """
+    loc = run if isinstance(run, Location) else Location.parse(run)
+    if dataset or rescore or all_tracks:
+        return evaluate_run(loc, dataset, all_tracks=all_tracks)
+    if not loc.exists("metrics.json"):
+        raise FileNotFoundError(f"{loc.uri} has no metrics.json (not a finished run?); "
+                                "resume it with 'genrecls train DATASET --resume RUN'")
+    return loc.read_json("metrics.json")
+
+
+def write_metrics(path: str, metrics: dict[str, Any]) -> None:
+    """Write ``metrics`` as JSON to the local file ``path`` (atomically)."""
+    import os
+
+    Location.parse(os.path.dirname(os.path.abspath(path))).write_json(os.path.basename(path), metrics)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -45,13 +45,13 @@ import datetime as dt
 import os
 import stat
 import traceback
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = ["FAILURE_KINDS", "WARNING_KINDS", "record_schema", "record_row", "failure_of", "warning_row", "not_regular_reason",
-           "RecordTable"]
+           "problem_rows", "RecordTable", "Records"]
 
 FAILURE_KINDS = (
     "missing", "unreadable", "not_regular", "empty", "undecodable", "truncated", "timed_out", "non_finite",
@@ -87,6 +87,11 @@ def warning_row(rel_path: str, label: str | None, warnings, size: int | None = N
     if not warnings:
         return None
     return record_row(rel_path, label, warnings[0].kind, "; ".join(w.reason for w in warnings), size, mtime_ns)
+
+
+def problem_rows(problems: Iterable[Any]) -> list[dict[str, Any]]:
+    """Failure rows of the problems discovery found (:class:`genrecls.discovery.Problem`: ``rel_path, label, kind, reason``)."""
+    return [record_row(p.rel_path, p.label, p.kind, p.reason) for p in problems]
 
 
 def not_regular_reason(st: os.stat_result) -> str | None:
@@ -171,3 +176,52 @@ class RecordTable:
 
     def remove_temporaries(self) -> int:
         return self.location.remove_temporaries(self.folder)
+
+
+class Records:
+    """The failures and warnings tables of an output folder (a dataset or a predictions folder).
+
+    ``location/failures/`` and ``location/warnings/``, each a :class:`RecordTable`.  A write
+    that fails with an :class:`OSError` raises ``write_error(message)`` when given (a
+    dataset's :class:`~genrecls.dataset.OutputError`), else the ``OSError`` itself.
+    """
+
+    def __init__(self, location, write_error: Callable[[str], Exception] | None = None):
+        self.location = location
+        self.failure_table = RecordTable(location, "failures")
+        self.warning_table = RecordTable(location, "warnings")
+        self._write_error = write_error
+
+    def failures(self) -> pa.Table:
+        """One row per path that could not be used (the newest record wins)."""
+        return self.failure_table.read()
+
+    def warnings(self) -> pa.Table:
+        """One row per path used although something is off (the newest record wins)."""
+        return self.warning_table.read()
+
+    def write_failures(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
+        self._write(self.failure_table, rows, name)
+
+    def write_warnings(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
+        self._write(self.warning_table, rows, name)
+
+    def _write(self, table: RecordTable, rows: list[dict[str, Any]], name: str | None) -> None:
+        try:
+            table.write(rows, name)
+        except OSError as exc:
+            if self._write_error is None:
+                raise
+            raise self._write_error(f"cannot write {table.folder}/ in {self.location.uri}: {exc}") from exc
+
+    def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
+        """Rewrite the failures table as one part: drop paths that now have rows (``live_paths``) or that vanished."""
+        return self.failure_table.compact(
+            lambda r: r["path"] not in live_paths and (discovered_paths is None or r["path"] in discovered_paths))
+
+    def compact_warnings(self, live: dict[str, tuple[int, int]]) -> int:
+        """Rewrite the warnings table as one part: only rows of files as they are now (``live``: path -> (size, mtime_ns))."""
+        return self.warning_table.compact(lambda r: live.get(r["path"]) == (r["size"], r["mtime_ns"]))
+
+    def remove_temporaries(self) -> int:
+        return self.failure_table.remove_temporaries() + self.warning_table.remove_temporaries()

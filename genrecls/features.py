@@ -31,15 +31,44 @@ same formulas as librosa, equal to the bit), so worker processes never import li
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 from .config import FeatureConfig
 
-__all__ = ["log_mel", "log_mel_reference", "mel_filters", "mel_basis", "mel_project", "hann_window", "AMIN"]
+__all__ = ["log_mel", "log_mel_reference", "mel_filters", "mel_basis", "mel_project", "hann_window", "AMIN",
+           "feature_differences", "check_same_features"]
 
 AMIN = 1e-10
+
+
+# -- the one rule for "built with other feature settings" ---------------------------------
+def feature_differences(have: FeatureConfig, want: FeatureConfig) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (have's value, want's value)}`` for every feature setting on which the two differ."""
+    want_values = asdict(want)
+    return {k: (v, want_values[k]) for k, v in asdict(have).items() if want_values[k] != v}
+
+
+def check_same_features(have: FeatureConfig, want: FeatureConfig, *, subject: str, remedy: str, than: str = "",
+                        names: tuple[str, str] = ("dataset", "asked"), error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming every differing setting unless ``have`` and ``want`` are the same features.
+
+    The message reads ``SUBJECT was built with other feature settings [than THAN] (n_mels:
+    dataset 32, asked 64, ...); REMEDY``, ``names`` naming the two sides' values.
+
+    >>> check_same_features(FeatureConfig(n_mels=32), FeatureConfig(n_mels=64), subject="data/", remedy="re-ingest")
+    Traceback (most recent call last):
+    ...
+    ValueError: data/ was built with other feature settings (n_mels: dataset 32, asked 64); re-ingest
+    """
+    diff = feature_differences(have, want)
+    if not diff:
+        return
+    listed = ", ".join(f"{k}: {names[0]} {a!r}, {names[1]} {b!r}" for k, (a, b) in diff.items())
+    raise error(f"{subject} was built with other feature settings{' than ' + than if than else ''} ({listed}); {remedy}")
 
 # Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above
 _F_SP = 200.0 / 3

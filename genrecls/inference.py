@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import FeatureConfig
+from .provenance import utc_timestamp
 from .storage import Location
 
 __all__ = ["RUN_FILE", "export_model", "read_run_info", "Predictor", "aggregate_tracks", "top_k"]
@@ -94,7 +95,7 @@ def export_model(model: Any, run: Location | str, *, labels: Sequence[str], feat
         "model_name": model_name,
         "labels": list(labels),
         "features": asdict(features),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
         "input": {"name": "mel", "shape": [None, n_mels, n_frames], "dtype": "float32", "units": "dB"},
         "output": {"name": "probabilities", "aggregation": "mean of segment probabilities per track"},
         **(extra or {}),

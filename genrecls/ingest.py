@@ -21,7 +21,6 @@ are written row group by row group.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time
@@ -32,13 +31,19 @@ from typing import Any
 from .config import Config, DecodeConfig, FeatureConfig
 from .dataset import Dataset, DatasetError, OutputError, ShardWriter, TrackBuffer, new_shard_name
 from .discovery import Discovery, discover
-from .failures import failure_of, record_row, warning_row
+from .failures import failure_of, problem_rows, record_row, warning_row
+from .features import check_same_features
+from .inspection import describe
 from .pipeline import FeatureStream, fingerprint_file, one_thread, tune_allocator
-from .progress import Progress, format_duration, format_table
+from .progress import Progress, format_duration
+from .provenance import library_versions, utc_timestamp
 from .runtime import as_interrupted, log, ray_session
+from .scheduling import slots, task_bounds
 from .storage import Location
 
-__all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "library_versions"]
+__all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "format_summary"]
+# library_versions stays importable from here for genrecls.training and genrecls.retrain until
+# they import it from its home, genrecls.provenance
 
 
 @dataclass(frozen=True)
@@ -116,32 +121,6 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
             "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the features (recorded in the dataset manifest)."""
-    return dict(_library_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("genrecls", "numpy", "librosa", "av", "soundfile", "soxr", "pyarrow", "ray", "scipy", "tensorflow", "tf-keras",
-                "scikit-learn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        import av
-
-        out["ffmpeg"] = ".".join(str(v) for v in av.library_versions["libavcodec"])  # the decoder
-    except Exception:
-        pass
-    return out
-
-
 @dataclass
 class IngestSummary:
     dataset: str
@@ -202,8 +181,8 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, s
     manifest = {
         "format": "genrecls-dataset",
         "schema_version": 1,
-        "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": previous.get("created", utc_timestamp()),
+        "updated": utc_timestamp(),
         "source": source,
         "features": asdict(cfg.features),
         "mel_shape": list(cfg.features.mel_shape),
@@ -223,14 +202,10 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, s
 
 
 def check_features_match(ds: Dataset, cfg: FeatureConfig) -> None:
-    if not ds.exists():
-        return
-    stored = ds.feature_config()
-    if stored != cfg:
-        diff = {k: (v, getattr(cfg, k)) for k, v in asdict(stored).items() if getattr(cfg, k) != v}
-        raise DatasetError(
-            f"{ds.uri} was built with other feature settings ({', '.join(f'{k}: dataset {a!r}, asked {b!r}' for k, (a, b) in diff.items())}); "
-            "use the same settings or another --out")
+    """Raise :class:`DatasetError` when the dataset at ``ds`` was built with other features than ``cfg``."""
+    if ds.exists():
+        check_same_features(ds.feature_config(), cfg, subject=ds.uri, error=DatasetError,
+                            remedy="use the same settings or another --out")
 
 
 def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | None = None,
@@ -294,7 +269,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         except Exception:
             pass
         raise
-    problems = [record_row(p.rel_path, p.label, p.kind, p.reason) for p in found.problems]
+    problems = problem_rows(found.problems)
     ds.write_failures(problems)
     for p in found.problems:
         summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
@@ -311,30 +286,6 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
     ds.compact_warnings()
     _write_manifest(ds, cfg, source_abs, versions)
-
-
-def _batches(todo: list[TrackTask], tracks_per_task: int, slots: int) -> list[list[TrackTask]]:
-    # small runs: spread over every slot (at least ~2 tasks each) rather than one fat task
-    size = max(1, min(tracks_per_task, math.ceil(len(todo) / max(1, 2 * slots))))
-    # a whole number of rounds, evened out: no last task running alone while the other slots idle
-    n = min(len(todo), math.ceil(math.ceil(len(todo) / size) / max(1, slots)) * max(1, slots))
-    bounds = [len(todo) * i // n for i in range(n + 1)] if n else [0]
-    return [todo[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
-def _slots(workers: int | None, inflight_per_cpu: int) -> tuple[int, int]:
-    """(concurrent tasks, tasks in flight): every CPU of the cluster, or ``workers`` of them.
-
-    With every CPU, ``inflight_per_cpu`` tasks per CPU stay submitted so that no worker
-    waits for the driver; with fewer workers than CPUs, exactly ``workers`` tasks are in
-    flight, so that ``--workers`` limits concurrency on a shared cluster too.
-    """
-    import ray
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    if workers and workers < cpus:
-        return workers, workers
-    return cpus, cpus * inflight_per_cpu
 
 
 class _Tally:
@@ -414,7 +365,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     import ray
     from ray.exceptions import RayError, RayTaskError
 
-    slots, max_inflight = _slots(workers, cfg.ingest.inflight_per_cpu)
+    n_slots, max_inflight = slots(workers, cfg.ingest.inflight_per_cpu)
     remote = _remote_process_batch().options(num_cpus=1, max_retries=cfg.ingest.max_task_retries,
                                              retry_exceptions=False, scheduling_strategy="SPREAD")
     single = _remote_process_batch().options(num_cpus=1, max_retries=1, retry_exceptions=False)
@@ -422,7 +373,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     tally = _Tally(todo, summary, show_progress)
     cfg_ref, decode_ref = ray.put(cfg.features), ray.put(cfg.decode)
     uri = loc.uri
-    queue = list(reversed(_batches(todo, cfg.ingest.tracks_per_task, slots)))
+    queue = [todo[a:b] for a, b in reversed(task_bounds(len(todo), cfg.ingest.tracks_per_task, n_slots))]
     # the watchdog: a task still running long past its files' decoding deadlines is stuck in native code
     # that the in-task deadline cannot interrupt; it is stopped and its files are retried one by one
     due: dict[Any, float] = {}
@@ -519,7 +470,9 @@ class _Isolated(list):
     isolated = True
 
 
-def format_summary(summary: IngestSummary, ds: Dataset) -> str:
+def format_summary(summary: IngestSummary, ds: Dataset | None = None) -> str:
+    """The closing report of an ingest: what this run did, then the dataset's :func:`~genrecls.inspection.describe`."""
+    ds = ds if ds is not None else Dataset(summary.dataset)
     lines = [f"dataset {summary.dataset}"]
     lines.append(
         f"{summary.discovered} tracks found, {summary.skipped_unchanged} already in the dataset, "
@@ -536,40 +489,3 @@ def format_summary(summary: IngestSummary, ds: Dataset) -> str:
     lines.append("")
     lines.append(describe(ds))
     return "\n".join(lines)
-
-
-def describe(ds: Dataset) -> str:
-    """The `inspect` report: tracks and segments per label, failures by reason, features."""
-    m = ds.manifest()
-    per = m["counts"]["per_label"]
-    rows = [(k or "(no label)", int(v["tracks"]), int(v["segments"]), f"{v['audio_seconds'] / 3600:.2f}") for k, v in per.items()]
-    rows.append(("total", m["counts"]["tracks"], m["counts"]["segments"], f"{m['counts']['audio_seconds'] / 3600:.2f}"))
-    out = [format_table(rows, ("label", "tracks", "segments", "hours"))]
-    fails = ds.failures()
-    if fails.num_rows:
-        by_kind = Counter(fails.column("kind").to_pylist())
-        out.append("")
-        out.append(f"failures ({fails.num_rows}; the table is in {ds.uri}/failures/):")
-        out.append(format_table(sorted(by_kind.items(), key=lambda kv: -kv[1]), ("reason", "files")))
-        for r in fails.slice(0, 10).to_pylist():
-            out.append(f"  {r['path']}: {r['reason']}")
-        if fails.num_rows > 10:
-            out.append(f"  ... and {fails.num_rows - 10} more")
-    warns = ds.warnings()
-    if warns.num_rows:
-        by_kind = Counter(warns.column("kind").to_pylist())
-        out.append("")
-        out.append(f"kept with a warning ({warns.num_rows}; their audio is in the shards; the table is in "
-                   f"{ds.uri}/warnings/):")
-        out.append(format_table(sorted(by_kind.items(), key=lambda kv: -kv[1]), ("warning", "files")))
-        for r in warns.slice(0, 10).to_pylist():
-            out.append(f"  {r['path']}: {r['kind']}: {r['reason']}")
-        if warns.num_rows > 10:
-            out.append(f"  ... and {warns.num_rows - 10} more")
-    f = m["features"]
-    out.append("")
-    out.append(f"features: preset {f.get('preset', 'tutorial')}, {f['sample_rate']} Hz, segments of {f['segment_samples']} samples "
-               f"({f['segment_samples'] / f['sample_rate']:.2f} s, hop {f['segment_hop']}), "
-               f"log-mel {m['mel_shape'][0]}x{m['mel_shape'][1]} (n_fft {f['n_fft']}, hop {f['hop_length']}), "
-               f"stored as {f['dtype']}; {m['counts']['shards']} shards")
-    return "\n".join(out)

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow.fs as pafs
 
+from .provenance import utc_timestamp
+
 if TYPE_CHECKING:
     from .storage import Location
 
@@ -63,7 +65,7 @@ class LockedError(RuntimeError):
 
 def _owner(what: str) -> dict[str, Any]:
     return {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "since": utc_timestamp()}
 
 
 def _locked(uri: str, info: dict[str, Any]) -> LockedError:
@@ -71,7 +73,7 @@ def _locked(uri: str, info: dict[str, Any]) -> LockedError:
             f"{info.get('host', '?')}, since {info.get('since', '?')})")
     lease = ""
     if "expires" in info:
-        until = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(float(info["expires"])))
+        until = utc_timestamp(float(info["expires"]))
         lease = (f"; its lease runs to {until} and is renewed while it runs "
                  "(a lock left by a killed run is taken over once its lease expires)")
     return LockedError(f"{uri} is in use by {desc}{lease}; wait for it to finish or stop it first")

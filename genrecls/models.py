@@ -34,7 +34,7 @@ normalisation a model needs lives inside it, so a run folder alone scores new au
     statistics).  What the CNNs must beat.
 ``musicnn`` (the default of ``train.model``)
     The pretrained MSD musicnn tagger (Pons and Serra 2019) as a frozen feature extractor:
-    its 200-d penultimate embedding of each 187-frame patch, then a trained softmax head
+    its pooled mid-level features (and band statistics) of each 187-frame patch, then a trained softmax head
     (:mod:`genrecls.transfer`); needs the ``musicnn`` feature preset.
 
 Why tf-keras and not Keras 3: Keras 3 does not train under
@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["MODELS", "MODEL_PRESETS", "import_tensorflow", "keras", "SpecAugment", "build_model", "model_summary", "load_keras_model"]
+__all__ = ["MODELS", "MODEL_PRESETS", "import_tensorflow", "set_tf_threads", "keras", "SpecAugment", "build_model", "model_summary", "load_keras_model"]
 
 
 def import_tensorflow():
@@ -103,6 +103,23 @@ def import_tensorflow():
     except Exception:
         pass
     return tf
+
+
+def set_tf_threads(threads: int) -> None:
+    """Let TensorFlow's kernels use ``threads`` threads (and at most 2 ops at once); 0 leaves its defaults.
+
+    Only takes effect before TensorFlow runs its first op in this process; later calls are
+    ignored (TensorFlow refuses to change its thread pools once they exist).
+    """
+    threads = int(threads)
+    if threads <= 0:
+        return
+    tf = import_tensorflow()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # TensorFlow already initialised in this process
+        pass
 
 
 def keras():
@@ -311,7 +328,7 @@ def build_linear(input_shape: tuple[int, int], n_labels: int, *, mean: Sequence[
 
 def build_musicnn(input_shape: tuple[int, int], n_labels: int, *, learning_rate: float = 1e-3,
                   fine_tune: bool = False, **kwargs: Any):
-    """The pretrained MSD musicnn backbone (its 200-d embedding) and a softmax head; see :mod:`genrecls.transfer`."""
+    """The pretrained MSD musicnn backbone (its 945-d embedding) and a softmax head; see :mod:`genrecls.transfer`."""
     from .transfer import build_musicnn_classifier
 
     return build_musicnn_classifier(input_shape, n_labels, learning_rate=learning_rate, fine_tune=fine_tune, **kwargs)

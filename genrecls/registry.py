@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .provenance import utc_timestamp
 from .storage import Location
 
 __all__ = ["RegistryError", "Registry", "resolve_run", "is_registry"]
@@ -34,10 +35,6 @@ SPLITS = "splits.parquet"
 
 class RegistryError(ValueError):
     """A registry is missing, empty, or asked for a version it does not hold."""
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Registry:
@@ -76,7 +73,7 @@ class Registry:
 
         import pyarrow.fs as pafs
 
-        info = {**info, "version": version, "registered": _now()}
+        info = {**info, "version": version, "registered": utc_timestamp()}
         with open(os.path.join(run_dir, "version.json"), "w") as f:
             import json
 
@@ -129,7 +126,7 @@ class Registry:
             if not previous:
                 raise RegistryError(f"{self.uri}: champion {current['version']} has no previous champion to roll back to")
             target, rest = previous[0], previous[1:]
-            self.location.write_json(CHAMPION, {"version": target, "since": _now(),
+            self.location.write_json(CHAMPION, {"version": target, "since": utc_timestamp(),
                                                 "reason": f"rollback from {current['version']}", "previous": rest})
             return target
 
@@ -142,11 +139,11 @@ class Registry:
         current = self.location.read_json(CHAMPION) if self.location.exists(CHAMPION) else None
         previous = ([current["version"]] + current.get("previous", [])) if current else []
         previous = [v for v in previous if v != version][:50]
-        self.location.write_json(CHAMPION, {"version": version, "since": _now(), "reason": reason, "previous": previous})
+        self.location.write_json(CHAMPION, {"version": version, "since": utc_timestamp(), "reason": reason, "previous": previous})
 
     # -- decisions --------------------------------------------------------------------
     def record_decision(self, decision: dict[str, Any]) -> None:
-        decision = {**decision, "time": _now()}
+        decision = {**decision, "time": utc_timestamp()}
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}-{decision.get('challenger') or 'none'}.json"
         self.location.write_json(f"decisions/{name}", decision)
 
@@ -172,6 +169,18 @@ class Registry:
                 "decision": info.get("decision"),
             })
         return rows
+
+    def format_table(self) -> str:
+        """``models list``: one line per version, the champion starred."""
+        from .progress import format_table
+
+        rows = self.table()
+        if not rows:
+            return f"{self.location.uri}: no versions yet"
+        fmt = lambda x: "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))  # noqa: E731
+        return format_table([("*" if r["champion"] else "", r["version"], fmt(r["test_track_accuracy"]), fmt(r["macro_f1"]),
+                              fmt(r["tracks"]), fmt(r["decision"]), fmt(r["created"])) for r in rows],
+                            ("", "version", "track_acc", "macro_f1", "tracks", "decision", "registered"))
 
 
 def is_registry(path: str) -> bool:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 __all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log", "Interrupted",
-           "as_interrupted", "handle_stop_signals", "RayStartError"]
+           "as_interrupted", "handle_stop_signals", "RayStartError", "quiet_ray_data"]
 
 log = logging.getLogger("genrecls")
 
@@ -158,19 +158,38 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
             raise RayStartError(f"the embedded Ray did not start ({exc}); nothing was changed, run the same "
                                 "command again") from None
     handle_stop_signals()
-    _quiet_ray_data()
+    quiet_ray_data(verbose)
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def _quiet_ray_data() -> None:
-    try:
-        from ray.data import DataContext
+def quiet_ray_data(verbose: bool = False) -> None:
+    """Keep Ray Data (and Ray Train's loggers) to errors on the console, unless ``verbose``.
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-    except Exception:  # older/newer Ray without these knobs
-        pass
+    Ray Data configures its loggers when imported and installs its own INFO console handler;
+    its session log file (``logs/ray-data/ray-data.log``) still gets everything.  Its
+    progress bars and execution-start lines follow ``verbose`` (genrecls draws its own
+    progress line).  Call it after ``ray.init`` in the driver: :func:`ray_session` does.
+    """
+    try:
+        import ray.data
+    except ImportError:  # Ray without Ray Data
+        return
+    if not verbose:
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            from ray._private.log import PlainRayHandler
+        except ImportError:  # another Ray version: its console handler stays as Ray configures it
+            PlainRayHandler = None
+        for handler in logging.getLogger("ray.data").handlers if PlainRayHandler else ():
+            if isinstance(handler, PlainRayHandler):
+                handler.setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    for knob in ("enable_progress_bars", "print_on_execution_start"):
+        try:
+            setattr(ctx, knob, verbose)
+        except Exception:  # older/newer Ray without this knob
+            pass

@@ -162,7 +162,7 @@ def test_every_bad_kind_is_recorded_and_every_good_file_kept(small_cfg, ray_loca
     assert np.isfinite(table.column("mel").combine_chunks().flatten().to_numpy(zero_copy_only=False)).all()
     assert "good/Ça va très bien — 東京 01.flac" in set(table.column("path").to_pylist())
     # the summary and inspect say what failed, and a re-run does not retry unchanged bad files
-    from genrecls.ingest import describe
+    from genrecls.inspection import describe
 
     report = describe(ds)
     assert "kept with a warning" in report and "non_finite" in report and "symlink_loop" in report

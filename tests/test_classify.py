@@ -22,11 +22,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.classify import CSV_NAME, PARTS, classify, read_predictions, resolve_run
+from genrecls.classify import classify, resolve_run
 from genrecls.config import Config
 from genrecls.dataset import Dataset, mel_array
 from genrecls.discovery import track_id_for
 from genrecls.inference import Predictor, aggregate_tracks, export_model
+from genrecls.predictions import CSV_NAME, PARTS, read_predictions
 from genrecls.sample_data import make_sample_collection, synthesize, write_audio
 from genrecls.storage import Location, LockedError
 

@@ -172,3 +172,22 @@ def test_musicnn_scale_is_finite_where_a_float16_cast_would_overflow():
     loud = np.clip(music(cfg, 1, "rock") * 50, -1, 1)  # clipped full-scale audio: mel power far above 6.5
     ours = log_mel(loud, cfg)
     assert np.isfinite(ours).all() and ours.max() > 4
+
+
+def test_one_feature_mismatch_rule_names_every_differing_setting():
+    """ingest, evaluation and training share genrecls.features.check_same_features and its message."""
+    from genrecls.config import FeatureConfig
+    from genrecls.features import check_same_features, feature_differences
+
+    have, want = FeatureConfig(n_mels=32), FeatureConfig(n_mels=64, segment_hop=50_000)
+    assert feature_differences(have, want) == {"n_mels": (32, 64), "segment_hop": (100_000, 50_000)}
+    check_same_features(have, FeatureConfig(n_mels=32), subject="d", remedy="r")  # the same features: no error
+
+    class Mismatch(Exception):
+        pass
+
+    with pytest.raises(Mismatch) as err:
+        check_same_features(have, want, subject="s3://b/ds", than="the run", names=("run", "dataset"),
+                            remedy="re-ingest it", error=Mismatch)
+    assert str(err.value) == ("s3://b/ds was built with other feature settings than the run (segment_hop: run 100000, "
+                              "dataset 50000, n_mels: run 32, dataset 64); re-ingest it")

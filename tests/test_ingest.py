@@ -179,24 +179,28 @@ def test_other_feature_settings_on_the_same_dataset_are_refused(sample_dataset, 
 
 
 def test_workers_limit_concurrency_on_a_bigger_cluster(ray_local):
-    from genrecls.ingest import _slots
+    from genrecls.scheduling import slots
 
     cpus = int(ray_local.cluster_resources()["CPU"])
-    assert _slots(None, 2) == (cpus, 2 * cpus)  # every CPU, two tasks queued per CPU
-    assert _slots(1, 2) == (1, 1)  # --workers 1: exactly one task at a time
-    assert _slots(cpus + 5, 2) == (cpus, 2 * cpus)
+    assert slots(None, 2) == (cpus, 2 * cpus)  # every CPU, two tasks queued per CPU
+    assert slots(1, 2) == (1, 1)  # --workers 1: exactly one task at a time
+    assert slots(cpus + 5, 2) == (cpus, 2 * cpus)
 
 
-def test_batches_fill_whole_rounds_of_the_slots():
-    from genrecls.ingest import _batches
+def test_tasks_fill_whole_rounds_of_the_slots():
+    from genrecls.scheduling import task_bounds
 
     for n, per_task, slots in [(600, 32, 2), (120, 32, 2), (101, 8, 3), (7, 4, 2), (33, 32, 1), (1, 32, 4)]:
-        batches = _batches(list(range(n)), per_task, slots)
-        assert [t for b in batches for t in b] == list(range(n))  # every track once, in order
-        sizes = [len(b) for b in batches]
+        bounds = task_bounds(n, per_task, slots)
+        assert [t for a, b in bounds for t in range(a, b)] == list(range(n))  # every track once, in order
+        sizes = [b - a for a, b in bounds]
         assert max(sizes) <= per_task and max(sizes) - min(sizes) <= 1
         # no last round in which one task runs while the other slots have nothing left to do
-        assert len(batches) % slots == 0 or len(batches) == n
+        assert len(bounds) % slots == 0 or len(bounds) == n
+    # classify's cap on its input blocks: tasks grow past per_task instead of outnumbering the cap
+    bounds = task_bounds(10_000, 4, 2, max_tasks=100)
+    assert len(bounds) == 100 and {b - a for a, b in bounds} == {100}
+    assert task_bounds(0, 4, 2) == []
 
 
 def test_decoding_runs_with_one_thread_per_native_pool():
