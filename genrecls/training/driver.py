@@ -40,7 +40,7 @@ import numpy as np
 from ..config import Config, ConfigError
 from ..dataset import DatasetError
 from ..runtime import Interrupted, handle_stop_signals, log, quiet_environment, ray_session
-from ..split import write_splits
+from ..split import as_mapping, write_splits
 from ..storage import Location
 from .checkpoints import CHECKPOINTS, find_checkpoints, read_checkpoint, remove_ray_state
 from .data import normalisation_stats, prepare_datasets
@@ -70,23 +70,6 @@ def resume_inputs(run_dir: str, *, dataset: str | None = None, config_file: str 
     else:
         cfg = load_config(None, overrides)
     return dataset or run.read_json("plan.json")["dataset"], cfg
-
-
-def _quiet_ray_data_logs(verbose: bool = False) -> None:
-    """Ray Data configures its own loggers on import (INFO); keep them at ERROR unless verbose."""
-    import logging
-
-    import ray.data
-
-    if not verbose:
-        for name in ("ray.data", "ray.train"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    try:
-        ctx.print_on_execution_start = verbose
-    except Exception:
-        pass
 
 
 def _epoch_line(r: dict[str, Any], total_epochs: int, best_epoch: int | None, stopped: bool) -> str:
@@ -251,7 +234,6 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
         with ray_session(address, None, verbose=verbose):
             import ray
 
-            _quiet_ray_data_logs(verbose)
             resources = ray.cluster_resources()
             if cfg.train.gpu and resources.get("GPU", 0) < cfg.train.workers:
                 raise ConfigError(f"train.gpu: {cfg.train.workers} workers need {cfg.train.workers} GPUs; "
@@ -259,7 +241,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             plan, table = plan_training(check, cfg, splits=splits, cluster_cpus=float(resources.get("CPU", 0)),
                                         object_store_bytes=float(resources.get("object_store_memory", 0)) or None,
                                         labels=labels)
-            assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
+            assignment = as_mapping(table)
             ids = {s: sorted(t for t, v in assignment.items() if v == s) for s in ("train", "val", "test")}
             run.write_text("config.json", cfg.with_section(train={"workers": plan.workers}).to_json() + "\n")
             write_splits(table, run)
@@ -339,7 +321,7 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     run.write_json("history.json", history)
     plot_curves(history, run, title=f"{info['model_id']} ({plan.model})")
     predictor = Predictor(run)
-    assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
+    assignment = as_mapping(table)
     groups = {s: [t for t, v in assignment.items() if v == s] for s in ("val", "test")}
     metrics = evaluate_predictor(predictor, check.dataset, groups)
     if "classify_max_segments" in metrics:  # classify's K, chosen on the validation tracks (genrecls.selection)
@@ -372,6 +354,6 @@ def _max_batch() -> int:
 
 
 def _versions() -> dict[str, str]:
-    from ..ingest import library_versions
+    from ..provenance import library_versions
 
     return library_versions()

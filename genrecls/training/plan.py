@@ -21,7 +21,8 @@ import numpy as np
 
 from ..config import Config, ConfigError, FeatureConfig
 from ..dataset import FEATURES_KEY, Dataset, DatasetError
-from ..split import SplitError, assign_splits, split_counts
+from ..features import check_same_features
+from ..split import SplitError, as_mapping, assign_splits, split_counts
 
 __all__ = ["TrainingError", "REQUIRED_COLUMNS", "FOLDER_GROUP", "DatasetCheck", "check_dataset", "check_model_input",
            "TrainPlan", "WorkerPlan", "plan_training", "segment_weights", "learning_rate_at"]
@@ -91,12 +92,10 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     ds.manifest()  # raises DatasetError when there is none
     features = ds.feature_config()
-    if cfg.features != Config().features and cfg.features != features:
-        diff = {k: (v, getattr(cfg.features, k)) for k, v in asdict(features).items() if getattr(cfg.features, k) != v}
-        raise DatasetError(
-            f"{ds.uri} was built with other feature settings than the configuration asks for "
-            f"({', '.join(f'{k}: dataset {a!r}, asked {b!r}' for k, (a, b) in diff.items())}); "
-            "training uses the dataset's features: drop the features section or re-ingest")
+    if cfg.features != Config().features:
+        check_same_features(features, cfg.features, subject=ds.uri, than="the configuration asks for",
+                            remedy="training uses the dataset's features: drop the features section or re-ingest",
+                            error=DatasetError)
     names = ds.shard_names()
     if not names:
         raise DatasetError(f"{ds.uri} is empty: it holds no segments (no shards); ingest a library into it first")
@@ -278,7 +277,7 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
     t = cfg.train
     table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
                           group_column="group" if t.group_column else None, previous=splits)
-    assignment = dict(zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()))
+    assignment = as_mapping(table)
     counts = split_counts(table)
     segs = _segments_per_split(check.tracks, assignment)
     labels = list(labels) if labels is not None else list(check.labels)

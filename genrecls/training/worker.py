@@ -140,12 +140,10 @@ def _validation_tally(tf, model, shard, *, batch: int, n_tracks: int, n_labels: 
 def _set_threads(tf, plan: WorkerPlan, local_world_size: int) -> int:
     """TensorFlow threads: ``plan.threads``, else the node's cores shared by the workers on it (the Ray
     CPU reservation is smaller on purpose, to leave Ray Data room to schedule its read tasks)."""
+    from ..models import set_tf_threads
+
     threads = plan.threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    except RuntimeError:  # TensorFlow already initialised in this process
-        pass
+    set_tf_threads(threads)
     return threads
 
 
