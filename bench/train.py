@@ -13,13 +13,17 @@
     backbone's CPU milliseconds per segment.  Targets (real set): the default model >= 0.90
     median track accuracy and >= 5 points above ``linear``; its training time no longer
     than the ``default`` CNN's (the default before issue 11).
-(2) Input pipeline: training throughput (segments per second, the training phase of epochs 2..N,
-    validation excluded) of the default model with one Ray Train worker streaming the Parquet
-    shards through Ray Data (``train.cache=off``: the shards are read, filtered, decoded and
-    shuffled again every epoch), against the same model and batch size fed from in-memory NumPy
-    arrays in one process with the same number of TensorFlow threads.  Also shown: Ray Data with
-    the decoded split cached in the object store (``train.cache=on``, the default for splits that
-    fit).  Target: streaming >= 0.9 x in-memory.
+(2) Input pipeline (issue 12): training throughput (segments per second, the training phase of
+    epochs 2..N, validation excluded; the median of 3 epochs after the first by default) of the
+    default model with one Ray Train worker, against the same model and batch size fed from
+    in-memory NumPy arrays in one process with the same number of TensorFlow threads: Ray Data
+    with the decoded split cached in the object store (``train.cache=on``, the default for
+    splits that fit), then streamed from the Parquet shards every epoch (``train.cache=off``, as
+    for a split that does not fit the object store: read, filtered, decoded again every epoch)
+    in each ``train.shuffle`` order (``shards``, the automatic choice; ``files``; ``global``).
+    The load average is recorded before and after every run.  Target: streaming >= 0.9 x
+    in-memory.  ``--skip-accuracy`` runs this section alone (``--quick``: the small synthetic
+    set, 2 epochs: a smoke run, not a measurement).
 
 Writes ``bench/results/train.json`` (accuracy runs are merged by set, model and seed, so a
 bench can be run in parts: ``--sets``, ``--models``, ``--seeds``) and prints tables.
@@ -27,6 +31,7 @@ bench can be run in parts: ``--sets``, ``--models``, ``--seeds``) and prints tab
 load average around each run.
 
     .venv/bin/python bench/train.py --quick --skip-throughput
+    .venv/bin/python bench/train.py --skip-accuracy --sets real        # the input section, on the real set
     .venv/bin/python bench/train.py --sets real --models musicnn,linear,default --skip-throughput
 """
 
@@ -214,6 +219,7 @@ def in_memory_throughput(dataset: str, run: str, epochs: int, batch: int) -> dic
     model = build_model("default", shape, len(plan["labels"]), mean=plan["mean"], std=plan["std"],
                         augment=plan["augment"], learning_rate=plan["learning_rate"])
     steps = len(x) // batch
+    load_before = load()
     rates = []
     for e in range(epochs):
         t0 = time.perf_counter()
@@ -222,7 +228,8 @@ def in_memory_throughput(dataset: str, run: str, epochs: int, batch: int) -> dic
         rates.append(steps * batch / dt)
         print(f"  in-memory epoch {e + 1}: {rates[-1]:.1f} segments/s", file=sys.stderr, flush=True)
     return {"segments": int(len(x)), "threads": threads, "per_epoch_segments_per_s": [round(r, 1) for r in rates],
-            "median_segments_per_s": round(statistics.median(rates[1:] or rates), 1)}
+            "median_segments_per_s": round(statistics.median(rates[1:] or rates), 1), "load_before": load_before,
+            "load_after": load()}
 
 
 def in_memory_subprocess(dataset: str, run: str, epochs: int, batch: int) -> dict:
@@ -234,15 +241,55 @@ def in_memory_subprocess(dataset: str, run: str, epochs: int, batch: int) -> dic
     return json.loads(out.strip().splitlines()[-1])
 
 
-def streaming_throughput(dataset: str, run: str, cfg, workers: int) -> dict:
+def ray_throughput(dataset: str, run: str, cfg, workers: int) -> dict:
+    """One training run with ``cfg``'s input settings: segments/s of each epoch's training phase."""
     from genrecls.training import train
 
     shutil.rmtree(run, ignore_errors=True)
+    before = load()
     r = train(dataset, run, cfg, workers=workers, progress=True)
     rates = [h["segments_per_s"] for h in r["history"]]
-    return {"cache": cfg.train.cache, "shuffle": json.load(open(os.path.join(run, "plan.json")))["shuffle"],
-            "per_epoch_segments_per_s": rates, "median_segments_per_s": round(statistics.median(rates[1:] or rates), 1),
-            "epoch_seconds": [h["epoch_seconds"] for h in r["history"]]}
+    plan = json.load(open(os.path.join(run, "plan.json")))
+    return {"cache": plan["cache"], "shuffle": plan["shuffle"], "per_epoch_segments_per_s": rates,
+            "median_segments_per_s": round(statistics.median(rates[1:] or rates), 1),
+            "epoch_seconds": [h["epoch_seconds"] for h in r["history"]],
+            "train_data_wait_seconds": [h["train_data_wait_seconds"] for h in r["history"]],
+            "load_before": before, "load_after": load()}
+
+
+#: the inputs compared (label, train settings): cached in the object store, then streamed from the
+#: shards every epoch (train.cache=off, as for a split larger than the object store) in each order
+INPUTS = (("Ray Data, cached in the object store", {"cache": "on"}),
+          ("streamed, shard order shuffled each epoch + buffer", {"cache": "off", "shuffle": "shards"}),
+          ("streamed, file order + buffer", {"cache": "off", "shuffle": "files"}),
+          ("streamed, global shuffle each epoch", {"cache": "off", "shuffle": "global"}))
+
+
+def input_throughput(dataset: str, set_name: str, work: str, base, epochs: int) -> dict:
+    """Training segments/s of each input against in-memory NumPy arrays (same model, batch, threads).
+
+    The in-memory baseline runs before and after the Ray runs (a shared machine's load drifts; the
+    ratio uses their mean); the cached run goes first: its plan (split, normalisation, class
+    weights) feeds the baseline.  ``train.shuffle=auto`` streams in shard order.
+    """
+    cfg = base.with_section(train={"batch_size": 32, "learning_rate": 1e-3, "epochs": epochs,
+                                   "early_stopping_patience": 0, "model": "default"})
+    tp: dict = {"set": set_name, "epochs": epochs, "batch_size": 32, "statistic": "median of epochs 2..N",
+                "auto_shuffle": "shards", "runs": []}
+    raw = []
+    for i, (label, settings) in enumerate(INPUTS):
+        r = ray_throughput(dataset, f"{work}-{i}", cfg.with_section(train=settings), 1)
+        raw.append((label, r))
+        if i == 0:
+            before = in_memory_subprocess(dataset, f"{work}-0", epochs, 32)
+    after = in_memory_subprocess(dataset, f"{work}-0", epochs, 32)
+    rate = round((before["median_segments_per_s"] + after["median_segments_per_s"]) / 2, 1)
+    tp["in_memory_numpy"] = {"before": before, "after": after, "median_segments_per_s": rate}
+    tp["runs"].append({"input": "in-memory NumPy arrays", "median_segments_per_s": rate, "ratio_to_in_memory": 1.0,
+                       "load_before": before["load_before"], "load_after": after["load_after"]})
+    for label, r in raw:
+        tp["runs"].append({"input": label, **r, "ratio_to_in_memory": round(r["median_segments_per_s"] / rate, 3)})
+    return tp
 
 
 def main() -> int:
@@ -261,7 +308,7 @@ def main() -> int:
     p.add_argument("--first-seed", type=int, default=0, help="first seed (to run seeds in parallel processes)")
     p.add_argument("--epochs", type=int, help="epochs per accuracy run on the synthetic set (default 15, quick 6)")
     p.add_argument("--real-epochs", type=int, default=12, help="epochs per accuracy run on the real set (default 12)")
-    p.add_argument("--throughput-epochs", type=int, help="epochs per throughput run (default 3, quick 3)")
+    p.add_argument("--throughput-epochs", type=int, help="epochs per input run (default 4: the median of the 3 after the first; quick 2)")
     p.add_argument("--workers", type=int, default=1, help="training workers for the accuracy runs")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
     p.add_argument("--skip-accuracy", action="store_true")
@@ -281,7 +328,7 @@ def main() -> int:
              logging_level="ERROR", runtime_env=runtime_env())
     t_all = time.monotonic()
     epochs = a.epochs or (6 if a.quick else 15)
-    tp_epochs = a.throughput_epochs or 3
+    tp_epochs = a.throughput_epochs or (2 if a.quick else 4)
     base = Config().override(["features.preset=tutorial"])
     mnn = Config().override(["features.preset=musicnn"])
     previous = json.load(open(a.out)) if os.path.exists(a.out) else {}
@@ -342,28 +389,9 @@ def main() -> int:
     if not a.skip_throughput:
         ds = sets[-1][1]["tutorial"]
         set_name = sets[-1][0]
-        train_cfg = {"batch_size": 32, "learning_rate": 1e-3}
-        print(f"\n== throughput on {set_name}: default model, 1 worker, {tp_epochs} epochs each", flush=True)
-        tp: dict = {"set": set_name, "epochs": tp_epochs, "batch_size": 32, "load_before": load()}
-        cfg = base.with_section(train={**train_cfg, "epochs": tp_epochs, "early_stopping_patience": 0, "model": "default"})
-        work = os.path.join(a.work, "runs", "throughput")
-        # the cached run first: its plan (split, normalisation, class weights) feeds the in-memory baseline,
-        # which runs before and after the Ray runs (the machine is shared: its load drifts)
-        tp["ray_data_cached"] = streaming_throughput(ds, work + "-cached", cfg.with_section(train={"cache": "on"}), 1)
-        before = in_memory_subprocess(ds, work + "-cached", tp_epochs, 32)
-        tp["streaming_global_shuffle"] = streaming_throughput(
-            ds, work + "-stream", cfg.with_section(train={"cache": "off", "shuffle": "global"}), 1)
-        tp["streaming_local_shuffle"] = streaming_throughput(
-            ds, work + "-stream-local", cfg.with_section(train={"cache": "off", "shuffle": "local"}), 1)
-        after = in_memory_subprocess(ds, work + "-cached", tp_epochs, 32)
-        tp["in_memory_numpy"] = {"before": before, "after": after, "median_segments_per_s": round(
-            (before["median_segments_per_s"] + after["median_segments_per_s"]) / 2, 1)}
-        base_rate = tp["in_memory_numpy"]["median_segments_per_s"]
-        for k in ("streaming_global_shuffle", "streaming_local_shuffle", "ray_data_cached"):
-            tp[k]["ratio_to_in_memory"] = round(tp[k]["median_segments_per_s"] / base_rate, 3)
-        tp["load_after"] = load()
-        results["throughput"] = tp
-
+        print(f"\n== training input on {set_name}: default model, 1 worker, {tp_epochs} epochs each", flush=True)
+        results["throughput"] = input_throughput(ds, set_name, os.path.join(a.work, "runs", "throughput"), base,
+                                                 tp_epochs)
     results["total_seconds"] = round(time.monotonic() - t_all, 1)
     results["load_at_end"] = load()
     save(results, a.out)
@@ -382,15 +410,13 @@ def main() -> int:
         b = results["backbone"]
         print(f"musicnn backbone: {b['cpu_ms_per_segment']} CPU ms per segment ({b['wall_ms_per_segment']} ms wall, "
               f"{b['threads']} threads, load {b['load']})")
-    if results["throughput"]:
+    if results["throughput"].get("runs"):
         tp = results["throughput"]
-        print(f"\ninput pipeline ({tp['set']}, default model, 1 worker, batch 32, median of epochs 2..{tp['epochs']}):")
-        rows = [("in-memory NumPy arrays", tp["in_memory_numpy"]["median_segments_per_s"], "1.000")]
-        for k, label in (("streaming_global_shuffle", "Ray Data from Parquet, global shuffle"),
-                         ("streaming_local_shuffle", "Ray Data from Parquet, file order + buffer"),
-                         ("ray_data_cached", "Ray Data, cached in object store")):
-            rows.append((label, tp[k]["median_segments_per_s"], f"{tp[k]['ratio_to_in_memory']:.3f}"))
-        print(format_table(rows, ("input", "segments/s", "ratio")))
+        print(f"\ntraining input ({tp['set']}, default model, 1 worker, batch {tp['batch_size']}, "
+              f"median of epochs 2..{tp['epochs']}):")
+        print(format_table([(r["input"], r["median_segments_per_s"], f"{r['ratio_to_in_memory']:.3f}",
+                             f"{r['load_before']} -> {r['load_after']}") for r in tp["runs"]],
+                           ("input", "segments/s", "ratio to in-memory", "load average")))
     print(f"\nload average: {results['load_at_start']} at start, {results['load_at_end']} at end; "
           f"total {results['total_seconds'] / 60:.1f} min; written to {a.out}")
     return 0

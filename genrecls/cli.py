@@ -273,30 +273,26 @@ def _train():
         add_config_args(p)
 
     def run(a):
-        from .config import load_config
         from .evaluation import format_metrics
-        from .training import TrainingError, train
+        from .storage import Location
+        from .training import TrainingError, resume_inputs, train
 
         if not a.out and not a.resume:
             raise ValueError("give --out RUN (a new run) or --resume RUN (continue one)")
-        if a.out and a.resume and os.path.abspath(a.out) != os.path.abspath(a.resume):
+        if a.out and a.resume and Location.parse(a.out).uri != Location.parse(a.resume).uri:
             raise ValueError("--out and --resume name different runs; give one of them")
         run_dir = a.resume or a.out
-        dataset = a.dataset
-        if dataset is None:
-            plan = os.path.join(a.resume or "", "plan.json")
-            if not a.resume or not os.path.isfile(plan):
-                raise ValueError("give the DATASET to train on")
-            with open(plan) as f:
-                dataset = json.load(f)["dataset"]
         extra = [f"train.{k}={v}" for k, v in (("model", a.model), ("epochs", a.epochs), ("batch_size", a.batch_size),
                                                 ("learning_rate", a.learning_rate), ("seed", a.seed)) if v is not None]
         if a.gpu:
             extra.append("train.gpu=true")
-        config_file = a.config
-        if a.resume and not config_file and os.path.isfile(os.path.join(a.resume, "config.json")):
-            config_file = os.path.join(a.resume, "config.json")
-        cfg = load_config(config_file, list(a.overrides or []) + extra)
+        if a.resume:
+            dataset, cfg = resume_inputs(a.resume, dataset=a.dataset, config_file=a.config,
+                                         overrides=list(a.overrides or []) + extra)
+        elif a.dataset is None:
+            raise ValueError("give the DATASET to train on")
+        else:
+            dataset, cfg = a.dataset, resolve_config(a, extra)
         try:
             summary = train(dataset, run_dir, cfg, address=a.address, workers=a.workers, resume=bool(a.resume),
                             splits=a.splits, progress=not a.quiet, verbose=a.verbose)

@@ -68,8 +68,12 @@ FEATURE_PRESETS: dict[str, dict[str, Any]] = {
     "musicnn": {"sample_rate": 16000, "segment_samples": 47_616, "segment_hop": 47_616, "n_fft": 512,
                 "hop_length": 256, "n_mels": 96, "fmin": 0.0, "fmax": None, "log_scale": "log10_10000", "top_db": None},
 }
-#: the models `genrecls train --model` knows (genrecls.models.MODELS builds them)
-MODEL_NAMES = ("tutorial", "default", "cnn2d", "linear", "musicnn")
+#: what ``retrain.metric`` may name: the holdout's scalar scores (genrecls.evaluation.split_metrics on the
+#: "test" group; higher is better for every one)
+RETRAIN_METRICS = ("test_track_accuracy", "test_track_macro_f1", "test_macro_f1", "test_segment_accuracy",
+                   "test_segment_macro_f1")
+#: train.shuffle's values ("local": the former name of "shards")
+SHUFFLE_MODES = ("auto", "shards", "files", "global", "local")
 #: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
 #: (musicnn, chosen on measurement: bench/results/train.json)
 DEFAULT_PRESET = "musicnn"
@@ -238,7 +242,7 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a model is trained."""
+    """How a model is trained (``model`` is checked against :data:`genrecls.models.MODELS`)."""
 
     #: musicnn (pretrained backbone + trained head; the most accurate on real music, bench/results/train.json),
     #: default (1-D CNN), cnn2d, tutorial, linear (pooled log-mel statistics); musicnn needs the musicnn preset
@@ -264,11 +268,16 @@ class TrainConfig:
     augment: bool = True
     shuffle_buffer: int = 2048
     max_failures: int = 2
-    #: segment order each epoch: "global" (Ray Data random_shuffle), "local" (file order + the
-    #: shuffle buffer only; for training splits too large to shuffle), "auto" (global below 4 GiB)
-    shuffle: Literal["auto", "global", "local"] = "auto"
+    #: segment order each epoch when the split streams from the shards (train.cache off): "shards"
+    #: (the shards' order shuffled every epoch, then each worker's shuffle buffer), "files" (the shards
+    #: in file order, then the buffer), "global" (Ray Data random_shuffle of every row, every epoch:
+    #: the best mix, the most costly), "auto" ("shards").  A cached split is shuffled row by row
+    #: once, when it is cached, whatever this says.  "local" is the former name of "shards"
+    shuffle: Literal["auto", "shards", "files", "global", "local"] = "auto"
     #: Ray CPUs reserved per training worker (0 = auto: leave one CPU of the cluster to Ray Data)
     cpus_per_worker: float = 0.0
+    #: TensorFlow threads per training worker (0 = the node's cores shared by the workers on it)
+    threads: int = 0
     #: keep the decoded train/val segments in Ray's object store after the first read ("auto": when
     #: they take under a quarter of it); "off" re-reads the Parquet shards every epoch
     cache: Literal["auto", "on", "off"] = "auto"
@@ -282,11 +291,14 @@ class TrainConfig:
         _check(self.val_fraction + self.test_fraction < 1, "train.val_fraction + test_fraction", "must be < 1")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
-        _check(self.shuffle in ("auto", "global", "local"), "train.shuffle", "must be 'auto', 'global' or 'local'")
+        _check(self.shuffle in SHUFFLE_MODES, "train.shuffle", f"must be one of {', '.join(map(repr, SHUFFLE_MODES))}")
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0 (0 = auto)")
+        _check(self.threads >= 0, "train.threads", "must be >= 0 (0 = auto)")
         _check(self.cache in ("auto", "on", "off"), "train.cache", "must be 'auto', 'on' or 'off'")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0")
-        _check(self.model in MODEL_NAMES, "train.model", f"unknown model {self.model!r}; known: {', '.join(MODEL_NAMES)}")
+        from .models import MODELS  # the one list of model names: the builders that exist
+
+        _check(self.model in MODELS, "train.model", f"unknown model {self.model!r}; known: {', '.join(MODELS)}")
         return self
 
 
@@ -341,6 +353,8 @@ class RetrainConfig:
 
     def validate(self) -> "RetrainConfig":
         _check(-1 <= self.min_improvement <= 1, "retrain.min_improvement", "must be in [-1, 1]")
+        _check(self.metric in RETRAIN_METRICS, "retrain.metric",
+               f"unknown metric {self.metric!r}; known: {', '.join(RETRAIN_METRICS)}")
         return self
 
 

@@ -42,8 +42,6 @@ from .scheduling import slots, task_bounds
 from .storage import Location
 
 __all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "format_summary"]
-# library_versions stays importable from here for genrecls.training and genrecls.retrain until
-# they import it from its home, genrecls.provenance
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,7 @@ def build_musicnn(input_shape: tuple[int, int], n_labels: int, *, learning_rate:
     return build_musicnn_classifier(input_shape, n_labels, learning_rate=learning_rate, fine_tune=fine_tune, **kwargs)
 
 
+#: the models by name: the one list of ``train.model`` values (genrecls.config checks against it)
 MODELS: dict[str, Callable[..., Any]] = {"tutorial": build_tutorial, "default": build_default, "cnn2d": build_cnn2d,
                                          "linear": build_linear, "musicnn": build_musicnn}
 #: the feature preset each model needs (None: any log-mel input)
@@ -346,13 +347,11 @@ def build_model(name: str, input_shape: tuple[int, int], n_labels: int, **kwargs
 
     Parameters
     ----------
-    name : a key of :data:`MODELS`
+    name : a key of :data:`MODELS` (``train.model``, checked when the configuration is validated)
     input_shape : (n_mels, n_frames)
     n_labels : number of output classes (>= 2)
     kwargs : ``mean``/``std`` (per mel band, from the training split), ``augment``, ``learning_rate``
     """
-    if name not in MODELS:
-        raise ValueError(f"train.model: unknown model {name!r}; known: {sorted(MODELS)}")
     if n_labels < 2:
         raise ValueError(f"a classifier needs at least 2 labels, got {n_labels}")
     return MODELS[name](tuple(int(v) for v in input_shape), int(n_labels), **kwargs)

@@ -32,7 +32,8 @@ from typing import Any
 
 from .config import Config
 from .dataset import Dataset
-from .ingest import ingest, library_versions
+from .ingest import ingest
+from .provenance import library_versions
 from .registry import Registry
 from .runtime import log
 

@@ -106,14 +106,11 @@ def quiet_environment(verbose: bool = False) -> None:
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "tensorflow", "absl", "numba", "filelock"):
+    for name in ("ray", "ray.data", "ray.train", "tensorflow", "absl", "numba", "filelock"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         warnings.filterwarnings("ignore")

@@ -146,15 +146,10 @@ class Embedder:
     """
 
     def __init__(self, threads: int = 0):
-        from .models import import_tensorflow
+        from .models import import_tensorflow, set_tf_threads
 
         tf = import_tensorflow()
-        threads = int(threads) or (os.cpu_count() or 1)
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-        except RuntimeError:
-            pass
+        set_tf_threads(int(threads) or (os.cpu_count() or 1))
         self._tf = tf
         self._model = build_backbone()
         self._fn = tf.function(lambda x: self._model(x, training=False), reduce_retracing=True)

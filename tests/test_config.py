@@ -115,3 +115,33 @@ def test_feature_presets_are_complete_and_derived_from_the_values():
         Config().override(["features.preset=vgg"])
     with pytest.raises(ConfigError, match="features.log_scale"):
         Config().override(["features.log_scale=ln"])
+
+
+def test_model_and_retrain_metric_are_checked_against_the_names_that_exist():
+    """A typo fails when the configuration loads, naming every valid value (not a KeyError after training)."""
+    import numpy as np
+
+    from genrecls.config import RETRAIN_METRICS
+    from genrecls.evaluation import split_metrics
+    from genrecls.models import MODELS
+
+    with pytest.raises(ConfigError) as err:
+        Config().override(["train.model=resnet"])
+    assert str(err.value).startswith("train.model: unknown model 'resnet'; known: ")
+    assert all(name in str(err.value) for name in MODELS) and "cnn2d" in str(err.value)
+    for name in MODELS:
+        assert Config().override([f"train.model={name}"]).train.model == name
+    with pytest.raises(ConfigError) as err:
+        Config().override(["retrain.metric=test_track_acuracy"])
+    assert str(err.value).startswith("retrain.metric: unknown metric 'test_track_acuracy'; known: ")
+    assert all(name in str(err.value) for name in RETRAIN_METRICS)
+    # every name retrain may compare is a number that the holdout's scoring really produces
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    scores = split_metrics("test", ["a", "b"], ["t1", "t2", "t2"], ["a", "b", "b"], probs)
+    for name in RETRAIN_METRICS:
+        assert isinstance(scores[name], float), name
+        assert Config().override([f"retrain.metric={name}"]).retrain.metric == name
+    with pytest.raises(ConfigError, match="train.shuffle"):
+        Config().override(["train.shuffle=random"])
+    with pytest.raises(ConfigError, match="train.threads: must be >= 0"):
+        Config().override(["train.threads=-1"])

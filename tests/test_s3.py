@@ -78,6 +78,14 @@ def test_every_command_on_s3(s3_server, bucket, s3_cfg, tiny_library, tmp_path, 
 
     assert main(["train", uri("ds"), "--out", uri("run"), *common]) == ExitCode.OK
     assert Location.parse(uri("run")).read_json("run.json")["labels"] == sorted(os.listdir(lib))
+    run_keys = [k for k in s3_server.keys(bucket, "e2e/run/") if not k.endswith("/")]
+    assert [k for k in run_keys if "/checkpoints/epoch-0001/" in k and k.endswith("/state.json")], run_keys
+    # Ray Train's own state is gone once the run is done: checkpoints, NumPy archives, no pickles
+    assert not [k for k in run_keys if k.endswith((".pkl", "checkpoint_manager_snapshot.json", ".validate_storage_marker"))]
+    # --resume on an s3:// run: its dataset and configuration come from the run (a finished run is re-exported)
+    capsys.readouterr()
+    assert main(["train", "--resume", uri("run"), "-q"]) == ExitCode.OK, capsys.readouterr().err
+    assert "run " in capsys.readouterr().out
 
     assert main(["classify", str(lib), "--model", uri("run"), "--out", uri("preds"), "--csv", *common]) == ExitCode.OK
     preds = Location.parse(uri("preds"))

@@ -53,12 +53,12 @@ def easy_dataset(tmp_path_factory, easy_cfg, ray_local):
 
 
 def _wait_for_checkpoint(run: str, min_epoch: int, timeout: float, proc=None):
-    from genrecls.training import _find_checkpoints
+    from genrecls.training import find_checkpoints
 
     deadline = time.monotonic() + timeout
     loc = Location.parse(run)
     while time.monotonic() < deadline:
-        found = _find_checkpoints(loc) if loc.exists("checkpoints") else []
+        found = find_checkpoints(loc) if loc.exists("checkpoints") else []
         if found and found[-1][0] >= min_epoch:
             return found[-1]
         if proc is not None and proc.poll() is not None:
@@ -129,6 +129,32 @@ def test_two_worker_run_leaves_every_artefact(trained, easy_dataset):
     assert np.sum(m["test_confusion"]["matrix"]) == 8
     report = open(os.path.join(run, "report.md")).read()
     assert "test" in report and "mean of its segment probabilities" in report
+    assert_only_the_documented_run_files(run)
+
+
+#: what README.md says a finished run folder holds (Runs, predictions, registry), and the local lock file
+RUN_FILES = {"model", "model.keras", "run.json", "config.json", "splits.parquet", "plan.json", "normalisation.json",
+             "history.json", "metrics.json", "report.md", "curves.png", "confusion_matrix.png", "checkpoints", ".lock"}
+CHECKPOINT_FILES = {"state.json", "weights.npz", "optimizer.npz", "best.npz"}
+
+
+def assert_only_the_documented_run_files(run: str) -> None:
+    """No pickle anywhere, no Ray Train state: only the documented entries, checkpoints of the last two epochs."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    start = readme.index("RUN/                        written by genrecls train")
+    section = readme[start:readme.index("PREDICTIONS/", start)]
+    for name in RUN_FILES - {".lock"}:
+        assert name in section, f"{name} is not in the README's run folder listing"
+    for dirpath, _, files in os.walk(run):
+        assert not [f for f in files if f.endswith((".pkl", ".pickle"))], (dirpath, files)
+    assert set(os.listdir(run)) <= RUN_FILES and set(os.listdir(run)) >= RUN_FILES - {".lock"}, sorted(os.listdir(run))
+    epochs = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert 1 <= len(epochs) <= 2 and all(re.fullmatch(r"epoch-\d{4}", e) for e in epochs), epochs
+    for e in epochs:
+        assert set(os.listdir(os.path.join(run, "checkpoints", e))) <= CHECKPOINT_FILES
+        assert {"state.json", "weights.npz"} <= set(os.listdir(os.path.join(run, "checkpoints", e)))
 
 
 def test_default_model_separates_the_easy_set(trained):
@@ -198,7 +224,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(trained):
     assert "restarts from a checkpoint: " in open(os.path.join(run, "report.md")).read()
 
 
-def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path):
+def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path, capfd):
     """A driver killed after its first checkpoint; ``--resume`` picks up from that epoch."""
     from genrecls.training import train
 
@@ -219,7 +245,10 @@ def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, 
     first = json.load(open(os.path.join(_wait_for_checkpoint(run, 1, 5)[1], "state.json")))["history"][0]
     cfg = load_config(os.path.join(run, "config.json"))
     assert cfg.train.model == "tutorial" and cfg.train.epochs == 2
-    summary = train(easy_dataset, run, cfg, resume=True, progress=False)
+    capfd.readouterr()
+    summary = train(easy_dataset, run, cfg, resume=True, progress=True)
+    err = capfd.readouterr().err
+    assert "resuming from epoch 1" in err and "epoch 2/2: loss " in err and "epoch 1/2:" not in err, err
     assert summary["epochs_run"] == 2
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert summary["history"][0] == first  # the interrupted run's epochs are kept, not redone
@@ -316,7 +345,7 @@ def test_evaluate_refuses_a_dataset_with_other_features(trained, tmp_path, small
 
 
 def test_track_weights_give_every_track_and_label_the_same_weight():
-    from genrecls.training import _segment_weights
+    from genrecls.training import segment_weights as _segment_weights
 
     tracks = [{"track_id": "a1", "label": "a", "n_segments": 100}, {"track_id": "a2", "label": "a", "n_segments": 2},
               {"track_id": "b1", "label": "b", "n_segments": 10}, {"track_id": "v", "label": "b", "n_segments": 50},
