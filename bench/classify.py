@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this trained run for the throughput runs (e.g. one of `genrecls train`'s default model) "
                         "instead of training the CNN of section 3; skips section 3")
     p.add_argument("--folders", default="real,synthetic", help="throughput folders (comma-separated: real, synthetic)")
+    p.add_argument("--sizes", default="1x,4x", help="library sizes for the throughput runs (comma-separated: 1x, 4x)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="configuration for the throughput runs (e.g. classify.max_segments=10); repeatable")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
@@ -446,41 +447,46 @@ def main(argv: list[str] | None = None) -> int:
         "synthetic": {"1x": (synth, len(synth_files)),
                       "4x": (work / "synth-4x", linked_copies(synth, work / "synth-4x", 4))},
     }
-    folders = {name: sizes for name, sizes in folders.items() if name in a.folders.split(",")}
+    folders = {name: {size: v for size, v in sizes.items() if size in a.sizes.split(",")}
+               for name, sizes in folders.items() if name in a.folders.split(",")}
     results["throughput"] = {}
     for name, sizes in folders.items():
         res = {}
         for size, (folder, n) in sizes.items():
             res[size] = run_pair(folder, run, work, a.cpus, sets, repeats, n, audio_seconds(folder))
             print(f"{name} {size}: {res[size]}", flush=True)
-        one, four = res["1x"], res["4x"]
-        marginal = {}
-        for step in ("ingest", "classify"):  # start-up costs cancel out: steady-state rates
-            dt = four[step]["wall_s"] - one[step]["wall_s"]
-            marginal[step] = {"tracks_per_s": round((four["tracks"] - one["tracks"]) / dt, 3) if dt > 0 else None,
-                              "audio_s_per_s": round(3600 * (four["audio_hours"] - one["audio_hours"]) / dt, 1) if dt > 0 else None}
-        res["marginal"] = marginal
-        if marginal["ingest"]["tracks_per_s"] and marginal["classify"]["tracks_per_s"]:
-            res["marginal"]["ratio_classify_to_ingest"] = round(
-                marginal["classify"]["tracks_per_s"] / marginal["ingest"]["tracks_per_s"], 3)
-        res["classify_peak_pss_4x_to_1x"] = round(four["classify"]["peak_pss_mib"] / one["classify"]["peak_pss_mib"], 3)
-        res["classify_peak_uss_4x_to_1x"] = round(four["classify"]["peak_uss_mib"] / one["classify"]["peak_uss_mib"], 3)
+        if "1x" in res and "4x" in res:
+            one, four = res["1x"], res["4x"]
+            marginal = {}
+            for step in ("ingest", "classify"):  # start-up costs cancel out: steady-state rates
+                dt = four[step]["wall_s"] - one[step]["wall_s"]
+                marginal[step] = {"tracks_per_s": round((four["tracks"] - one["tracks"]) / dt, 3) if dt > 0 else None,
+                                  "audio_s_per_s": round(3600 * (four["audio_hours"] - one["audio_hours"]) / dt, 1) if dt > 0 else None}
+            res["marginal"] = marginal
+            if marginal["ingest"]["tracks_per_s"] and marginal["classify"]["tracks_per_s"]:
+                res["marginal"]["ratio_classify_to_ingest"] = round(
+                    marginal["classify"]["tracks_per_s"] / marginal["ingest"]["tracks_per_s"], 3)
+            res["classify_peak_pss_4x_to_1x"] = round(four["classify"]["peak_pss_mib"] / one["classify"]["peak_pss_mib"], 3)
+            res["classify_peak_uss_4x_to_1x"] = round(four["classify"]["peak_uss_mib"] / one["classify"]["peak_uss_mib"], 3)
         results["throughput"][name] = res
     rows = []
     for name, res in results["throughput"].items():
-        for size in ("1x", "4x"):
+        for size in [x for x in ("1x", "4x") if x in res]:
             r = res[size]
             for step in ("ingest", "classify"):
                 rows.append((f"{name} {size} ({r['tracks']} tracks, {r['audio_hours']} h)", step, r[step]["wall_s"],
                              r[step]["tracks_per_s"], r[step]["audio_s_per_s"], r[step]["peak_pss_mib"]))
             rows.append(("", "classify/ingest", f"{r['ratio_classify_to_ingest']:.2f}", "", "", ""))
-        m = res["marginal"]
-        for step in ("ingest", "classify"):
-            rows.append((f"{name} steady state (4x - 1x)", step, "", m[step]["tracks_per_s"], m[step]["audio_s_per_s"], ""))
-        rows.append(("", "classify/ingest", f"{m.get('ratio_classify_to_ingest', float('nan')):.2f}", "", "", ""))
+        m = res.get("marginal")
+        if m:
+            for step in ("ingest", "classify"):
+                rows.append((f"{name} steady state (4x - 1x)", step, "", m[step]["tracks_per_s"], m[step]["audio_s_per_s"], ""))
+            rows.append(("", "classify/ingest", f"{m.get('ratio_classify_to_ingest', float('nan')):.2f}", "", "", ""))
     print()
     print(format_table(rows, ("folder", "step", "wall_s", "tracks/s", "audio_s/s", "peak_pss_MiB")))
     for name, res in results["throughput"].items():
+        if "marginal" not in res:
+            continue
         c1, c4 = res["1x"]["classify"], res["4x"]["classify"]
         print(f"classify peak memory on {name}, driver + Ray processes: PSS 1x {c1['peak_pss_mib']} MiB, 4x {c4['peak_pss_mib']} MiB "
               f"(ratio {res['classify_peak_pss_4x_to_1x']}); private (USS, without the shared object store) "
