@@ -23,7 +23,6 @@ of requests per shard.  Writes ``bench/results/storage.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -42,16 +41,7 @@ from genrecls.runtime import quiet_environment  # noqa: E402
 
 quiet_environment()
 
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def save(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+from _results import load, save  # noqa: E402  (bench/ is the script's folder)
 
 
 def timed(fn):

@@ -55,16 +55,7 @@ from genrecls.runtime import quiet_environment, runtime_env  # noqa: E402
 
 quiet_environment()
 
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def save(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+from _results import load, save  # noqa: E402  (bench/ is the script's folder)
 
 
 def ensure_synthetic(root: str, genres: int, tracks: int, seconds: float, cfg) -> str:
@@ -140,8 +131,6 @@ def fixed_split(folder: str, dataset: str, cfg) -> str:
 
 def backbone_cost(dataset: str, n: int = 192) -> dict:
     """CPU milliseconds per segment of the frozen musicnn backbone (stored segments -> embedding), batches of 64."""
-    import numpy as np
-
     from genrecls.dataset import Dataset, mel_array
     from genrecls.models import import_tensorflow
     from genrecls.transfer import build_backbone
