@@ -12,10 +12,10 @@ Three measurements, all on one local Ray of ``--cpus`` CPUs started by this scri
    process and every Ray process under it: raylet, GCS, workers, the model actors) must
    stay flat as the library grows.
 3. **K (classify.max_segments)**: the real set is ingested (cached in ``--work``), a model
-   (``genrecls.models`` 'default' CNN) is trained on 60% of its tracks, and on the other 40%
+   (``genrecls.models.networks`` 'default' CNN) is trained on 60% of its tracks, and on the other 40%
    track accuracy is measured when a track is scored on K evenly spaced segments (the
-   segments ``genrecls.segments.segment_starts`` picks), next to the cost of featurising K
-   sampled segments per track (``genrecls.pipeline.sampled_track_features``).
+   segments ``genrecls.audio.segments.segment_starts`` picks), next to the cost of featurising K
+   sampled segments per track (``genrecls.audio.pipeline.sampled_track_features``).
 
 4. With ``--large N``: ingest then classify once on N linked copies of the synthetic folder,
    a library big enough that start-up (Ray, the model actor's TensorFlow import and model
@@ -48,17 +48,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from genrecls.runtime import quiet_environment  # noqa: E402
+from genrecls.core import quiet_environment  # noqa: E402
 
 quiet_environment()
 
-from genrecls.predictions import read_predictions  # noqa: E402
-from genrecls.config import Config  # noqa: E402
-from genrecls.dataset import Dataset, mel_array  # noqa: E402
-from genrecls.ingest import ingest  # noqa: E402
-from genrecls.progress import format_table  # noqa: E402
-from genrecls.runtime import ray_session  # noqa: E402
-from genrecls.sample_data import make_sample_collection  # noqa: E402
+from genrecls.audio import make_sample_collection  # noqa: E402
+from genrecls.core import (
+    Config,  # noqa: E402
+    format_table,  # noqa: E402
+    ray_session,  # noqa: E402
+)
+from genrecls.jobs import ingest  # noqa: E402
+from genrecls.storage import (  # noqa: E402
+    Dataset,
+    mel_array,
+    read_predictions,  # noqa: E402
+)
 
 K_VALUES = [1, 2, 3, 4, 6, 8, 10, 15, 20, 0]  # 0 = every segment
 
@@ -172,7 +177,7 @@ def train_model(dataset: str, run: str, train_ids: list[str], epochs: int, per_t
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import pyarrow.compute as pc
 
-    from genrecls.inference import export_model
+    from genrecls.models import export_model
 
     ds = Dataset(dataset)
     features = ds.feature_config()
@@ -200,7 +205,7 @@ def train_model(dataset: str, run: str, train_ids: list[str], epochs: int, per_t
         k.utils.set_random_seed(seed)
         model = build_model("default", features.mel_shape, len(labels), mean=x.mean(axis=(0, 2)), std=x.std(axis=(0, 2)))
         name = "default"
-    except ImportError:  # genrecls.models not there: a small CNN of the same shape of input/output
+    except ImportError:  # genrecls.models.networks not there: a small CNN of the same shape of input/output
         import tf_keras as k
 
         k.utils.set_random_seed(seed)
@@ -226,7 +231,7 @@ def accuracy_vs_k(dataset: str, run: str, test_ids: list[str]) -> dict:
     import pyarrow.compute as pc
     from sklearn.metrics import balanced_accuracy_score
 
-    from genrecls.inference import Predictor, aggregate_tracks
+    from genrecls.models import Predictor, aggregate_tracks
 
     ds = Dataset(dataset)
     shape = ds.feature_config().mel_shape
@@ -265,7 +270,7 @@ def accuracy_vs_k(dataset: str, run: str, test_ids: list[str]) -> dict:
 
 def featurise_cpu_ms_per_segment(files: list[str], features) -> float:
     """CPU milliseconds to decode and featurise one segment (whole tracks, as ingest does)."""
-    from genrecls.pipeline import track_features
+    from genrecls.audio import track_features
 
     t0, n = time.process_time(), 0
     for f in files:
@@ -275,7 +280,7 @@ def featurise_cpu_ms_per_segment(files: list[str], features) -> float:
 
 def featurise_cost(files: list[str], features, k_values: list[int]) -> list[dict]:
     """Seconds to featurise each file with at most K sampled segments (one core, this process)."""
-    from genrecls.pipeline import sampled_track_features
+    from genrecls.audio import sampled_track_features
 
     out = []
     for k in k_values:

@@ -2,7 +2,7 @@
 """A corpus of files made by the encoders real libraries come from, with FFmpeg's reference lengths.
 
 Every test and bench of genrecls used to decode audio that soundfile itself wrote.  This
-script makes the project's own synthetic music (:func:`genrecls.sample_data.synthesize`),
+script makes the project's own synthetic music (:func:`genrecls.audio.sample_data.synthesize`),
 writes it as a source WAV with soundfile and encodes it with the external tools Debian
 ships (``apt-get install lame ffmpeg sox flac vorbis-tools opus-tools``): MP3 CBR/VBR/ABR
 with and without the Xing/LAME frame, MPEG-2/2.5 low rates, ID3v1/ID3v2.3/ID3v2.4 with
@@ -58,7 +58,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from genrecls.sample_data import synthesize  # noqa: E402
+from genrecls.audio import synthesize  # noqa: E402
 
 FIXTURES_DIR = os.path.join(REPO, "tests", "data", "encoders")
 TOOLS = ("lame", "ffmpeg", "ffprobe", "sox", "flac", "oggenc", "opusenc")
@@ -586,7 +586,7 @@ def build(out: str, *, seconds: float, short: float, fixtures: bool, cover_kb: i
                                 "ffmpeg": ffmpeg_reference(os.path.join(out, rel))})
             print(f"  {job.rel:48s} {os.path.getsize(dst) / 1024:8.1f} KB", file=sys.stderr)
     manifest = {
-        "about": "Files made by real encoders from genrecls.sample_data signals; ffmpeg.seconds is FFmpeg's decoded "
+        "about": "Files made by real encoders from genrecls.audio.sample_data signals; ffmpeg.seconds is FFmpeg's decoded "
                  "length (samples of `ffmpeg -v error -i f -f f32le -ac 1 -` at ffprobe's sample_rate).",
         "made_with": "python bench/encoder_corpus.py" + (" --fixtures" if fixtures else f" --seconds {seconds}"),
         "tools": tool_versions(),

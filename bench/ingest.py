@@ -3,7 +3,7 @@
 
 Every method runs as a fresh process timed from outside (Python start-up, imports and, for
 genrecls, Ray's start-up included), on libraries of generated 30-s 44.1 kHz stereo MP3
-tracks: a few distinct tracks made once with :mod:`genrecls.sample_data` (in ``--data``,
+tracks: a few distinct tracks made once with :mod:`genrecls.audio.sample_data` (in ``--data``,
 outside the repository) and hard-linked many times into label folders:
 
 * ``1track``: one track, what ``genrecls ingest`` costs before any work (the default
@@ -19,7 +19,7 @@ the machine's load average before and after recorded, the median of ``--repeats`
 * ``tutorial``: the tutorial's script as a user writes it: one process, default threads
   (no ``OMP_NUM_THREADS``), ``librosa.load(sr=22050)``, 100000-sample cuts,
   ``librosa.feature.melspectrogram`` + ``librosa.power_to_db`` per cut;
-* ``plain-pN``: genrecls's own feature function (``genrecls.pipeline.track_features``,
+* ``plain-pN``: genrecls's own feature function (``genrecls.audio.pipeline.track_features``,
   one thread per native pool as in a worker) in N plain processes started at once, the
   files dealt out round-robin: the practical limit of this machine;
 * ``decode-pN``: the decode-only floor, the product's decoder (PyAV/FFmpeg, one thread),
@@ -75,8 +75,8 @@ print(len(out))
 
 PLAIN = r"""
 import sys
-from genrecls.config import FeatureConfig
-from genrecls.pipeline import one_thread, track_features
+from genrecls.core import FeatureConfig
+from genrecls.audio import one_thread, track_features
 files = open(sys.argv[1]).read().split("\n")
 cfg = FeatureConfig()
 n = 0
@@ -103,7 +103,7 @@ print(n)
 # -- libraries --------------------------------------------------------------------------
 def base_tracks(folder: str, n: int, seconds: float) -> list[str]:
     """``n`` distinct MP3s (44.1 kHz stereo) in 4 genre folders, generated once."""
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio import make_sample_collection
 
     per_genre = -(-n // 4)
     make_sample_collection(folder, genres=4, tracks_per_genre=per_genre, seconds=seconds, formats=("mp3",), seed=7)
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                 methods[s] += [f"plain-p{n}" for n in a.workers] + [f"decode-p{n}" for n in a.workers]
 
     work = tempfile.mkdtemp(prefix="genrecls-bench-cli-")
-    print(f"libraries: " + ", ".join(f"{s} {v['tracks']} tracks {v['audio_seconds'] / 60:.0f} min" for s, v in libs.items())
+    print("libraries: " + ", ".join(f"{s} {v['tracks']} tracks {v['audio_seconds'] / 60:.0f} min" for s, v in libs.items())
           + f" (built in {build_seconds:.0f} s); load {load()}", flush=True)
     runs = []
     try:

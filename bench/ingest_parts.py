@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Ingest throughput: the tutorial's approach, a decode-only floor and genrecls ingest, side by side.
 
-On one folder of 44.1 kHz stereo MP3s (generated with :mod:`genrecls.sample_data` into
+On one folder of 44.1 kHz stereo MP3s (generated with :mod:`genrecls.audio.sample_data` into
 ``--data``, outside the repository), in one run:
 
 1. **tutorial**: one process, ``librosa.load(path, sr=22050)``, 100000-sample cuts,
    ``librosa.feature.melspectrogram`` + ``librosa.power_to_db`` per segment;
 2. **decode floor**: ``soundfile.read`` of every file and nothing else, on every core
    (a ``multiprocessing`` pool started before the clock starts), and on one core;
-3. **genrecls**: ``genrecls.ingest.ingest`` on every core and on one worker (a local Ray
+3. **genrecls**: ``genrecls.jobs.ingest.ingest`` on every core and on one worker (a local Ray
    started, and its workers warmed by a small ingest, before the clock starts: the
    steady state of a long run), plus one cold run of the CLI (``genrecls ingest``
    in a fresh process: Python, Ray start-up and worker imports included).
@@ -40,7 +40,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ TARGETS = {"vs_tutorial": 3.5, "vs_decode_floor": 0.45, "scaling_2_vs_1": 1.8, "
 # -- data -------------------------------------------------------------------------------
 def ensure_data(folder: str, tracks: int, seconds: float) -> list[str]:
     """``tracks`` MP3s of ``seconds`` s (44.1 kHz stereo) in 4 genre folders; generated once."""
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio import make_sample_collection
 
     per_genre = -(-tracks // 4)
     make_sample_collection(folder, genres=4, tracks_per_genre=per_genre, seconds=seconds, formats=("mp3",), seed=7)
@@ -72,7 +71,7 @@ def ensure_long_track(path: str, hours: float) -> str:
     import numpy as np
     import soundfile as sf
 
-    from genrecls.sample_data import synthesize
+    from genrecls.audio import synthesize
 
     if os.path.exists(path):
         return path
@@ -129,7 +128,7 @@ def _warm(_):
 def _ray_start(workers: int) -> None:
     import ray
 
-    from genrecls.runtime import quiet_environment, worker_env
+    from genrecls.core import quiet_environment, worker_env
 
     quiet_environment()
     if ray.is_initialized():
@@ -150,8 +149,8 @@ def _warm_folder(files: list[str], root: str) -> str:
 
 
 def genrecls_run(data: str, out: str, workers: int):
-    from genrecls.config import Config
-    from genrecls.ingest import ingest
+    from genrecls.core import Config
+    from genrecls.jobs import ingest
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -180,8 +179,8 @@ def cli_cold(data: str, out: str, workers: int) -> float:
 # -- memory of a worker on a long track ---------------------------------------------------
 _MEMORY_SCRIPT = r"""
 import json, os, resource, sys, time
-from genrecls.config import Config
-from genrecls.ingest import TrackTask, process_batch
+from genrecls.core import Config
+from genrecls.jobs import TrackTask, process_batch
 def hwm():
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM'):
@@ -214,15 +213,14 @@ def worker_memory(long_path: str, root: str) -> dict:
 def float16_check(data: str, root: str, workers: int, max_segments: int) -> dict:
     """Ingest ``data`` twice (float16, float32 storage) and compare values and a quick classifier."""
     import numpy as np
-    import pyarrow.compute as pc
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from genrecls.config import Config
-    from genrecls.dataset import Dataset, mel_array
-    from genrecls.ingest import ingest
+    from genrecls.core import Config
+    from genrecls.jobs import ingest
+    from genrecls.storage import Dataset, mel_array
 
     results = {"data": data, "max_segments_per_track": max_segments}
     pooled = {}
@@ -268,18 +266,16 @@ def profile_stages(files: list[str], root: str) -> dict:
         threadpoolctl.threadpool_limits(1)
     except ImportError:
         pass
-    from genrecls import audio, features, pipeline
-    from genrecls.config import FeatureConfig
+    from genrecls.audio import feature_batch, iter_segments, log_mel, tune_allocator
+    from genrecls.core import FeatureConfig
+    from genrecls.storage import Location, ShardWriter
 
-    pipeline.tune_allocator()  # as the ingest and classify decoding tasks do in a worker
-    from genrecls.dataset import ShardWriter
-    from genrecls.segments import iter_segments
-    from genrecls.storage import Location
+    tune_allocator()  # as the ingest and classify decoding tasks do in a worker
 
     cfg = FeatureConfig()
     names = ["decode", "mono mix", "peak/finite check", "resample", "segment", "features", "float16 cast", "parquet write"]
     clock = time.process_time
-    batch = getattr(__import__("genrecls.pipeline", fromlist=["x"]), "feature_batch", lambda c: 16)(cfg)
+    batch = feature_batch(cfg)
 
     def run(paths, stages) -> float:
         total_audio = 0.0
@@ -296,7 +292,7 @@ def profile_stages(files: list[str], root: str) -> dict:
                     t1 = clock()
                     stages["decode"] += t1 - t
                     last = block.shape[0] < (1 << 16)
-                    mono = audio._to_mono(block) if block.shape[0] else np.zeros(0, np.float32)
+                    mono = block.mean(axis=1, dtype=np.float32) if block.shape[0] else np.zeros(0, np.float32)
                     t2 = clock()
                     stages["mono mix"] += t2 - t1
                     if mono.size:
@@ -311,7 +307,7 @@ def profile_stages(files: list[str], root: str) -> dict:
             segs = [s.samples for s in iter_segments(mono_blocks, cfg)]
             t1 = clock()
             stages["segment"] += t1 - t
-            mels = np.concatenate([features.log_mel(np.stack(segs[i:i + batch]), cfg) for i in range(0, len(segs), batch)])
+            mels = np.concatenate([log_mel(np.stack(segs[i:i + batch]), cfg) for i in range(0, len(segs), batch)])
             t2 = clock()
             stages["features"] += t2 - t1
             m16 = mels.astype(np.float16)
@@ -420,13 +416,8 @@ def main(argv=None) -> int:
     if "tutorial" not in skip:
         tutorial(files[:1])  # imports and first-call costs outside the clock
 
-    import importlib.util
-
-    import genrecls.ingest
-
-    # --workers limits concurrency on a running Ray since genrecls.ingest._slots (now genrecls.scheduling.slots)
-    limits = importlib.util.find_spec("genrecls.scheduling") is not None or hasattr(genrecls.ingest, "_slots")
-    one_in_same_ray = "genrecls" not in skip and "one" not in skip and limits
+    # --workers limits concurrency on a running Ray (genrecls.core.scheduling.slots)
+    one_in_same_ray = "genrecls" not in skip and "one" not in skip
     result["setup"]["one_worker_method"] = ("--workers 1 on the same 2-CPU Ray, interleaved" if one_in_same_ray
                                             else "a separate 1-CPU Ray, after the other runs")
     cpu = result["cpu_seconds"] = {}

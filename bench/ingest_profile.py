@@ -143,8 +143,8 @@ def profile(cmd: list[str], interval: float, env: dict | None = None) -> dict:
 THREADS_CHECK = r"""
 import glob, json, resource, sys
 from threadpoolctl import threadpool_info, threadpool_limits
-from genrecls.config import FeatureConfig
-from genrecls.pipeline import one_thread, track_features
+from genrecls.core import FeatureConfig
+from genrecls.audio import one_thread, track_features
 files = sorted(glob.glob(sys.argv[1] + "/**/*.mp3", recursive=True))[:int(sys.argv[2])]
 cfg = FeatureConfig()
 track_features(files[0], cfg)

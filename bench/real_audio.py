@@ -12,7 +12,7 @@ Two sets:
 Each set goes through the product as a user runs it: by default the real ``genrecls
 ingest`` CLI in a fresh process (``--method ingest``; a run that outlives ``--timeout`` is
 stopped with SIGTERM, then SIGKILL, and recorded as needing a kill), or
-``genrecls.audio.read_mono`` file by file in a worker process with a per-file deadline
+``genrecls.audio.decode.read_mono`` file by file in a worker process with a per-file deadline
 (``--method decode``).  For every file it records the outcome (kept, kept with a
 warning, rejected with its kind and reason) beside FFmpeg's opinion (does ``ffmpeg -i f
 -f f32le -ac 1 -`` decode it, and how many seconds), and flags kept files whose length is
@@ -146,7 +146,7 @@ def run_ingest(folder: str, files: list[dict], all_files: bool, workers: int, ti
             log, _ = proc.communicate()
     wall = time.monotonic() - t0
 
-    from genrecls.dataset import Dataset
+    from genrecls.storage import Dataset
 
     outcomes: dict[str, dict] = {}
     try:

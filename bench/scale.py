@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Scaling: ingest throughput on 1 and 2 workers of one node and on a 2-node local cluster.
 
-On one library, in one run, ``genrecls.ingest.ingest`` into a fresh dataset on:
+On one library, in one run, ``genrecls.jobs.ingest.ingest`` into a fresh dataset on:
 
 1. **one node, 1 worker**: a local Ray with 1 CPU (the baseline);
 2. **one node, 2 workers**: a local Ray with 2 CPUs;
@@ -115,7 +115,7 @@ def prepare_library(a: argparse.Namespace, work: str) -> Library:
                        f"{len(rows)} tracks of {DEV_SET} ({len(by_label)} labels, each <= {a.max_track_seconds:g} s; "
                        "Ogg Vorbis/Opus, 44.1/48 kHz stereo)",
                        _manifest(os.path.join(work, "warm.csv"), rows[:4]), rows)
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio import make_sample_collection
 
     folder = os.path.join(work, "generated")
     per_genre, seconds = (4, 15.0) if a.quick else (10, 60.0)
@@ -130,7 +130,7 @@ def prepare_library(a: argparse.Namespace, work: str) -> Library:
 def _init(**kwargs) -> None:
     import ray
 
-    from genrecls.runtime import runtime_env
+    from genrecls.core import runtime_env
 
     ray.init(log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env(), **kwargs)
 
@@ -185,8 +185,8 @@ BASELINE = "1_node_1_worker"
 
 # -- sections -------------------------------------------------------------------------------
 def _ingest_once(lib: Library, source: str, out: str, *, fresh: bool = True):
-    from genrecls.config import Config
-    from genrecls.ingest import ingest
+    from genrecls.core import Config
+    from genrecls.jobs import ingest
 
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
@@ -243,8 +243,8 @@ def driver_costs(lib: Library, dataset: str) -> dict[str, Any]:
     file), the track index read from every shard's footer (several passes: reconcile,
     plan, reconcile, manifest), the failures compaction and the manifest, and nothing else.
     """
-    from genrecls.dataset import Dataset
-    from genrecls.discovery import discover
+    from genrecls.audio import discover
+    from genrecls.storage import Dataset
 
     runs, footer, disc = [], [], []
     for _ in range(3):
@@ -286,8 +286,8 @@ def bench_retrain(a: argparse.Namespace, lib: Library, work: str) -> dict[str, A
     same model for the same fixed number of epochs (no early stopping), in the same local Ray.
     ``--repeats`` pairs, alternating the order; medians.
     """
-    from genrecls.config import Config
-    from genrecls.retrain import retrain
+    from genrecls.core import Config
+    from genrecls.jobs import retrain
 
     by_label: dict[str, list[tuple[str, str]]] = {}
     for r in lib.rows:
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
 
-    from genrecls.runtime import quiet_environment
+    from genrecls.core import quiet_environment
 
     quiet_environment()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -3,7 +3,7 @@
 (1) Throughput, same library, same run, same Ray session, local folder then ``s3://``:
     * ingest: audio seconds per wall second (x real time), tracks per second;
     * training input: segments per second through the trainer's own Ray Data pipeline
-      (``genrecls.training.make_ray_dataset``: Parquet scan, track filter, decode to x/y),
+      (``genrecls.jobs.training.make_ray_dataset``: Parquet scan, track filter, decode to x/y),
       one full pass after a warm-up pass;
     * classify: tracks per second, end to end (the model read from a local run folder; only
       PREDICTIONS moves).
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from conftest import S3Server  # noqa: E402  (sets the test server's credentials in the environment)
 
-from genrecls.runtime import quiet_environment  # noqa: E402
+from genrecls.core import quiet_environment  # noqa: E402
 
 quiet_environment()
 
@@ -52,8 +52,8 @@ def timed(fn):
 
 def train_input_rate(dataset: str, cfg) -> dict:
     """Segments per second of one pass of the trainer's input pipeline over every track."""
-    from genrecls.dataset import Dataset
-    from genrecls.training import check_dataset, make_ray_dataset, plan_training
+    from genrecls.jobs.training import check_dataset, make_ray_dataset, plan_training
+    from genrecls.storage import Dataset
 
     plan, _ = plan_training(check_dataset(dataset, cfg), cfg)
     ids = sorted(Dataset(dataset).tracks())
@@ -70,8 +70,7 @@ def train_input_rate(dataset: str, cfg) -> dict:
 
 
 def throughput(lib: str, work: str, server: S3Server, bucket: str, cfg, run: str) -> dict:
-    from genrecls.classify import classify
-    from genrecls.ingest import ingest
+    from genrecls.jobs import classify, ingest
 
     out = {}
     for where in ("local", "s3"):
@@ -101,8 +100,7 @@ def write_shards(where: str, n: int, cfg) -> None:
     """``n`` one-track, one-segment shards written by genrecls's own shard writer."""
     import numpy as np
 
-    from genrecls.dataset import ShardWriter
-    from genrecls.storage import Location
+    from genrecls.storage import Location, ShardWriter
 
     loc = Location.parse(where)
     f = cfg.features
@@ -119,8 +117,7 @@ def write_shards(where: str, n: int, cfg) -> None:
 
 
 def index_cost(work: str, server: S3Server, bucket: str, counts: list[int], cfg) -> list[dict]:
-    from genrecls.dataset import Dataset
-    from genrecls.storage import Location
+    from genrecls.storage import Dataset, Location
 
     rows = []
     for n in counts:
@@ -152,8 +149,7 @@ def main() -> int:
 
     import ray
 
-    from genrecls.config import Config
-    from genrecls.runtime import runtime_env
+    from genrecls.core import Config, runtime_env
 
     work = a.work or tempfile.mkdtemp(prefix="genrecls-bench-storage-")
     os.makedirs(work, exist_ok=True)
@@ -172,8 +168,8 @@ def main() -> int:
         ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", runtime_env=runtime_env())
         if not a.skip_throughput:
-            from genrecls.sample_data import make_sample_collection
-            from genrecls.training import train
+            from genrecls.audio import make_sample_collection
+            from genrecls.jobs import train
 
             lib = a.library
             if not lib:
@@ -181,7 +177,7 @@ def main() -> int:
                 genres, tracks, seconds = (3, 4, 6.0) if a.quick else (8, 12, 30.0)
                 make_sample_collection(lib, genres=genres, tracks_per_genre=tracks, seconds=seconds, seed=5)
             print("training the model classify uses (local, 1 epoch) ...", flush=True)
-            from genrecls.ingest import ingest
+            from genrecls.jobs import ingest
 
             ingest(lib, os.path.join(work, "ds-model"), cfg, progress=False)
             run = os.path.join(work, "run")

@@ -46,12 +46,12 @@ import statistics
 import sys
 import time
 
-os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # as the training workers use it (genrecls.training.train_func)
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # as the training workers use it (genrecls.jobs.training.train_func)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from genrecls.runtime import quiet_environment, runtime_env  # noqa: E402
+from genrecls.core import quiet_environment, runtime_env  # noqa: E402
 
 quiet_environment()
 
@@ -59,9 +59,9 @@ from _results import load, save  # noqa: E402  (bench/ is the script's folder)
 
 
 def ensure_synthetic(root: str, genres: int, tracks: int, seconds: float, cfg) -> str:
-    from genrecls.dataset import Dataset
-    from genrecls.ingest import ingest
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio import make_sample_collection
+    from genrecls.jobs import ingest
+    from genrecls.storage import Dataset
 
     name = f"synth-{genres}x{tracks}x{seconds:g}s"
     lib, ds = os.path.join(root, name, "lib"), os.path.join(root, name, "ds")
@@ -73,8 +73,8 @@ def ensure_synthetic(root: str, genres: int, tracks: int, seconds: float, cfg) -
 
 
 def ensure_real(dataset: str, source: str, cfg) -> str | None:
-    from genrecls.dataset import Dataset
-    from genrecls.ingest import ingest
+    from genrecls.jobs import ingest
+    from genrecls.storage import Dataset
 
     if Dataset(dataset).exists():
         return dataset
@@ -90,7 +90,7 @@ def ensure_real(dataset: str, source: str, cfg) -> str | None:
 
 
 def run_training(dataset: str, run: str, cfg, workers: int, splits: str | None = None) -> dict:
-    from genrecls.training import train
+    from genrecls.jobs import train
 
     shutil.rmtree(run, ignore_errors=True)
     load_before = load()
@@ -115,9 +115,8 @@ def run_training(dataset: str, run: str, cfg, workers: int, splits: str | None =
 
 def fixed_split(folder: str, dataset: str, cfg) -> str:
     """The split every run of a set uses: the product's assignment with seed 0, written once to FOLDER/splits.parquet."""
-    from genrecls.split import assign_splits, write_splits
-    from genrecls.storage import Location
-    from genrecls.training import check_dataset
+    from genrecls.jobs.training import check_dataset
+    from genrecls.storage import Location, assign_splits, write_splits
 
     if not os.path.exists(os.path.join(folder, "splits.parquet")):
         check = check_dataset(dataset, cfg)
@@ -131,9 +130,8 @@ def fixed_split(folder: str, dataset: str, cfg) -> str:
 
 def backbone_cost(dataset: str, n: int = 192) -> dict:
     """CPU milliseconds per segment of the frozen musicnn backbone (stored segments -> embedding), batches of 64."""
-    from genrecls.dataset import Dataset, mel_array
-    from genrecls.models import import_tensorflow
-    from genrecls.transfer import build_backbone
+    from genrecls.models import build_backbone, import_tensorflow
+    from genrecls.storage import Dataset, mel_array
 
     tf = import_tensorflow()
     table = Dataset(dataset).read_segments(columns=["mel"]).slice(0, n)
@@ -187,8 +185,8 @@ def in_memory_throughput(dataset: str, run: str, epochs: int, batch: int) -> dic
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from genrecls.dataset import Dataset, mel_array
     from genrecls.models import build_model, import_tensorflow
+    from genrecls.storage import Dataset, mel_array
 
     tf = import_tensorflow()
     threads = os.cpu_count() or 1  # what one training worker alone on this node uses
@@ -232,7 +230,7 @@ def in_memory_subprocess(dataset: str, run: str, epochs: int, batch: int) -> dic
 
 def ray_throughput(dataset: str, run: str, cfg, workers: int) -> dict:
     """One training run with ``cfg``'s input settings: segments/s of each epoch's training phase."""
-    from genrecls.training import train
+    from genrecls.jobs import train
 
     shutil.rmtree(run, ignore_errors=True)
     before = load()
@@ -309,10 +307,9 @@ def main() -> int:
 
     import ray
 
-    from genrecls.config import Config
-    from genrecls.progress import format_table
+    from genrecls.core import Config, format_table
 
-    # the workers' environment (genrecls.runtime.worker_env) turns oneDNN on, as in the in-memory baseline
+    # the workers' environment (genrecls.core.runtime.worker_env) turns oneDNN on, as in the in-memory baseline
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", runtime_env=runtime_env())
     t_all = time.monotonic()

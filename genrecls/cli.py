@@ -2,7 +2,7 @@
 
 Every command that runs work accepts ``--config FILE`` (TOML or JSON) and repeatable
 ``--set section.key=value`` overrides; dedicated flags (``--epochs``...) are shortcuts for
-the same overrides.  Exit codes: the table in :mod:`genrecls.exitcodes`.
+the same overrides.  Exit codes: the table in :mod:`genrecls.core.exitcodes`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import os
 import sys
 from typing import Callable
 
-from . import __version__
-from .exitcodes import ExitCode
+from genrecls import __version__
+from genrecls.core.exitcodes import ExitCode
+
+__all__ = ["main", "run_job"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURES, ExitCode.USAGE
 EXIT_KEPT, EXIT_LOCKED = ExitCode.KEPT, ExitCode.LOCKED
@@ -47,7 +49,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
-    from .config import load_config
+    from genrecls.core.config import load_config
 
     return load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or []) + list(extra or []))
 
@@ -56,7 +58,7 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
 @command("sample-data", "write a small synthetic labelled collection (MP3, WAV, FLAC, OGG)")
 def _sample_data():
     def add(p):
-        from .sample_data import GENRES
+        from genrecls.audio.sample_data import GENRES
 
         p.add_argument("out", help="folder to write OUT/<genre>/<track>.<ext> into")
         p.add_argument("--genres", type=int, default=4, help=f"number of genres (1-{len(GENRES)}, default 4)")
@@ -66,7 +68,7 @@ def _sample_data():
         p.add_argument("--seed", type=int, default=0)
 
     def run(a):
-        from .sample_data import make_sample_collection
+        from genrecls.audio.sample_data import make_sample_collection
 
         paths = make_sample_collection(a.out, genres=a.genres, tracks_per_genre=a.tracks_per_genre, seconds=a.seconds,
                                        formats=tuple(x.strip() for x in a.formats.split(",") if x.strip()), seed=a.seed)
@@ -90,7 +92,7 @@ def _ingest():
         add_ray_args(p)
 
     def run(a):
-        from .ingest import format_summary, ingest
+        from genrecls.jobs.ingest import format_summary, ingest
 
         extra = []
         if a.strict:
@@ -117,7 +119,7 @@ def _inspect():
         p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     def run(a):
-        from .inspection import inspect_dataset
+        from genrecls.jobs.inspection import inspect_dataset
 
         print(inspect_dataset(a.dataset, as_json=a.json))
         return EXIT_OK
@@ -147,7 +149,7 @@ def _classify():
         add_ray_args(p)
 
     def run(a):
-        from .classify import classify, format_summary
+        from genrecls.jobs.classify import classify, format_summary
 
         extra = [f"classify.{k}={v}" for k, v in (("actors", a.actors), ("batch_size", a.batch_size),
                                                   ("max_segments", a.max_segments), ("top_k", a.top_k)) if v is not None]
@@ -181,7 +183,7 @@ def _retrain():
         add_ray_args(p)
 
     def run(a):
-        from .retrain import PROMOTED, retrain
+        from genrecls.jobs.retrain import PROMOTED, retrain
 
         extra = []
         if a.min_improvement is not None:
@@ -208,7 +210,7 @@ def _models():
         p.add_argument("--json", action="store_true", help="list as JSON")
 
     def run(a):
-        from .registry import Registry
+        from genrecls.storage.registry import Registry
 
         reg = Registry(a.registry)
         if a.action == "list":
@@ -239,7 +241,7 @@ def _demo():
         add_ray_args(p)
 
     def run(a):
-        from .demo import run_demo
+        from genrecls.jobs.demo import run_demo
 
         run_demo(a.out, genres=a.genres, tracks_per_genre=a.tracks_per_genre, seconds=a.seconds, epochs=a.epochs,
                  workers=a.workers, cfg=resolve_config(a), progress=not a.quiet)
@@ -273,9 +275,9 @@ def _train():
         add_config_args(p)
 
     def run(a):
-        from .evaluation import format_metrics
-        from .storage import Location
-        from .training import TrainingError, resume_inputs, train
+        from genrecls.jobs.training import TrainingError, resume_inputs, train
+        from genrecls.models.evaluation import format_metrics
+        from genrecls.storage.location import Location
 
         if not a.out and not a.resume:
             raise ValueError("give --out RUN (a new run) or --resume RUN (continue one)")
@@ -325,7 +327,11 @@ def _evaluate():
         p.add_argument("-v", "--verbose", action="store_true")
 
     def run(a):
-        from .evaluation import format_metrics, run_metrics, write_metrics
+        from genrecls.models.evaluation import (
+            format_metrics,
+            run_metrics,
+            write_metrics,
+        )
 
         metrics = run_metrics(a.run, a.dataset, rescore=a.rescore, all_tracks=a.all_tracks)
         if a.output:
@@ -349,15 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import RayStartError, as_interrupted, handle_stop_signals, quiet_environment
+    from genrecls.core.runtime import (
+        RayStartError,
+        as_interrupted,
+        handle_stop_signals,
+        quiet_environment,
+    )
 
     quiet_environment(verbose="-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv))
     handle_stop_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .config import ConfigError
-    from .dataset import DatasetError
-    from .storage import LockedError
+    from genrecls.core.config import ConfigError
+    from genrecls.storage.dataset import DatasetError
+    from genrecls.storage.locks import LockedError
 
     try:
         return args._run(args)

@@ -20,9 +20,10 @@ retrain holds the lock, no cluster to join) makes the job FAILED.
 
 import sys
 
-from genrecls import cli
+from genrecls.cli import run_job
+from genrecls.core import ExitCode
 
 if __name__ == "__main__":
-    code = cli.run_job("retrain")
+    code = run_job("retrain")
     # KEPT: the challenger was not better, or there was nothing new to learn from
-    sys.exit(0 if code == cli.ExitCode.KEPT else code)
+    sys.exit(0 if code == ExitCode.KEPT else code)

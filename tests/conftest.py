@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from genrecls.runtime import quiet_environment
+from genrecls.core.runtime import quiet_environment
 
 quiet_environment()
 
@@ -30,7 +30,7 @@ def ray_local():
     """A real local Ray for the whole session, limited to TEST_CPUS CPUs."""
     import ray
 
-    from genrecls.runtime import runtime_env
+    from genrecls.core.runtime import runtime_env
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=TEST_CPUS, include_dashboard=False, log_to_driver=False,
@@ -42,7 +42,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def small_cfg():
     """Short segments so tests run fast: 1 s segments at 8 kHz, 32 mels (a custom preset), the 1-D CNN model."""
-    from genrecls.config import Config
+    from genrecls.core.config import Config
 
     return Config().with_section(features={
         "preset": "tutorial", "sample_rate": 8000, "segment_samples": 8000, "segment_hop": 8000, "n_fft": 512,
@@ -53,7 +53,7 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def sample_library(tmp_path_factory):
     """4 genres x 6 tracks of 6 s, rotating MP3/WAV/FLAC/OGG, 44.1 kHz stereo."""
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
 
     root = tmp_path_factory.mktemp("library")
     make_sample_collection(str(root), genres=4, tracks_per_genre=6, seconds=6.0, seed=1)
@@ -63,7 +63,7 @@ def sample_library(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory, sample_library, small_cfg, ray_local):
     """The sample library ingested with ``small_cfg`` (read-only: copy it before changing it)."""
-    from genrecls.ingest import ingest
+    from genrecls.jobs.ingest import ingest
 
     out = tmp_path_factory.mktemp("dataset") / "ds"
     summary = ingest(str(sample_library), str(out), small_cfg, progress=False)
@@ -77,8 +77,8 @@ def constant_run(path, features, labels: list[str]):
     Standard layers only (zero weights, a bias that picks the last class), exported like a
     trained run: it scores exactly 0.0 on tracks that never carry ``labels[-1]``.
     """
-    from genrecls.inference import export_model
-    from genrecls.models import keras
+    from genrecls.models.inference import export_model
+    from genrecls.models.networks import keras
 
     k = keras()
     n_mels, n_frames = features.mel_shape

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genrecls.audio import AudioError, iter_mono_blocks, probe, read_mono
-from genrecls.sample_data import write_audio
+from genrecls.audio.decode import AudioError, iter_mono_blocks, probe, read_mono
+from genrecls.audio.sample_data import write_audio
 
 FREQ = 440.0
 
@@ -178,7 +178,7 @@ def test_aac_in_mp4_decodes(tmp_path):
 
 @pytest.mark.parametrize("ext", ["mp3", "flac", "ogg", "wav"])
 def test_a_truncated_file_keeps_its_audio_with_a_warning_or_fails_by_policy(tmp_path, ext):
-    from genrecls.sample_data import synthesize
+    from genrecls.audio.sample_data import synthesize
 
     full = tmp_path / f"full.{ext}"
     write_audio(str(full), synthesize("rock", 4.0, sr=44100, seed=2), 44100)
@@ -278,8 +278,8 @@ def test_unreadable_file(tmp_path):
 def test_classify_sampling_applies_the_same_truncation_rules(tmp_path):
     """K evenly spaced windows of a file cut short: its stream ends before the last window, so it is decoded
     whole and gets the warning (or, strict, the failure) that ingest gives it."""
-    from genrecls.config import DecodeConfig, FeatureConfig
-    from genrecls.pipeline import sampled_track_features
+    from genrecls.audio.pipeline import sampled_track_features
+    from genrecls.core.config import DecodeConfig, FeatureConfig
 
     cfg = FeatureConfig(sample_rate=8000, segment_samples=8000, segment_hop=8000, n_fft=512, hop_length=256, n_mels=32)
     full = write(tmp_path / "full.flac", tone(44100, 30.0, 2), 44100, "FLAC", "PCM_16")

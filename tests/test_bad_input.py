@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genrecls.dataset import Dataset
-from genrecls.ingest import ingest
-from genrecls.sample_data import synthesize, write_audio
+from genrecls.audio.sample_data import synthesize, write_audio
+from genrecls.jobs.ingest import ingest
+from genrecls.storage.dataset import Dataset
 
 
 def tone(sr: int, seconds: float, channels: int = 1, amp: float = 0.3) -> np.ndarray:
@@ -162,7 +162,7 @@ def test_every_bad_kind_is_recorded_and_every_good_file_kept(small_cfg, ray_loca
     assert np.isfinite(table.column("mel").combine_chunks().flatten().to_numpy(zero_copy_only=False)).all()
     assert "good/Ça va très bien — 東京 01.flac" in set(table.column("path").to_pylist())
     # the summary and inspect say what failed, and a re-run does not retry unchanged bad files
-    from genrecls.inspection import describe
+    from genrecls.jobs.inspection import describe
 
     report = describe(ds)
     assert "kept with a warning" in report and "non_finite" in report and "symlink_loop" in report
@@ -185,8 +185,8 @@ def test_a_source_that_does_not_exist_is_a_clear_error_before_anything_is_writte
 
 _UNREADABLE_SCRIPT = r"""
 import json, os, sys
-from genrecls.config import Config
-from genrecls.ingest import TrackTask, process_batch
+from genrecls.core.config import Config
+from genrecls.jobs.ingest import TrackTask, process_batch
 cfg = Config.from_dict(json.loads(sys.argv[1])).features
 work, good, locked = sys.argv[2], sys.argv[3], sys.argv[4]
 def task(p):
@@ -235,8 +235,8 @@ def test_an_unreadable_file_is_recorded(small_cfg, ray_local, tmp_path):
 
 _MEMORY_SCRIPT = r"""
 import json, os, sys
-from genrecls.config import Config
-from genrecls.ingest import TrackTask, process_batch
+from genrecls.core.config import Config
+from genrecls.jobs.ingest import TrackTask, process_batch
 def hwm():
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM'):
@@ -289,7 +289,7 @@ def test_memory_stays_bounded_on_a_long_track(small_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_three_hour_track_with_default_features_stays_under_1_gib(tmp_path):
     """The issue's target: a worker ingesting a 3-hour 44.1 kHz stereo track peaks under 1 GiB."""
-    from genrecls.config import FeatureConfig
+    from genrecls.core.config import FeatureConfig
 
     long = write_long(str(tmp_path / "three-hours.flac"), 3 * 3600.0, 44100, 2, "PCM_16", fmt="FLAC")
     res = peak_rss(FeatureConfig(), tmp_path, long)

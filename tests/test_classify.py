@@ -1,7 +1,7 @@
 """Classification of a library as a streaming Ray job (issue 4) and its kill-and-resume fault (issue 6).
 
 A real model is trained here (a tiny tf-keras CNN fitted on the ``sample_dataset`` segments)
-and exported with :func:`genrecls.inference.export_model`; the library is real audio written
+and exported with :func:`genrecls.models.inference.export_model`; the library is real audio written
 by the tests (MP3, WAV, FLAC, OGG) plus broken files; Ray is the session's real local Ray.
 """
 
@@ -22,14 +22,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.classify import classify, resolve_run
-from genrecls.config import Config
-from genrecls.dataset import Dataset, mel_array
-from genrecls.discovery import track_id_for
-from genrecls.inference import Predictor, aggregate_tracks, export_model
-from genrecls.predictions import CSV_NAME, PARTS, read_predictions
-from genrecls.sample_data import make_sample_collection, synthesize, write_audio
-from genrecls.storage import Location, LockedError
+from genrecls.audio.discovery import track_id_for
+from genrecls.audio.sample_data import make_sample_collection, synthesize, write_audio
+from genrecls.core.config import Config
+from genrecls.jobs.classify import classify, resolve_run
+from genrecls.models.inference import Predictor, aggregate_tracks, export_model
+from genrecls.storage.dataset import Dataset, mel_array
+from genrecls.storage.location import Location, LockedError
+from genrecls.storage.predictions import CSV_NAME, PARTS, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 GENRES = ["classical", "electronic", "jazz", "rock"]

@@ -36,8 +36,8 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from genrecls.dataset import Dataset
-from genrecls.runtime import worker_env
+from genrecls.core.runtime import worker_env
+from genrecls.storage.dataset import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -92,7 +92,6 @@ def test_cluster_yaml_node_types_and_security_group():
 def test_schema_check_rejects_a_broken_config():
     """The validation above can fail: Ray's schema catches a wrong type and an unknown key."""
     import jsonschema
-
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     good = yaml.safe_load((REPO / "cluster.yaml").read_text())
@@ -272,9 +271,9 @@ def cfg_file(tmp_path_factory, small_cfg):
 INGEST_DRIVER = """
 import json, sys, time
 import ray
-from genrecls.config import load_config
-from genrecls.ingest import ingest
-from genrecls.runtime import worker_env
+from genrecls.core.config import load_config
+from genrecls.jobs.ingest import ingest
+from genrecls.core.runtime import worker_env
 source, out, config, address, cpus = sys.argv[1:6]
 ray.init(address=address, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": worker_env()})
 deadline = time.monotonic() + 60
@@ -314,8 +313,8 @@ def test_ingest_tasks_run_on_both_nodes(cluster_dataset, sample_library):
 
 TRAIN_DRIVER = """
 import json, sys
-from genrecls.config import load_config
-from genrecls import training
+from genrecls.core.config import load_config
+from genrecls.jobs import training
 dataset, run, config, address = sys.argv[1:5]
 cfg = load_config(config)
 result = training.train(dataset, run, cfg, address=address, workers=cfg.train.workers, progress=False)
@@ -325,10 +324,10 @@ print("SUMMARY " + json.dumps(result, default=str))
 
 def test_training_runs_on_the_two_node_cluster(two_nodes, cluster_dataset, cfg_file, tmp_path):
     try:
-        import genrecls.training  # noqa: F401
+        import genrecls.jobs.training  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"genrecls.training cannot be imported yet ({exc})")
-    from genrecls.inference import read_run_info
+    from genrecls.models.inference import read_run_info
 
     dataset, _ = cluster_dataset
     run = tmp_path / "run"
@@ -369,7 +368,7 @@ def test_ray_job_submit_runs_jobs_ingest(two_nodes, sample_library, cfg_file, tm
 
 # -- storage URIs ---------------------------------------------------------------------------------
 def test_ingest_to_a_file_uri_equals_ingest_to_a_path(ray_local, sample_library, small_cfg, sample_dataset, tmp_path):
-    from genrecls.ingest import ingest
+    from genrecls.jobs.ingest import ingest
 
     out = tmp_path / "uri-ds"
     summary = ingest(str(sample_library), f"file://{out}", small_cfg, progress=False)

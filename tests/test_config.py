@@ -6,11 +6,17 @@ import json
 
 import pytest
 
-from genrecls.config import Config, ConfigError, FeatureConfig, IngestConfig, load_config
+from genrecls.core.config import (
+    Config,
+    ConfigError,
+    FeatureConfig,
+    IngestConfig,
+    load_config,
+)
 
 
 def test_defaults_are_the_musicnn_model_and_its_preset_and_the_tutorial_preset_is_the_tutorials():
-    from genrecls.config import feature_preset
+    from genrecls.core.config import feature_preset
 
     cfg = Config().validate()
     assert cfg.train.model == "musicnn" and cfg.features == feature_preset("musicnn")
@@ -98,7 +104,12 @@ def test_with_section_updates_and_validates():
 
 
 def test_feature_presets_are_complete_and_derived_from_the_values():
-    from genrecls.config import DEFAULT_PRESET, FEATURE_PRESETS, FeatureConfig, feature_preset
+    from genrecls.core.config import (
+        DEFAULT_PRESET,
+        FEATURE_PRESETS,
+        FeatureConfig,
+        feature_preset,
+    )
 
     assert Config().features.preset == DEFAULT_PRESET
     m = Config().override(["features.dtype=float32", "features.preset=musicnn"])  # preset first, then the others
@@ -121,9 +132,12 @@ def test_model_and_retrain_metric_are_checked_against_the_names_that_exist():
     """A typo fails when the configuration loads, naming every valid value (not a KeyError after training)."""
     import numpy as np
 
-    from genrecls.config import RETRAIN_METRICS
-    from genrecls.evaluation import split_metrics
-    from genrecls.models import MODELS
+    from genrecls.core.config import MODEL_PRESETS as MODELS
+    from genrecls.core.config import RETRAIN_METRICS
+    from genrecls.models.catalog import MODELS as BUILDERS
+    from genrecls.models.evaluation import split_metrics
+
+    assert list(BUILDERS) == list(MODELS)  # the names the configuration accepts are the builders that exist
 
     with pytest.raises(ConfigError) as err:
         Config().override(["train.model=resnet"])

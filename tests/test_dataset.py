@@ -10,13 +10,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.config import FeatureConfig
-from genrecls.dataset import (
-    FEATURES_KEY, SHAPE_KEY, TRACKS_KEY, Dataset, OutputError, ShardWriter, TrackBuffer, failure_schema,
-    mel_array, new_shard_name,
+from genrecls.core.config import FeatureConfig
+from genrecls.storage.dataset import (
+    FEATURES_KEY,
+    SHAPE_KEY,
+    TRACKS_KEY,
+    Dataset,
+    OutputError,
+    ShardWriter,
+    TrackBuffer,
+    failure_schema,
+    mel_array,
+    new_shard_name,
 )
-from genrecls.failures import record_row as failure_row
-from genrecls.storage import Location
+from genrecls.storage.location import Location
+from genrecls.storage.records import record_row as failure_row
 
 CFG = FeatureConfig(sample_rate=8000, segment_samples=8000, segment_hop=8000, n_fft=512, hop_length=256,
                     n_mels=32, min_track_seconds=0.5).validate()
@@ -178,7 +186,7 @@ def test_shard_names_sort_by_time():
 
 
 def test_manifest_errors_are_clear(tmp_path):
-    from genrecls.dataset import DatasetError
+    from genrecls.storage.dataset import DatasetError
 
     with pytest.raises(DatasetError, match="not a genrecls dataset"):
         Dataset(str(tmp_path)).manifest()

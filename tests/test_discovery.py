@@ -9,7 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.discovery import discover, discover_folder, discover_manifest, track_id_for
+from genrecls.audio.discovery import (
+    discover,
+    discover_folder,
+    discover_manifest,
+    track_id_for,
+)
 
 
 def touch(path, data: bytes = b"RIFF....") -> str:

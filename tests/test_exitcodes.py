@@ -12,8 +12,9 @@ import time
 import pytest
 
 from genrecls.cli import main
-from genrecls.exitcodes import TABLE, ExitCode
-from genrecls.storage import Location
+from genrecls.core.exitcodes import TABLE, ExitCode
+from genrecls.storage.location import Location
+from genrecls.storage.locks import folder_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ def test_0_success_and_2_bad_input(sample_dataset, tmp_path, capsys):
 
 
 def test_1_failures_under_strict(tmp_path, small_cfg, ray_local, capsys):
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
 
     lib = tmp_path / "lib"
     make_sample_collection(str(lib), genres=1, tracks_per_genre=1, seconds=2.0, formats=("wav",))
@@ -51,10 +52,10 @@ def constant_registry(tmp_path, sample_library, sample_dataset, small_cfg):
     """A dataset copy and a registry whose champion (hand-made) was 'trained' on exactly it."""
     from conftest import constant_run
 
-    from genrecls.config import FeatureConfig
-    from genrecls.dataset import Dataset
-    from genrecls.registry import Registry
-    from genrecls.retrain import dataset_snapshot
+    from genrecls.core.config import FeatureConfig
+    from genrecls.jobs.retrain import dataset_snapshot
+    from genrecls.storage.dataset import Dataset
+    from genrecls.storage.registry import Registry
 
     ds = tmp_path / "ds"
     shutil.copytree(sample_dataset, ds)
@@ -90,7 +91,7 @@ def test_4_locked_from_every_command(constant_registry, sample_library, small_cf
         (reg.uri, ["models", "promote", reg.uri, "v0001"]),
         (reg.uri, ["models", "rollback", reg.uri]),
     ]:
-        with Location.parse(target).lock("genrecls test holder"):
+        with folder_lock(Location.parse(target), "genrecls test holder"):
             assert main(argv) == ExitCode.LOCKED == 4, argv
         err = capsys.readouterr().err
         assert f"locked: {Location.parse(target).uri} is in use by genrecls test holder (pid {os.getpid()}" in err, err

@@ -12,9 +12,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from genrecls.config import FeatureConfig
-from genrecls.features import AMIN, hann_window, log_mel, log_mel_reference, mel_basis, mel_filters
-from genrecls.sample_data import synthesize, write_audio
+from genrecls.audio.features import (
+    AMIN,
+    hann_window,
+    log_mel,
+    log_mel_reference,
+    mel_basis,
+    mel_filters,
+)
+from genrecls.audio.sample_data import synthesize, write_audio
+from genrecls.core.config import FeatureConfig
 
 TOL_DB = 2e-3
 
@@ -75,7 +82,7 @@ def test_features_of_a_file_match_librosa_load_and_melspectrogram(tmp_path):
     """End to end: decode (mono mix + streaming soxr) and features vs the tutorial's librosa calls."""
     import librosa
 
-    from genrecls.pipeline import track_features
+    from genrecls.audio.pipeline import track_features
 
     path = str(tmp_path / "song.flac")
     write_audio(path, synthesize("hiphop", 14.0, sr=44100, seed=5), 44100, fmt="FLAC", subtype="PCM_24")
@@ -141,7 +148,7 @@ def test_each_preset_matches_a_plain_librosa_computation_of_its_recipe(name):
     """The preset's values, written out here by hand, and its features against librosa + NumPy."""
     import librosa
 
-    from genrecls.config import feature_preset
+    from genrecls.core.config import feature_preset
 
     cfg = feature_preset(name)
     recipe = {"tutorial": (22050, 2048, 512, 128, 100_000, (128, 196)),
@@ -166,7 +173,7 @@ def test_each_preset_matches_a_plain_librosa_computation_of_its_recipe(name):
 
 
 def test_musicnn_scale_is_finite_where_a_float16_cast_would_overflow():
-    from genrecls.config import feature_preset
+    from genrecls.core.config import feature_preset
 
     cfg = feature_preset("musicnn")
     loud = np.clip(music(cfg, 1, "rock") * 50, -1, 1)  # clipped full-scale audio: mel power far above 6.5
@@ -175,9 +182,9 @@ def test_musicnn_scale_is_finite_where_a_float16_cast_would_overflow():
 
 
 def test_one_feature_mismatch_rule_names_every_differing_setting():
-    """ingest, evaluation and training share genrecls.features.check_same_features and its message."""
-    from genrecls.config import FeatureConfig
-    from genrecls.features import check_same_features, feature_differences
+    """ingest, evaluation and training share genrecls.audio.features.check_same_features and its message."""
+    from genrecls.audio.features import check_same_features, feature_differences
+    from genrecls.core.config import FeatureConfig
 
     have, want = FeatureConfig(n_mels=32), FeatureConfig(n_mels=64, segment_hop=50_000)
     assert feature_differences(have, want) == {"n_mels": (32, 64), "segment_hop": (100_000, 50_000)}

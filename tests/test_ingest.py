@@ -13,12 +13,18 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.config import Config, load_config
-from genrecls.dataset import FEATURES_KEY, TRACKS_KEY, Dataset, DatasetError, mel_array
-from genrecls.discovery import track_id_for
-from genrecls.ingest import ingest
-from genrecls.pipeline import fingerprint_file, track_features
-from genrecls.sample_data import make_sample_collection, synthesize, write_audio
+from genrecls.audio.discovery import track_id_for
+from genrecls.audio.pipeline import fingerprint_file, track_features
+from genrecls.audio.sample_data import make_sample_collection, synthesize, write_audio
+from genrecls.core.config import Config, load_config
+from genrecls.jobs.ingest import ingest
+from genrecls.storage.dataset import (
+    FEATURES_KEY,
+    TRACKS_KEY,
+    Dataset,
+    DatasetError,
+    mel_array,
+)
 
 
 def content(out) -> list[tuple]:
@@ -179,7 +185,7 @@ def test_other_feature_settings_on_the_same_dataset_are_refused(sample_dataset, 
 
 
 def test_workers_limit_concurrency_on_a_bigger_cluster(ray_local):
-    from genrecls.scheduling import slots
+    from genrecls.core.scheduling import slots
 
     cpus = int(ray_local.cluster_resources()["CPU"])
     assert slots(None, 2) == (cpus, 2 * cpus)  # every CPU, two tasks queued per CPU
@@ -188,7 +194,7 @@ def test_workers_limit_concurrency_on_a_bigger_cluster(ray_local):
 
 
 def test_tasks_fill_whole_rounds_of_the_slots():
-    from genrecls.scheduling import task_bounds
+    from genrecls.core.scheduling import task_bounds
 
     for n, per_task, slots in [(600, 32, 2), (120, 32, 2), (101, 8, 3), (7, 4, 2), (33, 32, 1), (1, 32, 4)]:
         bounds = task_bounds(n, per_task, slots)
@@ -207,7 +213,7 @@ def test_decoding_runs_with_one_thread_per_native_pool():
     import pyarrow as pa
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from genrecls.pipeline import one_thread
+    from genrecls.audio.pipeline import one_thread
 
     before = pa.cpu_count()
     pa.set_cpu_count(3)

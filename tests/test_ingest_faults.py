@@ -27,8 +27,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.dataset import Dataset, OutputError
-from genrecls.ingest import ingest
+from genrecls.jobs.ingest import ingest
+from genrecls.storage.dataset import Dataset, OutputError
 
 
 def content(out) -> list[tuple]:
@@ -136,7 +136,7 @@ def test_two_ingests_on_the_same_output(sample_library, sample_dataset, cluster_
     b = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = [(p.wait(timeout=300), *p.communicate()) for p in (a, b)]
     codes = sorted(r[0] for r in results)
-    assert codes == [0, 4], results  # 4: locked (genrecls.exitcodes)
+    assert codes == [0, 4], results  # 4: locked (genrecls.core.exitcodes)
     loser = next(r for r in results if r[0] == 4)
     assert "is in use by genrecls ingest (pid" in loser[2] and "wait for it to finish" in loser[2]
     assert content(out) == content(sample_dataset)

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from genrecls import musicnn
+from genrecls.models import musicnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "tests", "data", "musicnn_reference.npz")
@@ -159,7 +159,7 @@ def test_weights_ship_inside_the_installed_package(tmp_path):
     assert "genrecls/weights/msd_musicnn.npz" in names and "genrecls/weights/LICENSE-musicnn" in names
     target = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True)
-    probe = ("import numpy as np, genrecls.musicnn as m; p = m.weights_path(); "
+    probe = ("import numpy as np, genrecls.models.musicnn as m; p = m.weights_path(); "
              "f = np.load(p); print(p); print(len([k for k in f.files if not k.startswith('meta/')]))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)

@@ -2,7 +2,7 @@
 
 import io
 
-from genrecls.progress import Progress, format_duration
+from genrecls.core.progress import Progress, format_duration
 
 
 def test_progress_lines_in_a_log():

@@ -23,7 +23,7 @@ import shutil
 
 import pytest
 
-from genrecls.audio import AudioError, read_mono
+from genrecls.audio.decode import AudioError, read_mono
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "encoders")
 with open(os.path.join(DATA, "manifest.json")) as _f:
@@ -97,8 +97,8 @@ def test_truncated_file_decodes_what_is_there_or_is_refused(rel):
 @pytest.mark.timeout(120)
 def test_ingest_keeps_every_intact_file_at_ffmpegs_length(tmp_path, small_cfg, ray_local):
     """The real ingest over the fixture folder: intact files land with FFmpeg's length, none is a failure."""
-    from genrecls.dataset import Dataset
-    from genrecls.ingest import ingest
+    from genrecls.jobs.ingest import ingest
+    from genrecls.storage.dataset import Dataset
 
     src = tmp_path / "library"
     shutil.copytree(DATA, src)

@@ -12,10 +12,11 @@ import time
 import pytest
 
 from genrecls.cli import main
-from genrecls.dataset import Dataset
-from genrecls.registry import Registry, RegistryError, resolve_run
-from genrecls.retrain import KEPT, PROMOTED, UNCHANGED, retrain
-from genrecls.storage import LockedError, Location
+from genrecls.jobs.retrain import KEPT, PROMOTED, UNCHANGED, retrain
+from genrecls.storage.dataset import Dataset
+from genrecls.storage.location import Location
+from genrecls.storage.locks import LockedError, folder_lock
+from genrecls.storage.registry import Registry, RegistryError, resolve_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def library(tmp_path, sample_library):
 
 def test_retrain_refuses_to_overlap(tmp_path, library, quick_cfg, ray_local):
     reg_dir = str(tmp_path / "registry")
-    with Location.parse(reg_dir).lock("genrecls retrain"):
+    with folder_lock(Location.parse(reg_dir), "genrecls retrain"):
         with pytest.raises(LockedError, match="in use by genrecls retrain"):
             retrain(str(library), str(tmp_path / "ds"), reg_dir, quick_cfg, progress=False)
         assert main(["retrain", str(library), "--dataset", str(tmp_path / "ds"), "--registry", reg_dir]) == 4
@@ -77,7 +78,7 @@ def test_killed_retrain_leaves_registry_unchanged(tmp_path, library, small_cfg):
 
 # -- the promotion rule: strictly better, over an existing champion ---------------------------------
 def test_the_promotion_rule_is_strict():
-    from genrecls.retrain import is_better
+    from genrecls.jobs.retrain import is_better
 
     assert is_better(0.5, None, 0.0)  # no champion yet
     assert not is_better(0.75, 0.75, 0.0)  # a tie keeps the champion
@@ -106,9 +107,9 @@ def test_retrain_promotes_a_better_challenger_keeps_a_worse_one_and_leaves_new_l
       not know the new genre: both are scored on the tracks of the labels both know, and the
       decision says how many were left out.
     """
-    from genrecls.config import FeatureConfig
-    from genrecls.sample_data import make_sample_collection
-    from genrecls.split import read_splits
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.core.config import FeatureConfig
+    from genrecls.storage.split import read_splits
 
     ds, reg_dir = str(tmp_path / "ds"), str(tmp_path / "registry")
     reg = Registry(reg_dir)
@@ -173,7 +174,7 @@ def _cfg_file(tmp_path, cfg) -> str:
 
 def test_promote_and_rollback_take_the_registry_lock(tmp_path, capsys):
     reg_dir = str(tmp_path / "registry")
-    with Location.parse(reg_dir).lock("genrecls retrain"):
+    with folder_lock(Location.parse(reg_dir), "genrecls retrain"):
         assert main(["models", "promote", reg_dir, "v0001"]) == 4
         assert main(["models", "rollback", reg_dir]) == 4
     err = capsys.readouterr().err

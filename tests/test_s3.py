@@ -22,15 +22,15 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from genrecls.cli import main
-from genrecls.dataset import Dataset
-from genrecls.exitcodes import ExitCode
-from genrecls.registry import Registry
-from genrecls.storage import LockedError, Location
+from genrecls.core.exitcodes import ExitCode
+from genrecls.storage.dataset import Dataset
+from genrecls.storage.location import Location
+from genrecls.storage.locks import LockedError, folder_lock
+from genrecls.storage.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,7 +52,7 @@ def s3_cfg(tmp_path_factory, small_cfg):
 @pytest.fixture(scope="module")
 def tiny_library(tmp_path_factory):
     """3 genres x 4 tracks of 3 s."""
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
 
     root = tmp_path_factory.mktemp("s3-library") / "lib"
     make_sample_collection(str(root), genres=3, tracks_per_genre=4, seconds=3.0, seed=3)
@@ -97,7 +97,7 @@ def test_every_command_on_s3(s3_server, bucket, s3_cfg, tiny_library, tmp_path, 
     reg_uri = uri("registry")
     retrain = ["retrain", str(lib), "--dataset", uri("ds"), "--registry", reg_uri, *common]
     assert main(retrain) == ExitCode.OK
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
 
     make_sample_collection(str(tmp_path / "more"), genres=3, tracks_per_genre=1, seconds=3.0, seed=11)
     for genre in os.listdir(tmp_path / "more"):
@@ -186,8 +186,9 @@ def test_conditional_create_is_atomic_on_the_server(s3_server, bucket):
 
 HOLDER = """
 import sys
-from genrecls.storage import Location
-with Location.parse(sys.argv[1]).lock("genrecls holder", protocol=sys.argv[2], lease_seconds=1.0):
+from genrecls.storage.location import Location
+from genrecls.storage.locks import folder_lock
+with folder_lock(Location.parse(sys.argv[1]), "genrecls holder", protocol=sys.argv[2], lease_seconds=1.0):
     print("held", flush=True)
     sys.stdin.readline()
 """
@@ -203,25 +204,25 @@ def test_lease_excludes_is_released_only_by_its_owner_and_expires(s3_server, buc
         assert holder.stdout.readline().strip() == "held"
         for _ in range(2):  # a refused run removes nothing: the holder still excludes
             with pytest.raises(LockedError, match=rf"in use by genrecls holder \(pid {holder.pid} "):
-                with loc.lock("second", protocol=protocol):
+                with folder_lock(loc, "second", protocol=protocol):
                     pass
         # the holder freezes (or dies): its lease, renewed every 0.25 s, runs out; we take over
         holder.send_signal(signal.SIGSTOP)
         time.sleep(1.5)
-        with loc.lock("successor", protocol=protocol):
+        with folder_lock(loc, "successor", protocol=protocol):
             holder.send_signal(signal.SIGCONT)
             _, err = holder.communicate("\n", timeout=60)
             # the old holder neither released our lock nor reported success
             assert holder.returncode != 0 and "lost its lock" in err, err[-2000:]
             with pytest.raises(LockedError, match="in use by successor"):
-                with loc.lock("third", protocol=protocol):
+                with folder_lock(loc, "third", protocol=protocol):
                     pass
     finally:
         if holder.poll() is None:
             holder.send_signal(signal.SIGCONT)
             holder.kill()
             holder.wait()
-    with loc.lock("fourth", protocol=protocol):  # released by its owner
+    with folder_lock(loc, "fourth", protocol=protocol):  # released by its owner
         pass
     assert not [k for k in s3_server.keys(bucket, f"lease-{protocol}/") if k.endswith(".json")]
 
@@ -268,7 +269,7 @@ def two_node_cluster(s3_server):
     """
     from ray.cluster_utils import Cluster
 
-    from genrecls.runtime import worker_env
+    from genrecls.core.runtime import worker_env
 
     socks = [socket.socket() for _ in range(5)]
     for sock in socks:
@@ -301,9 +302,9 @@ def two_node_cluster(s3_server):
 INGEST_DRIVER = """
 import json, sys, time
 import ray
-from genrecls.config import load_config
-from genrecls.ingest import ingest
-from genrecls.runtime import worker_env
+from genrecls.core.config import load_config
+from genrecls.jobs.ingest import ingest
+from genrecls.core.runtime import worker_env
 source, out, config, address = sys.argv[1:5]
 ray.init(address=address, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": worker_env()})
 deadline = time.monotonic() + 60

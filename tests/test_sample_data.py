@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genrecls.sample_data import GENRES, make_sample_collection, synthesize, write_audio
+from genrecls.audio.sample_data import (
+    GENRES,
+    make_sample_collection,
+    synthesize,
+    write_audio,
+)
 
 
 def test_layout_formats_and_audio(tmp_path):
@@ -41,8 +46,8 @@ def test_genres_are_distinct_enough_to_learn():
     """Nearest centroid on mean log-mel spectra tells the ten genres apart on held-out tracks."""
     import soxr
 
-    from genrecls.config import FeatureConfig
-    from genrecls.features import log_mel
+    from genrecls.audio.features import log_mel
+    from genrecls.core.config import FeatureConfig
 
     cfg = FeatureConfig(sample_rate=8000, segment_samples=16000, segment_hop=16000, n_fft=512, hop_length=256,
                         n_mels=32).validate()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from genrecls.audio import AudioError
-from genrecls.config import ConfigError, FeatureConfig
-from genrecls.segments import Segmenter, iter_segments, segment_starts
+from genrecls.audio.decode import AudioError
+from genrecls.audio.segments import Segmenter, iter_segments, segment_starts
+from genrecls.core.config import ConfigError, FeatureConfig
 
 
 def cfg(**kw) -> FeatureConfig:

@@ -1,11 +1,17 @@
-"""Model selection on validation tracks (genrecls.selection) and the linear baseline model, without Ray."""
+"""Model selection on validation tracks (genrecls.models.selection) and the linear baseline model, without Ray."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from genrecls.selection import TrackTally, accuracy_by_k, choose_k, is_better, validation_metrics
+from genrecls.models.selection import (
+    TrackTally,
+    accuracy_by_k,
+    choose_k,
+    is_better,
+    validation_metrics,
+)
 
 
 def test_track_tallies_of_two_workers_sum_to_the_whole_split():
@@ -58,7 +64,8 @@ def test_k_is_the_number_of_segments_with_the_best_validation_accuracy():
 
 
 def test_linear_model_pools_mean_and_std_over_time_and_saves_safely(tmp_path):
-    from genrecls.models import build_model, load_keras_model, model_summary
+    from genrecls.models.catalog import build_model
+    from genrecls.models.networks import load_keras_model, model_summary
 
     x = np.random.default_rng(1).normal(size=(4, 16, 20)).astype(np.float32) * 3 + 1
     model = build_model("linear", (16, 20), 3)

@@ -5,8 +5,14 @@ import random
 import pyarrow as pa
 import pytest
 
-from genrecls.split import SplitError, as_mapping, assign_splits, split_counts, write_splits
-from genrecls.storage import Location
+from genrecls.storage.location import Location
+from genrecls.storage.split import (
+    SplitError,
+    as_mapping,
+    assign_splits,
+    split_counts,
+    write_splits,
+)
 
 
 def _tracks(per_label: dict[str, int], prefix: str = "t", groups: int | None = None) -> list[dict]:

@@ -4,7 +4,8 @@ import os
 
 import pyarrow.fs as pafs
 
-from genrecls.storage import Location
+from genrecls.storage.location import Location
+from genrecls.storage.locks import folder_lock
 
 
 def test_local_path_and_file_uri_are_the_same_location(tmp_path):
@@ -53,27 +54,27 @@ def test_local_lock_excludes_names_its_holder_and_dies_with_it(tmp_path):
 
     import pytest
 
-    from genrecls.storage import LockedError
+    from genrecls.storage.locks import LockedError
 
     loc = Location.parse(str(tmp_path / "out"))
-    with loc.lock("first"):
+    with folder_lock(loc, "first"):
         with pytest.raises(LockedError, match=rf"in use by first \(pid {os.getpid()} on "):
-            with loc.lock("second"):
+            with folder_lock(loc, "second"):
                 pass
-    with loc.lock("third"):  # released
+    with folder_lock(loc, "third"):  # released
         pass
     # a holder killed with SIGKILL leaves no stale lock: the kernel drops its flock
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom genrecls.storage import Location\n"
-        "with Location.parse(sys.argv[1]).lock('killed holder'):\n"
+        "import sys, time\nfrom genrecls.storage.location import Location\nfrom genrecls.storage.locks import folder_lock\n"
+        "with folder_lock(Location.parse(sys.argv[1]), 'killed holder'):\n"
         "    print('held', flush=True); time.sleep(600)\n"), loc.uri], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockedError, match=rf"in use by killed holder \(pid {holder.pid} "):
-            with loc.lock("fourth"):
+            with folder_lock(loc, "fourth"):
                 pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with loc.lock("fifth"):
+    with folder_lock(loc, "fifth"):
         pass

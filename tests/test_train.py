@@ -19,14 +19,18 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from genrecls.config import Config, ConfigError, FeatureConfig, load_config
-from genrecls.dataset import TRACKS_KEY, Dataset, DatasetError, ShardWriter, segment_schema
-from genrecls.split import SplitError
-from genrecls.storage import Location
+from genrecls.core.config import ConfigError, FeatureConfig, load_config
+from genrecls.storage.dataset import (
+    TRACKS_KEY,
+    Dataset,
+    DatasetError,
+    ShardWriter,
+)
+from genrecls.storage.location import Location
+from genrecls.storage.split import SplitError
 
 EPOCHS = 5
 
@@ -41,8 +45,8 @@ def easy_cfg(small_cfg):
 @pytest.fixture(scope="module")
 def easy_dataset(tmp_path_factory, easy_cfg, ray_local):
     """4 genres x 10 tracks x 8 s (8 kHz WAV) ingested: 600 segments, 8 test tracks."""
-    from genrecls.ingest import ingest
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.jobs.ingest import ingest
 
     root = tmp_path_factory.mktemp("easy")
     make_sample_collection(str(root / "lib"), genres=4, tracks_per_genre=10, seconds=8.0, sr=8000,
@@ -53,7 +57,7 @@ def easy_dataset(tmp_path_factory, easy_cfg, ray_local):
 
 
 def _wait_for_checkpoint(run: str, min_epoch: int, timeout: float, proc=None):
-    from genrecls.training import find_checkpoints
+    from genrecls.jobs.training import find_checkpoints
 
     deadline = time.monotonic() + timeout
     loc = Location.parse(run)
@@ -72,7 +76,7 @@ def trained(tmp_path_factory, easy_dataset, easy_cfg):
     """The shared 2-worker run, during which a RayTrainWorker process is killed after the first checkpoint."""
     import psutil
 
-    from genrecls.training import train
+    from genrecls.jobs.training import train
 
     run = str(tmp_path_factory.mktemp("trained") / "run")
     killed: list[int] = []
@@ -184,7 +188,7 @@ def test_no_track_leaks_between_splits(trained, easy_dataset):
 
 def test_exported_model_and_evaluation_agree(trained, easy_dataset, capsys):
     from genrecls.cli import main
-    from genrecls.evaluation import evaluate_run
+    from genrecls.models.evaluation import evaluate_run
 
     run, summary = trained
     again = evaluate_run(run)  # re-score the run's own splits through the SavedModel
@@ -200,7 +204,7 @@ def test_exported_model_and_evaluation_agree(trained, easy_dataset, capsys):
 
 
 def test_a_run_folder_is_never_overwritten(trained, easy_dataset, easy_cfg):
-    from genrecls.training import train
+    from genrecls.jobs.training import train
 
     run, _ = trained
     with pytest.raises(FileExistsError, match="already holds a training run"):
@@ -210,7 +214,7 @@ def test_a_run_folder_is_never_overwritten(trained, easy_dataset, easy_cfg):
 # -- interruptions ----------------------------------------------------------------------
 def test_killed_worker_restarts_from_the_last_checkpoint(trained):
     """FailureConfig restarts the worker group from the last checkpoint; the run still finishes."""
-    from genrecls.inference import Predictor
+    from genrecls.models.inference import Predictor
 
     run, summary = trained
     assert not summary["killer_errors"], summary["killer_errors"]
@@ -226,7 +230,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(trained):
 
 def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path, capfd):
     """A driver killed after its first checkpoint; ``--resume`` picks up from that epoch."""
-    from genrecls.training import train
+    from genrecls.jobs.training import train
 
     run = str(tmp_path / "run")
     address = ray_local.get_runtime_context().gcs_address
@@ -299,7 +303,7 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_fails_before_any_worker(case, tmp_path, small_cfg):
-    from genrecls.training import train
+    from genrecls.jobs.training import train
 
     make, error, message = BAD_INPUT[case]
     dataset = make(tmp_path, small_cfg.features)
@@ -312,7 +316,7 @@ def test_bad_input_fails_before_any_worker(case, tmp_path, small_cfg):
 
 
 def test_config_that_contradicts_the_dataset_is_refused(tmp_path, small_cfg):
-    from genrecls.training import train
+    from genrecls.jobs.training import train
 
     ds = _fake_dataset(tmp_path / "ds", small_cfg.features, ["rock", "jazz", "pop"] * 3)
     with pytest.raises(DatasetError, match="other feature settings.*n_mels: dataset 32, asked 64"):
@@ -336,7 +340,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, small_cfg, capsys):
 
 
 def test_evaluate_refuses_a_dataset_with_other_features(trained, tmp_path, small_cfg):
-    from genrecls.evaluation import EvaluationError, evaluate_run
+    from genrecls.models.evaluation import EvaluationError, evaluate_run
 
     run, _ = trained
     other = _fake_dataset(tmp_path / "other", small_cfg.features, ["rock", "jazz"] * 3)  # segment_hop differs
@@ -345,7 +349,7 @@ def test_evaluate_refuses_a_dataset_with_other_features(trained, tmp_path, small
 
 
 def test_track_weights_give_every_track_and_label_the_same_weight():
-    from genrecls.training import segment_weights as _segment_weights
+    from genrecls.jobs.training import segment_weights as _segment_weights
 
     tracks = [{"track_id": "a1", "label": "a", "n_segments": 100}, {"track_id": "a2", "label": "a", "n_segments": 2},
               {"track_id": "b1", "label": "b", "n_segments": 10}, {"track_id": "v", "label": "b", "n_segments": 50},

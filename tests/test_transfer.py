@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from genrecls.config import Config
-from genrecls.dataset import Dataset, DatasetError, mel_array
+from genrecls.core.config import Config
+from genrecls.storage.dataset import Dataset, DatasetError, mel_array
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def musicnn_cfg():
 @pytest.fixture(scope="module")
 def musicnn_dataset(tmp_path_factory, musicnn_cfg, ray_local):
     """3 genres x 12 tracks x 7 s (16 kHz WAV), musicnn preset: 2 segments of 187 frames per track."""
-    from genrecls.ingest import ingest
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.jobs.ingest import ingest
 
     root = tmp_path_factory.mktemp("mnn")
     make_sample_collection(str(root / "lib"), genres=3, tracks_per_genre=12, seconds=7.0, sr=16000,
@@ -42,7 +42,7 @@ def test_the_dataset_records_its_preset(musicnn_dataset):
 
 
 def test_musicnn_on_another_preset_stops_before_any_worker_with_the_ingest_command(sample_dataset, tmp_path):
-    from genrecls.training import train
+    from genrecls.jobs.training import train
 
     run = tmp_path / "run"
     with pytest.raises(DatasetError, match=r"genrecls ingest SOURCE --out NEW_DATASET --set features.preset=musicnn"):
@@ -51,10 +51,10 @@ def test_musicnn_on_another_preset_stops_before_any_worker_with_the_ingest_comma
 
 
 def test_frozen_backbone_run_trains_the_head_on_embeddings_and_exports_the_whole_network(musicnn_dataset, musicnn_cfg, tmp_path):
-    from genrecls.inference import Predictor
-    from genrecls.models import import_tensorflow
-    from genrecls.training import train
-    from genrecls.transfer import build_backbone
+    from genrecls.jobs.training import train
+    from genrecls.models.inference import Predictor
+    from genrecls.models.networks import import_tensorflow
+    from genrecls.models.transfer import build_backbone
 
     run = tmp_path / "run"
     summary = train(musicnn_dataset, str(run), musicnn_cfg, workers=1, progress=False)
@@ -74,7 +74,7 @@ def test_frozen_backbone_run_trains_the_head_on_embeddings_and_exports_the_whole
     probs = Predictor(str(run)).predict(mels)
     assert probs.shape == (6, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     import_tensorflow()
-    from genrecls.musicnn import load_musicnn, predict
+    from genrecls.models.musicnn import load_musicnn, predict
 
     ref = predict(load_musicnn(), np.transpose(mels, (0, 2, 1)))["mean_pool"]
     ours = build_backbone()(mels, training=False).numpy()
@@ -99,9 +99,9 @@ def test_classify_with_the_pretrained_tagger_needs_no_training(musicnn_dataset, 
     """`classify LIBRARY --model musicnn-tags`: one row per track with the tagger's top tags."""
     import pyarrow.dataset as pads
 
-    from genrecls.classify import classify
-    from genrecls.musicnn import MSD_TAGS
-    from genrecls.sample_data import make_sample_collection
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.jobs.classify import classify
+    from genrecls.models.musicnn import MSD_TAGS
 
     lib = tmp_path / "unlabelled"
     make_sample_collection(str(lib), genres=2, tracks_per_genre=2, seconds=7.0, sr=22050, formats=("mp3", "flac"), seed=9)
@@ -121,10 +121,9 @@ def test_classify_with_the_pretrained_tagger_needs_no_training(musicnn_dataset, 
 
 def test_fine_tuning_trains_the_backbone_too(musicnn_dataset, musicnn_cfg, tmp_path):
     """train.fine_tune: the workers train the whole network on the stored segments; its weights move."""
-    from genrecls.models import load_keras_model
-    from genrecls.musicnn import load_musicnn
-
-    from genrecls.training import train
+    from genrecls.jobs.training import train
+    from genrecls.models.musicnn import load_musicnn
+    from genrecls.models.networks import load_keras_model
 
     run = tmp_path / "ft"
     cfg = musicnn_cfg.override(["train.fine_tune=true", "train.epochs=2", "train.learning_rate=1e-4"])

@@ -2,7 +2,7 @@
 
 Reads the checkpoint inside the ``musicnn`` wheel (ISC licence) with TensorFlow's checkpoint
 reader, keeps the model's variables (the Adam slot variables and step counters are dropped),
-renames them to the layers of :func:`genrecls.musicnn.build_musicnn`, reshapes the mid-end
+renames them to the layers of :func:`genrecls.models.musicnn.build_musicnn`, reshapes the mid-end
 kernels (TF1 2-D convolutions spanning all channels -> 1-D convolutions), checks that every
 weight of the Keras model gets exactly one checkpoint variable of the right shape, and writes
 ``genrecls/weights/<variant>.npz`` (float32, keys ``<layer>/<weight>``) and
@@ -58,7 +58,7 @@ music audio tagging", ISMIR 2019 late-breaking/demo.
 
 def read_checkpoint(prefix: str) -> dict[str, np.ndarray]:
     """The model variables of a TF1 checkpoint (no optimizer slots, no counters)."""
-    from genrecls.models import import_tensorflow
+    from genrecls.models.networks import import_tensorflow
 
     tf = import_tensorflow()
     # tf.train.load_checkpoint(dir) follows the folder's 'checkpoint' file, which in the wheel
@@ -73,8 +73,8 @@ def read_checkpoint(prefix: str) -> dict[str, np.ndarray]:
 
 
 def convert(variables: dict[str, np.ndarray], n_tags: int) -> dict[str, np.ndarray]:
-    """Rename and reshape checkpoint variables for :func:`genrecls.musicnn.build_musicnn`."""
-    from genrecls.musicnn import build_musicnn
+    """Rename and reshape checkpoint variables for :func:`genrecls.models.musicnn.build_musicnn`."""
+    from genrecls.models.musicnn import build_musicnn
 
     model = build_musicnn(n_tags=n_tags)
     out, used = {}, set()
@@ -96,7 +96,7 @@ def convert(variables: dict[str, np.ndarray], n_tags: int) -> dict[str, np.ndarr
 
 
 def main(argv=None) -> int:
-    from genrecls.musicnn import VARIANTS
+    from genrecls.models.musicnn import VARIANTS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--wheel", required=True, help="musicnn-0.1.0-py3-none-any.whl")

@@ -1,0 +1,41 @@
+"""The jobs a user runs, peers above everything else: ingest, train, classify, retrain, inspect, demo.
+
+Imports every lower layer; a job may call another job (retrain runs ingest and train).
+"""
+
+from genrecls.jobs.classify import classify, resolve_run
+from genrecls.jobs.classify import format_summary as format_classify_summary
+from genrecls.jobs.demo import run_demo
+from genrecls.jobs.ingest import IngestSummary, TrackTask, ingest, process_batch
+from genrecls.jobs.ingest import format_summary as format_ingest_summary
+from genrecls.jobs.inspection import describe, inspect_dataset
+from genrecls.jobs.retrain import KEPT, PROMOTED, UNCHANGED, dataset_snapshot, is_better, retrain
+from genrecls.jobs.scoring import DECODE_MAX_RETRIES, Scorer, featurise_batch, stream
+from genrecls.jobs.training import TrainingError, resume_inputs, train
+
+__all__ = [
+    "featurise_batch",
+    "Scorer",
+    "stream",
+    "DECODE_MAX_RETRIES",
+    "describe",
+    "inspect_dataset",
+    "TrackTask",
+    "IngestSummary",
+    "process_batch",
+    "ingest",
+    "format_ingest_summary",
+    "resolve_run",
+    "classify",
+    "format_classify_summary",
+    "train",
+    "TrainingError",
+    "resume_inputs",
+    "retrain",
+    "dataset_snapshot",
+    "is_better",
+    "PROMOTED",
+    "KEPT",
+    "UNCHANGED",
+    "run_demo",
+]

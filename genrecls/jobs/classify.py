@@ -1,0 +1,312 @@
+"""The classify job: a library of tracks -> one genre prediction per track, as a streaming Ray job.
+
+Data flow, read top to bottom::
+
+    discover(LIBRARY) -> skip tracks already classified by this model -> Ray Data stream
+    (genrecls.jobs.scoring):
+        map_batches(featurise_batch)   CPU tasks: decode, segment, log-mel (genrecls.audio.pipeline),
+                                       at most K evenly spaced segments per track
+        map_batches(Scorer)            long-lived actors that load the model once and score
+                                       segments in batches (on GPUs with --gpu); per-track
+                                       probabilities are the mean of the segment probabilities
+                                       (genrecls.models.inference.aggregate_tracks, the evaluation rule)
+    -> the driver iterates the output stream and writes parts as they fill (_Writer) into
+       the predictions store (genrecls.storage.predictions).
+
+The library is never materialised: decoded audio and spectrograms only exist inside the
+stream, whose in-flight size Ray Data bounds; the driver holds at most one part of
+predictions (``classify.part_rows`` rows) plus the list of paths.
+
+Features come from the run folder (``RUN/run.json``), never from the user, so the inputs
+are computed exactly as for training and evaluation: the same decoding, segmentation and
+log-mel code, and spectrograms rounded to the dataset's storage type (float16 by default)
+before they reach the model, as the training shards are.
+
+The output folder, its columns and the rules that keep one prediction per track are the
+predictions store's (:mod:`genrecls.storage.predictions`).  :func:`classify` resolves the model
+and the library, takes the folder's lock and runs :func:`_classify_locked`, the body.
+
+Re-runs: a track already classified by the same model with the same path, size and
+modification time is skipped, so a re-run adds only new or changed files, and a run killed
+at any point and re-run ends with exactly one prediction per track (parts appear only
+complete; a reconcile step at the end keeps one row per path, of the current model).  An
+output folder holds the predictions of one model: run another model on it and every track
+is classified again, the old rows being dropped at the end of the run.
+
+Faults: a bad file is recorded in ``failures/`` (as ingest records it) and the job goes on.
+A decoding task whose worker process dies is retried by Ray; a batch that keeps killing its
+worker (a file that crashes a native decoder) is dropped after ``DECODE_MAX_RETRIES``
+retries and its tracks are retried one by one, so that only the culprit is recorded, as
+``worker_crashed``.  Model actors that die are restarted by Ray Data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from genrecls.audio.discovery import Discovery, discover
+from genrecls.core.config import FALLBACK_MAX_SEGMENTS, Config, FeatureConfig
+from genrecls.core.progress import Progress, format_duration, format_table
+from genrecls.core.runtime import as_interrupted, log, ray_session
+from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream
+from genrecls.models.inference import RUN_FILE, read_run_info
+from genrecls.models.tagger import TAGGER_MODEL
+from genrecls.storage.location import Location
+from genrecls.storage.locks import folder_lock
+from genrecls.storage.predictions import PredictionStore, prediction_schema
+from genrecls.storage.records import problem_rows, record_row
+
+__all__ = ["resolve_run", "classify", "format_summary"]
+
+
+# -- the model ------------------------------------------------------------------------
+def resolve_run(run: str | os.PathLike | Location) -> Location:
+    """The run folder to load a model from.
+
+    RUN is a run folder (``RUN/run.json`` + ``RUN/model/``) or a model registry folder, whose
+    current champion is used (:func:`genrecls.storage.registry.resolve_run`).  This is the one place
+    that turns the user's RUN argument into a run folder.
+    """
+    loc = run if isinstance(run, Location) else Location.parse(run)
+    if loc.exists(RUN_FILE):
+        return loc
+    from genrecls.storage.registry import resolve_run as resolve_registry
+
+    resolved = Location.parse(resolve_registry(loc.uri))
+    if not resolved.exists(RUN_FILE):
+        raise FileNotFoundError(f"{loc.uri} is neither a genrecls run (no {RUN_FILE}) nor a model registry with a "
+                                "champion; train one with 'genrecls train' or 'genrecls retrain'")
+    return resolved
+
+
+# -- the driver -----------------------------------------------------------------------
+def _track_table(found: Discovery) -> pa.Table:
+    """The library's tracks: ``source`` (path to read), ``path`` (relative), ``size``, ``mtime_ns``."""
+    return pa.table({
+        "source": pa.array([t.path for t in found.tracks], pa.string()),
+        "path": pa.array([t.rel_path for t in found.tracks], pa.string()),
+        "size": pa.array([t.size for t in found.tracks], pa.int64()),
+        "mtime_ns": pa.array([t.mtime_ns for t in found.tracks], pa.int64()),
+    })
+
+
+def _record_rows(table: pa.Table, kind: str, reason: str) -> list[dict[str, Any]]:
+    """Failure or warning rows (``kind``, ``reason``: the columns holding them) of a block's tracks."""
+    return [record_row(r["path"], None, r[kind], r[reason], r["size"], r["mtime_ns"])
+            for r in table.select(["path", kind, reason, "size", "mtime_ns"]).to_pylist() if r[kind] is not None]
+
+
+class _Writer:
+    """Takes the stream's output blocks: counts them in the summary and writes them to the store.
+
+    Predictions wait until ``part_rows`` of them fill a part; failure and warning rows are
+    written with each part, so a stopped run keeps what :meth:`flush` wrote.
+    """
+
+    def __init__(self, store: PredictionStore, schema: pa.Schema, part_rows: int, summary: dict[str, Any], bar: Progress):
+        self.store, self.schema, self.part_rows = store, schema, part_rows
+        self.summary, self.bar = summary, bar
+        self.kinds: Counter[str] = Counter()
+        self.seen: set[str] = set()
+        self._parts: list[pa.Table] = []
+        self._failures: list[dict[str, Any]] = []
+        self._warnings: list[dict[str, Any]] = []
+        self._rows = 0
+
+    def add(self, block: pa.Table) -> None:
+        s = self.summary
+        self.seen.update(block.column("path").to_pylist())
+        bad = pc.is_valid(block.column("error_kind"))
+        good, failed = block.filter(pc.invert(bad)), block.filter(bad)
+        if good.num_rows:
+            self._parts.append(good)
+            warned = _record_rows(good, "warning_kind", "warning_reason")
+            self._warnings.extend(warned)
+            s["warned"] += len(warned)
+            self._rows += good.num_rows
+            s["segments"] += int(pc.sum(good.column("n_segments")).as_py() or 0)
+        for row in _record_rows(failed, "error_kind", "error_reason"):
+            self.fail(row, count=False)
+        seconds = float(pc.sum(good.column("duration")).as_py() or 0.0)
+        s["classified"] += good.num_rows
+        s["failed"] += failed.num_rows
+        s["audio_seconds"] += seconds
+        self.bar.update(done=block.num_rows, failed=failed.num_rows, audio_seconds=seconds)
+        if self._rows >= self.part_rows:
+            self.flush()
+
+    def fail(self, row: dict[str, Any], count: bool = True) -> None:
+        """Record a track that could not be classified (``count``: not yet in the summary and progress line)."""
+        self._failures.append(row)
+        self.kinds[row["kind"]] += 1
+        if count:
+            self.summary["failed"] += 1
+            self.bar.update(done=1, failed=1)
+
+    def flush(self) -> None:
+        if self._parts:
+            self.store.write_part(self._parts, self.schema)
+            self.summary["parts_written"] += 1
+        self.store.records.write_failures(self._failures)
+        self.store.records.write_warnings(self._warnings)
+        self._parts, self._failures, self._warnings, self._rows = [], [], [], 0
+
+
+def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out: str | os.PathLike,
+             cfg: Config | None = None, *, address: str | None = None, workers: int | None = None,
+             root: str | None = None, csv: bool = False, prune: bool = False, progress: bool = True,
+             verbose: bool = False) -> dict[str, Any]:
+    """Classify every track of a library folder or manifest with a trained run.
+
+    Parameters
+    ----------
+    library : a folder (any depth; folder names are not used) or a CSV/Parquet manifest with a ``path`` column
+    run : a run folder (``RUN/run.json`` and ``RUN/model/``) or a model registry, see :func:`resolve_run`
+    out : the predictions folder or URI (created; re-using it resumes and adds new tracks)
+    cfg : the configuration; its ``classify`` section is used, features always come from the run
+    address, workers : Ray cluster to join, CPUs of a local Ray (or decoding tasks on a cluster)
+    root : base of relative paths in a manifest (default: the manifest's folder)
+    csv : also write ``predictions.csv`` at the end
+    prune : drop predictions of files no longer in the library
+    progress, verbose : show the progress line; show Ray and TensorFlow logs
+
+    Returns
+    -------
+    dict
+        The run's summary: counts (``discovered``, ``skipped_done``, ``skipped_known_failures``,
+        ``classified``, ``failed``), ``failures_by_kind``, ``tracks_total`` and
+        ``genre_distribution`` of the whole predictions folder, throughput figures.
+
+    Raises for run-level problems (no such library or run, output locked by another
+    classify, no GPU with ``gpu``); never for a bad file.
+
+    Examples
+    --------
+    >>> summary = classify("music/", "runs/main", "predictions/")  # doctest: +SKIP
+    >>> summary["genre_distribution"]  # doctest: +SKIP
+    {'rock': 812, 'jazz': 301, ...}
+    """
+    cfg = (cfg or Config()).validate()
+    t0 = time.monotonic()
+    run_loc, info, cfg = _model(run, out, cfg)
+    labels, model_id = list(info["labels"]), str(info["model_id"])
+    found = discover(library, root)
+    store = PredictionStore(out)
+    summary: dict[str, Any] = {
+        "predictions": store.uri, "library": found.root, "run": run_loc.uri, "model_id": model_id, "labels": labels,
+        "discovered": len(found.tracks), "ignored_files": found.ignored, "skipped_done": 0,
+        "skipped_known_failures": 0, "classified": 0, "warned": 0, "failed": 0, "failures_by_kind": {}, "segments": 0,
+        "audio_seconds": 0.0, "parts_written": 0, "rows_superseded": 0, "max_segments": cfg.classify.max_segments,
+    }
+    try:
+        with folder_lock(store.loc, "genrecls classify"):
+            _classify_locked(found, run_loc, info, store, cfg, summary, address=address, workers=workers, csv=csv,
+                             prune=prune, progress=progress, verbose=verbose)
+            summary["wall_seconds"] = time.monotonic() - t0
+            summary["tracks_per_second"] = (summary["classified"] + summary["failed"]) / max(summary["wall_seconds"], 1e-9)
+            summary["audio_seconds_per_second"] = summary["audio_seconds"] / max(summary["wall_seconds"], 1e-9)
+            store.write_info(run=run_loc.uri, model_id=model_id, labels=labels, features=asdict(cfg.features),
+                             library=found.root, last_run=summary)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: parts written so far stay; a re-run adds the rest
+        stop = as_interrupted(exc)
+        stop.kept = f"{summary['classified']} track(s) classified by this run are kept in {store.uri}"
+        raise stop from None
+    return summary
+
+
+def _model(run: str | os.PathLike | Location, out: str | os.PathLike, cfg: Config) -> tuple[Location, dict[str, Any], Config]:
+    """The run folder, its ``run.json``, and the configuration resolved against it (its features, its K)."""
+    if str(run) == TAGGER_MODEL:  # the pretrained tagger, no training: written once as a run folder
+        from genrecls.models.networks import import_tensorflow
+        from genrecls.models.tagger import tagger_run
+
+        import_tensorflow()
+        run = tagger_run(Location.parse(out))
+    run_loc = resolve_run(run)
+    info = read_run_info(run_loc)
+    if cfg.classify.max_segments < 0:  # K chosen on the run's validation tracks (genrecls.models.selection)
+        cfg = cfg.with_section(classify={"max_segments": int((info.get("classify") or {}).get(
+            "max_segments", FALLBACK_MAX_SEGMENTS))})
+    features = FeatureConfig(**info["features"]).validate()
+    if cfg.features != features and cfg.features != Config().features:
+        log.warning("classify uses the feature settings stored in the run %s; the configured features are ignored", run_loc.uri)
+    return run_loc, info, cfg.with_section(features=features)
+
+
+def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], store: PredictionStore, cfg: Config,
+                     summary: dict[str, Any], *, address, workers, csv, prune, progress, verbose) -> None:
+    """The body of a classify run, under the output folder's lock: plan, stream, record, reconcile."""
+    ccfg, labels, model_id = cfg.classify, list(info["labels"]), str(info["model_id"])
+    removed = store.remove_temporaries()
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    store.loc.write_text("config.json", cfg.to_json() + "\n")
+    tracks = _track_table(found)
+    todo, summary["skipped_done"], summary["skipped_known_failures"] = store.todo(tracks, model_id, ccfg.retry_failed)
+    kinds: Counter[str] = Counter()
+    if todo.num_rows:
+        with ray_session(address, workers, verbose=verbose):
+            bar = Progress(todo.num_rows, "tracks", enabled=progress)
+            writer = _Writer(store, prediction_schema(labels, model_id), ccfg.part_rows, summary, bar)
+            try:
+                for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose):
+                    writer.add(block)
+            except KeyboardInterrupt:
+                writer.flush()  # keep what was scored before the stop
+                raise
+            lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(writer.seen), pa.string()))))
+            if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
+                log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
+                for block in stream(lost, run_loc, cfg.features, ccfg, cfg.decode, workers, 1, verbose):
+                    writer.add(block)
+                for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(writer.seen), pa.string())))).to_pylist():
+                    writer.fail(record_row(
+                        r["path"], None, "worker_crashed", "the worker process died while decoding this file "
+                        f"(retried {DECODE_MAX_RETRIES} times); it may crash the audio decoder", r["size"], r["mtime_ns"]))
+            writer.flush()
+            bar.close()
+            kinds = writer.kinds
+    problems = problem_rows(found.problems)
+    store.records.write_failures(problems)
+    kinds.update(p.kind for p in found.problems)
+    summary["failed"] += len(problems)
+    summary["failures_by_kind"] = dict(kinds)
+    summary["rows_superseded"] = store.reconcile(model_id, tracks, drop_missing=prune)
+    final = store.compact_records(set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
+    summary["tracks_total"] = final.num_rows
+    summary["failures_total"] = store.records.failures().num_rows
+    counts = {d["values"]: d["counts"] for d in pc.value_counts(final["genre"]).to_pylist()} if final.num_rows else {}
+    summary["genre_distribution"] = {g: counts.get(g, 0) for g in sorted(labels, key=lambda g: (-counts.get(g, 0), g))}
+    if csv:
+        store.write_csv()
+        summary["csv"] = store.csv_uri()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The closing report of a classify run: counts, throughput, the library's genre distribution."""
+    s = summary
+    lines = [f"predictions {s['predictions']} (model {s['model_id']})",
+             f"{s['discovered']} tracks found, {s['skipped_done']} already classified by this model, "
+             f"{s['skipped_known_failures']} known failures skipped; {s['classified']} classified ({s['warned']} with a warning), {s['failed']} failed"
+             + (f"; {s['ignored_files']} non-audio files ignored" if s.get("ignored_files") else "")]
+    if s["classified"]:
+        lines.append(f"{s['audio_seconds'] / 3600:.2f} h of audio in {format_duration(s['wall_seconds'])}: "
+                     f"{s['tracks_per_second']:.1f} tracks/s, {s['audio_seconds_per_second']:.0f}x real time, "
+                     f"{s['segments']} segments scored (at most {s['max_segments'] or 'all'} per track)")
+    total = max(s["tracks_total"], 1)
+    rows = [(g, n, f"{100 * n / total:.1f}%") for g, n in s["genre_distribution"].items()]
+    rows.append(("total", s["tracks_total"], "100%" if s["tracks_total"] else "0%"))
+    lines += ["", "genre distribution of the library:", format_table(rows, ("genre", "tracks", "share"))]
+    if s["failures_total"]:
+        lines.append(f"\n{s['failures_total']} file(s) could not be classified (table in {s['predictions']}/failures/)"
+                     + (": " + ", ".join(f"{k} {v}" for k, v in sorted(s["failures_by_kind"].items())) if s["failures_by_kind"] else ""))
+    if s.get("csv"):
+        lines.append(f"CSV copy: {s['csv']}")
+    return "\n".join(lines)

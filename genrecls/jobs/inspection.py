@@ -1,0 +1,57 @@
+"""``genrecls inspect``: what a dataset holds, as text a person reads.
+
+Tracks and segments per label, failures and warnings by kind (with the first few paths
+and reasons), and the feature configuration; the same report closes every ingest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from genrecls.core.progress import format_table
+from genrecls.storage.dataset import Dataset
+
+__all__ = ["describe", "inspect_dataset"]
+
+
+def inspect_dataset(dataset: str | Dataset, *, as_json: bool = False) -> str:
+    """The ``inspect`` command's output: :func:`describe`, or the manifest as JSON."""
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    return json.dumps(ds.manifest(), indent=2) if as_json else describe(ds)
+
+
+def describe(ds: Dataset) -> str:
+    """The ``inspect`` report: tracks and segments per label, failures and warnings by kind, features.
+
+    Raises :class:`~genrecls.storage.dataset.DatasetError` when ``ds`` is not a dataset.
+    """
+    m = ds.manifest()
+    per = m["counts"]["per_label"]
+    rows = [(k or "(no label)", int(v["tracks"]), int(v["segments"]), f"{v['audio_seconds'] / 3600:.2f}") for k, v in per.items()]
+    rows.append(("total", m["counts"]["tracks"], m["counts"]["segments"], f"{m['counts']['audio_seconds'] / 3600:.2f}"))
+    out = [format_table(rows, ("label", "tracks", "segments", "hours"))]
+    out += _records(ds.failures(), f"failures ({{n}}; the table is in {ds.uri}/failures/):", "reason",
+                    lambda r: f"  {r['path']}: {r['reason']}")
+    out += _records(ds.warnings(), f"kept with a warning ({{n}}; their audio is in the shards; the table is in "
+                    f"{ds.uri}/warnings/):", "warning", lambda r: f"  {r['path']}: {r['kind']}: {r['reason']}")
+    f = m["features"]
+    out.append("")
+    out.append(f"features: preset {f.get('preset', 'tutorial')}, {f['sample_rate']} Hz, segments of {f['segment_samples']} samples "
+               f"({f['segment_samples'] / f['sample_rate']:.2f} s, hop {f['segment_hop']}), "
+               f"log-mel {m['mel_shape'][0]}x{m['mel_shape'][1]} (n_fft {f['n_fft']}, hop {f['hop_length']}), "
+               f"stored as {f['dtype']}; {m['counts']['shards']} shards")
+    return "\n".join(out)
+
+
+def _records(table, title: str, kind_header: str, line, shown: int = 10) -> list[str]:
+    """A failures or warnings section: the count by kind, then the first ``shown`` rows."""
+    if not table.num_rows:
+        return []
+    by_kind = Counter(table.column("kind").to_pylist())
+    out = ["", title.replace("{n}", str(table.num_rows)),
+           format_table(sorted(by_kind.items(), key=lambda kv: -kv[1]), (kind_header, "files"))]
+    out += [line(r) for r in table.slice(0, shown).to_pylist()]
+    if table.num_rows > shown:
+        out.append(f"  ... and {table.num_rows - shown} more")
+    return out

@@ -1,0 +1,192 @@
+"""Scheduled retraining: incremental ingest, a challenger, a fair comparison, promotion.
+
+``retrain(source, dataset, registry)`` is safe to run from cron or any scheduler:
+
+1. takes the registry's lock (a second retrain stops at once with a clear message);
+2. ingests new and changed tracks incrementally and prunes vanished ones from the dataset;
+3. if the dataset is unchanged since the champion was trained, stops (``unchanged``);
+4. trains a challenger into a temporary folder, holding every known track to the split it
+   had (the registry's ``splits.parquet``), so the holdout stays fixed as the library grows;
+5. scores the champion and the challenger on the same holdout and promotes the challenger
+   only if it is **strictly** better: ``challenger > champion + retrain.min_improvement`` on
+   ``retrain.metric`` (margin 0.0 by default: a tie keeps the champion);
+6. records the decision.  A run that dies before the end leaves the registry unchanged.
+
+The holdout is the test split of the current dataset (the registry's fixed assignment),
+restricted to the tracks whose label **both** models know: when the library gains a label,
+the champion cannot predict it, so its tracks are left out of both scores; the decision
+records how many tracks were scored and how many were left out, per label.
+
+Exit codes of the CLI (:mod:`genrecls.core.exitcodes`): 0 promoted (or first model), 3 champion
+kept (or nothing new), 1 failed, 2 bad usage, 4 the registry is locked by another run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from genrecls.core.config import Config
+from genrecls.core.provenance import library_versions
+from genrecls.core.runtime import log
+from genrecls.jobs.ingest import ingest
+from genrecls.storage.dataset import Dataset
+from genrecls.storage.locks import folder_lock
+from genrecls.storage.registry import Registry
+
+__all__ = ["retrain", "dataset_snapshot", "is_better", "PROMOTED", "KEPT", "UNCHANGED"]
+
+PROMOTED, KEPT, UNCHANGED = "promoted", "kept", "unchanged"
+
+
+def dataset_snapshot(ds: Dataset) -> dict[str, Any]:
+    """Counts and a fingerprint of a dataset's current tracks (ids and content fingerprints)."""
+    tracks = ds.tracks()
+    h = hashlib.blake2b(digest_size=16)
+    for tid in sorted(tracks):
+        e = tracks[tid]
+        h.update(f"{tid}:{e.fingerprint}:{e.label}\n".encode())
+    per_label: dict[str, int] = {}
+    for e in tracks.values():
+        per_label[e.label or ""] = per_label.get(e.label or "", 0) + 1
+    return {"uri": ds.uri, "tracks": len(tracks), "segments": sum(e.n_segments for e in tracks.values()),
+            "per_label": per_label, "fingerprint": h.hexdigest()}
+
+
+def is_better(challenger: float, champion: float | None, margin: float) -> bool:
+    """The promotion rule: no champion yet, or strictly better than the champion plus ``margin``."""
+    return champion is None or challenger > champion + margin
+
+
+def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None, *, address: str | None = None,
+            workers: int | None = None, force: bool = False, progress: bool = True, verbose: bool = False) -> dict[str, Any]:
+    """Run one retraining cycle; returns the decision record (``decision`` is promoted/kept/unchanged)."""
+    from genrecls.jobs import training
+
+    cfg = (cfg or Config()).validate()
+    reg = Registry(registry)
+    t0 = time.monotonic()
+    with folder_lock(reg.location, "genrecls retrain"):
+        ingest_summary = ingest(source, dataset, cfg, address=address, workers=workers, prune=True,
+                                progress=progress, verbose=verbose)
+        ds = Dataset(dataset)
+        snapshot = dataset_snapshot(ds)
+        champion = reg.champion()
+        champion_info = reg.version_info(champion) if champion else None
+        if champion_info and not force and champion_info.get("dataset", {}).get("fingerprint") == snapshot["fingerprint"]:
+            decision = {"decision": UNCHANGED, "champion": champion, "challenger": None,
+                        "reason": "the dataset has not changed since the champion was trained",
+                        "dataset": snapshot, "ingest": ingest_summary.to_dict()}
+            reg.record_decision(decision)
+            return decision
+
+        version = reg.next_version()
+        tmp_parent = reg.location.join("versions") if reg.location.is_local else tempfile.gettempdir()
+        os.makedirs(tmp_parent, exist_ok=True)
+        if reg.location.is_local:  # what a killed retrain left behind (we hold the lock)
+            for stale in os.listdir(tmp_parent):
+                if stale.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(tmp_parent, stale), ignore_errors=True)
+        work = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=tmp_parent)
+        try:
+            run_dir = os.path.join(work, "run")
+            result = training.train(dataset, run_dir, cfg, address=address, workers=workers,
+                                    splits=reg.splits_path(), progress=progress, verbose=verbose)
+            holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
+            champion_run = reg.version_location(champion).uri if champion else None
+            scored, left_out = _common_holdout(ds, holdout, [run_dir] + ([champion_run] if champion_run else []))
+            challenger_metrics = _score(run_dir, ds, scored)
+            champion_metrics = _score(champion_run, ds, scored) if champion_run else None
+            metric = cfg.retrain.metric
+            margin = cfg.retrain.min_improvement
+            new = float(challenger_metrics[metric])
+            old = None if champion_metrics is None else float(champion_metrics[metric])
+            better = is_better(new, old, margin)
+            decision_name = PROMOTED if better else KEPT
+            reason = (f"first model ({metric} {new:.4f})" if old is None else
+                      f"{metric}: challenger {new:.4f} vs champion {old:.4f} on {len(scored)} holdout tracks "
+                      f"(promoted only if > champion + {margin:.4f}) -> {decision_name}")
+            holdout_record = {"tracks": len(scored), "left_out": sum(left_out.values()),
+                              "left_out_per_label": left_out,
+                              "rule": "test-split tracks whose label both models know"}
+            info = {
+                "model_id": result.get("model_id"),
+                "metrics": challenger_metrics,
+                "dataset": snapshot,
+                "config": cfg.to_dict(),
+                "versions": library_versions(),
+                "decision": decision_name,
+                "compared_with": {"version": champion, "metrics": champion_metrics},
+                "holdout": holdout_record,
+                "train_seconds": result.get("train_seconds"),
+            }
+            # the split assignment of every known track is kept forever: save it before registering
+            _save_splits(reg, os.path.join(run_dir, "splits.parquet"))
+            reg.add_version(run_dir, version, info)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if better:
+            reg.set_champion(version, reason=reason)  # we hold the registry's lock
+        decision = {"decision": decision_name, "champion": version if better else champion,
+                    "challenger": version, "previous_champion": champion, "reason": reason,
+                    "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
+                    "holdout": holdout_record, "min_improvement": margin,
+                    "dataset": snapshot, "ingest": ingest_summary.to_dict(),
+                    "seconds": round(time.monotonic() - t0, 1)}
+        reg.record_decision(decision)
+        log.info(reason)
+        return decision
+
+
+def _save_splits(reg: Registry, splits_file: str) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(splits_file)
+    reg.location.write_atomic("splits.parquet", lambda out: pq.write_table(table, out, compression="zstd"))
+
+
+def _holdout(ds: Dataset, splits_file: str) -> list[str]:
+    """The fixed holdout: tracks of the current dataset assigned to ``test``."""
+    from genrecls.storage.split import read_splits
+
+    table = read_splits(splits_file)
+    test = {t for t, s in zip(table.column("track_id").to_pylist(), table.column("split").to_pylist()) if s == "test"}
+    holdout = sorted(t for t, e in ds.tracks().items() if t in test and e.label)
+    if not holdout:
+        raise ValueError(f"the holdout of {ds.uri} is empty: no labelled track is assigned to the test split")
+    return holdout
+
+
+def _common_holdout(ds: Dataset, holdout: list[str], runs: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The holdout tracks whose label every run knows, and how many were left out per label."""
+    from genrecls.models.inference import read_run_info
+
+    known = None
+    for run in runs:
+        labels = set(read_run_info(run)["labels"])
+        known = labels if known is None else known & labels
+    tracks = ds.tracks()
+    scored = [t for t in holdout if tracks[t].label in known]
+    left_out: dict[str, int] = {}
+    for t in holdout:
+        if tracks[t].label not in known:
+            left_out[tracks[t].label] = left_out.get(tracks[t].label, 0) + 1
+    if not scored:
+        raise ValueError(f"no holdout track of {ds.uri} has a label that both the challenger and the champion know")
+    return scored, dict(sorted(left_out.items()))
+
+
+def _score(run: str, ds: Dataset, holdout: list[str]) -> dict[str, Any]:
+    """Metrics of a run's model on the holdout (every track's label is one the model knows)."""
+    from genrecls.models.evaluation import evaluate_predictor
+    from genrecls.models.inference import Predictor
+
+    predictor = Predictor(run)
+    metrics = evaluate_predictor(predictor, ds, {"test": holdout})
+    metrics["model_id"] = predictor.model_id
+    metrics["holdout_tracks"] = len(holdout)
+    return metrics

@@ -1,0 +1,198 @@
+"""The classify stream: the Ray Data pipeline that turns tracks into predictions, and its two stages.
+
+::
+
+    input blocks of tracks (source, path, size, mtime_ns)
+      -> map_batches(featurise_batch)  CPU tasks: decode, segment, log-mel (genrecls.audio.pipeline),
+                                       at most K evenly spaced segments per track; a bad file
+                                       becomes a row with error_kind/error_reason, never an exception
+      -> map_batches(Scorer)           long-lived model actors: score the segments in batches,
+                                       one row per track with the prediction columns
+                                       (genrecls.storage.predictions.prediction_columns)
+      -> output blocks, consumed by the driver (genrecls.jobs.classify)
+
+The code here runs in Ray workers (the stages) or builds the pipeline in the driver
+(:func:`stream`); it writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from genrecls.audio.discovery import track_id_for
+from genrecls.core.config import ClassifyConfig, DecodeConfig, FeatureConfig
+from genrecls.core.runtime import quiet_ray_data
+from genrecls.core.scheduling import slots, task_bounds
+from genrecls.models.inference import aggregate_tracks
+from genrecls.storage.location import Location
+from genrecls.storage.predictions import prediction_columns, prediction_schema
+
+__all__ = ["featurise_batch", "Scorer", "stream", "DECODE_MAX_RETRIES"]
+
+#: columns of the stream between the CPU stage and the model actors, besides the predictions
+_ERROR_COLUMNS = [pa.field(name, pa.string()) for name in ("error_kind", "error_reason", "warning_kind", "warning_reason")]
+#: columns of a featurised batch (the output of the CPU stage)
+_FEATURISED = {"path": pa.string(), "track_id": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64(),
+               "duration": pa.float64(), "n_segments": pa.int32(), "mels": pa.large_binary(),
+               **{f.name: f.type for f in _ERROR_COLUMNS}}
+#: at most this many input blocks, however large the library (bounds driver and scheduler overhead)
+MAX_INPUT_BLOCKS = 4096
+#: decoding tasks a worker process runs before it is replaced
+DECODE_MAX_CALLS = 100
+#: retries of a decoding task whose worker process died (then its tracks are retried one by one)
+DECODE_MAX_RETRIES = 2
+
+
+def _stream_schema(labels: list[str]) -> pa.Schema:
+    return pa.schema(list(prediction_schema(labels)) + _ERROR_COLUMNS)
+
+
+# -- stage 1: decode and featurise (CPU tasks) ---------------------------------------
+def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
+                    decode: DecodeConfig | None = None) -> pa.Table:
+    """Decode a batch of tracks into one row per track holding its stacked segments.
+
+    Input columns: ``source`` (path to read), ``path`` (relative path), ``size``,
+    ``mtime_ns``.  Output adds ``track_id``, ``duration``, ``n_segments``, ``mels`` (the
+    segments (n, n_mels, n_frames) as bytes of ``features.dtype``), ``error_kind`` /
+    ``error_reason`` (set, with no segments, for a file that could not be used) and
+    ``warning_kind`` / ``warning_reason`` (a file used although something is off; several
+    joined with "; ").  Never raises for a bad file.
+    """
+    from genrecls.audio.pipeline import one_thread, tune_allocator
+
+    tune_allocator()
+    with one_thread():  # one CPU per decoding task: no spinning BLAS threads (genrecls.audio.pipeline.one_thread)
+        return _featurise(batch, features, max_segments, decode)
+
+
+def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, decode: DecodeConfig | None) -> pa.Table:
+    from genrecls.audio.pipeline import sampled_track_features
+    from genrecls.core.errors import failure_of
+
+    dtype = np.float16 if features.dtype == "float16" else np.float32
+    out: dict[str, list] = {k: [] for k in _FEATURISED}
+    for row in batch.to_pylist():
+        mels, duration, kind, reason, warnings, n = b"", None, None, None, [], 0
+        try:
+            feats = sampled_track_features(row["source"], features, max_segments, decode)
+            mels = np.ascontiguousarray(feats.mels, dtype=dtype).tobytes()
+            n, duration, warnings = int(feats.mels.shape[0]), float(feats.duration), feats.warnings
+        except Exception as exc:  # recorded, never fatal for the batch
+            kind, reason = failure_of(exc)
+        values = {"path": row["path"], "track_id": track_id_for(row["path"]), "size": row["size"],
+                  "mtime_ns": row["mtime_ns"], "duration": duration, "n_segments": n, "mels": mels,
+                  "error_kind": kind, "error_reason": reason,
+                  "warning_kind": warnings[0].kind if warnings else None,  # the most serious (genrecls.storage.records)
+                  "warning_reason": "; ".join(w.reason for w in warnings) or None}
+        for k, v in values.items():
+            out[k].append(v)
+    return pa.table({k: pa.array(out[k], t) for k, t in _FEATURISED.items()})
+
+
+# -- stage 2: score (long-lived model actors) -----------------------------------------
+class Scorer:
+    """A model actor: loads the run's SavedModel once, then scores batches of tracks.
+
+    Called by Ray Data with a batch of :func:`featurise_batch` rows; returns one row per
+    track with the prediction columns (failed tracks pass through with their error).
+    """
+
+    def __init__(self, run_uri: str, batch_size: int, top_k: int, threads: int = 0):
+        from genrecls.core.runtime import quiet_environment
+        from genrecls.models.inference import Predictor
+        from genrecls.models.networks import set_tf_threads
+
+        # the worker environment (genrecls.core.runtime.WORKER_ENV) turns TensorFlow's oneDNN kernels on:
+        # they halve the CPU cost of the CNN, and probabilities differ from the reference kernels
+        # only at the 1e-6 level
+        quiet_environment()
+        set_tf_threads(threads)
+
+        self.predictor = Predictor(run_uri)
+        self.labels = self.predictor.labels
+        self.model_id = self.predictor.model_id
+        self.shape = self.predictor.features.mel_shape
+        self.dtype = np.float16 if self.predictor.features.dtype == "float16" else np.float32
+        self.batch_size = batch_size
+        self.top_k = top_k
+        self.schema = _stream_schema(self.labels)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch.column("error_kind").to_pylist()
+        ok = [i for i in range(n) if errors[i] is None]
+        probs = np.full((n, len(self.labels)), np.nan, np.float32)
+        if ok:
+            blobs = batch.column("mels").to_pylist()
+            counts = batch.column("n_segments").to_pylist()
+            mels = np.concatenate([np.frombuffer(blobs[i], dtype=self.dtype) for i in ok])
+            mels = mels.reshape(-1, *self.shape).astype(np.float32)
+            seg_probs = self.predictor.predict(mels, batch_size=self.batch_size)
+            owners = [str(i) for i in ok for _ in range(counts[i])]
+            ids, track_probs = aggregate_tracks(owners, seg_probs)
+            probs[[int(t) for t in ids]] = track_probs
+        cols = prediction_columns(np.nan_to_num(probs), self.labels, self.top_k)
+        valid = pa.array([e is None for e in errors])
+        now = dt.datetime.now(dt.timezone.utc)
+        arrays = {name: batch.column(name) for name in ("path", "track_id", "n_segments", "duration", "size", "mtime_ns")}
+        for name, arr in cols.items():  # predictions of failed tracks are null
+            arrays[name] = pc.if_else(valid, arr, pa.nulls(n, arr.type))
+        arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
+        arrays["classified_at"] = pa.array([now] * n, pa.timestamp("ms", tz="UTC"))
+        arrays["error_kind"] = batch.column("error_kind")
+        for name in ("error_reason", "warning_kind", "warning_reason"):
+            arrays[name] = batch.column(name)
+        return pa.table({f.name: arrays[f.name] for f in self.schema}, schema=self.schema)
+
+
+def _actors(ccfg: ClassifyConfig) -> int:
+    import ray
+
+    if ccfg.actors:
+        return ccfg.actors
+    if ccfg.gpu:
+        return int(ray.cluster_resources().get("GPU", 0))
+    return 1
+
+
+def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig, decode: DecodeConfig,
+           workers: int | None, tracks_per_task: int, verbose: bool = False) -> Iterator[pa.Table]:
+    """Build the Ray Data pipeline and yield its output blocks as they are produced."""
+    import ray
+    import ray.data
+
+    quiet_ray_data(verbose)  # also when Ray was started before this job (a notebook, the tests)
+    if ccfg.gpu and int(ray.cluster_resources().get("GPU", 0)) < 1:
+        raise ValueError("classify.gpu: the Ray cluster has no GPU; drop --gpu or join a cluster with GPUs")
+    decoders, _ = slots(workers)
+    blocks = [todo.take(pa.array(np.arange(a, b))) for a, b in
+              task_bounds(todo.num_rows, tracks_per_task, decoders, max_tasks=MAX_INPUT_BLOCKS)]
+    ds = ray.data.from_arrow(blocks)
+    # a block whose decoding worker keeps dying (a file that crashes a native decoder) is
+    # dropped after DECODE_MAX_RETRIES retries instead of being retried forever; the driver
+    # then retries its tracks one by one.  Past 1% of the blocks it is a run-level problem.
+    ds.context.max_errored_blocks = max(16, len(blocks) // 100)
+    # max_calls recycles decoding workers now and then (bounds leaks of native decoders) and, as
+    # the two stages' remote arguments then differ, keeps Ray Data from fusing decoding into
+    # the model actors, which would serialise it behind the actor pool
+    ds = ds.map_batches(
+        featurise_batch, fn_kwargs={"features": features, "max_segments": ccfg.max_segments, "decode": decode},
+        batch_size=tracks_per_task, batch_format="pyarrow", num_cpus=1, max_calls=DECODE_MAX_CALLS,
+        max_retries=DECODE_MAX_RETRIES, compute=ray.data.TaskPoolStrategy(size=decoders) if workers else None,
+        udf_modifying_row_count=False)
+    per_track = max(1, ccfg.max_segments or 10)
+    threads = max(1, math.ceil(ccfg.actor_cpus)) if not ccfg.gpu else 0
+    ds = ds.map_batches(
+        Scorer, fn_constructor_kwargs={"run_uri": run.uri, "batch_size": ccfg.batch_size, "top_k": ccfg.top_k,
+                                       "threads": threads},
+        batch_size=max(1, ccfg.batch_size // per_track), batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=_actors(ccfg)),
+        num_cpus=ccfg.actor_cpus, num_gpus=1 if ccfg.gpu else None, udf_modifying_row_count=False)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)

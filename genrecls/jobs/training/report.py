@@ -1,0 +1,68 @@
+"""A run's human-readable report (``RUN/report.md``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from genrecls.core.config import Config, FeatureConfig
+
+from .plan import TrainPlan
+
+__all__ = ["format_report"]
+
+
+def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:
+    """A human-readable report of a run (report.md)."""
+    from genrecls.core.progress import format_duration, format_table
+    from genrecls.models.evaluation import format_metrics
+
+    m = summary["metrics"]
+    h = summary["history"]
+    lines = [f"# Training run {summary['model_id']}", ""]
+    lines.append(f"- dataset: `{plan.dataset}` ({sum(plan.tracks_per_split[s]['total'] for s in plan.tracks_per_split)} "
+                 f"labelled tracks, {len(plan.labels)} labels{f', {plan.unlabelled_tracks} unlabelled tracks ignored' if plan.unlabelled_tracks else ''})")
+    f = FeatureConfig(**plan.features)
+    scale = "log-mel dB" if f.log_scale == "db" else "log10(10000 mel + 1)"
+    if plan.model == "tutorial":
+        lines.append(f"- model: `tutorial` ({info['model']['parameters']:,} weights); raw dB input as in the tutorial")
+    elif plan.model == "musicnn":
+        lines.append(f"- model: `musicnn` ({info['model']['parameters']:,} weights): the pretrained MSD musicnn backbone "
+                     f"({'fine-tuned' if plan.fine_tune else 'frozen; each segment embedded once, only the head trained'}) "
+                     f"and a softmax head; input {plan.mel_shape[0]}x{plan.mel_shape[1]} {scale} (preset {f.preset})")
+    else:
+        lines.append(f"- model: `{plan.model}` ({info['model']['parameters']:,} weights); input {plan.mel_shape[0]}x{plan.mel_shape[1]} "
+                     f"{scale} (preset {f.preset}), normalised per mel band inside the model with training-split statistics")
+    order = "cached after one read, rows shuffled once" if plan.cache else f"streamed from the shards every epoch, order {plan.shuffle}"
+    lines.append(f"- training: {plan.workers} Ray Train worker(s) x {plan.cpus_per_worker:g} CPU{' + GPU' if plan.use_gpu else ''}, "
+                 f"batch {plan.batch_size} per worker, {plan.steps_per_epoch} steps per epoch, {summary['epochs_run']} of "
+                 f"{plan.epochs} epochs{' (early stop)' if summary['stopped_early'] else ''}, best epoch {summary['best_epoch']} "
+                 "(highest validation track accuracy), "
+                 f"learning rate {plan.learning_rate:g} with cosine decay, input {order}, seed {plan.seed}, "
+                 f"class weights {'on' if cfg.train.class_weights else 'off'}, track weights {'on' if plan.segment_weights else 'off'}, augmentation {'on' if plan.augment and plan.model != 'tutorial' else 'off'}")
+    sps = [r["segments_per_s"] for r in h[1:]] or [r["segments_per_s"] for r in h]
+    lines.append(f"- time: {format_duration(summary['train_seconds'])} in epochs, {format_duration(summary['wall_seconds'])} in all; "
+                 f"median {float(np.median(sps)) if sps else 0:.0f} training segments/s")
+    if summary["restarts"]:
+        lines.append(f"- restarts from a checkpoint: {len(summary['restarts'])} "
+                     f"(at epochs {', '.join(str(r['from_epoch']) for r in summary['restarts'])})")
+    for note in plan.notes:
+        lines.append(f"- note: {note}")
+    if h and h[-1].get("onednn") == "0":
+        lines.append("- note: the workers ran TensorFlow with oneDNN disabled (TF_ENABLE_ONEDNN_OPTS=0 in their "
+                     "environment): convolutions run 2-3x slower on x86 CPUs than with it enabled")
+    lines += ["", "## Split (by track, stratified by label)", ""]
+    rows = []
+    for label in plan.labels + ["total"]:
+        rows.append((label, *[plan.tracks_per_split[s].get(label, 0) for s in ("train", "val", "test")],
+                     *[plan.segments_per_split[s].get(label, 0) for s in ("train", "val", "test")]))
+    lines += ["```", format_table(rows, ("label", "train tracks", "val tracks", "test tracks", "train segs", "val segs", "test segs")), "```"]
+    lines += ["", "## Metrics", "", "```", format_metrics(m), "```", ""]
+    lines += ["## Per epoch", "", "```", format_table(
+        [(r["epoch"], f"{r['loss']:.4f}", f"{r['accuracy']:.3f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
+          f"{r.get('val_track_accuracy', float('nan')):.3f}", f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
+        ("epoch", "loss", "acc", "val loss", "val acc", "val track acc", "lr", "seconds")), "```", ""]
+    lines += ["![learning curves](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
+    return "\n".join(lines)
