@@ -7,9 +7,12 @@ with soundfile and run the real ingest on a real local Ray.
 from __future__ import annotations
 
 import os
+import pathlib
+import tempfile
 
 import pytest
 
+from genrecls.core.hooks import PAUSE_DIR_ENV
 from genrecls.core.runtime import quiet_environment
 
 quiet_environment()
@@ -23,6 +26,61 @@ os.environ.pop("AWS_PROFILE", None)
 
 #: CPUs the test Ray may use (CI machines have 2 cores)
 TEST_CPUS = int(os.environ.get("GENRECLS_TEST_CPUS", "2"))
+
+# The folder of genrecls.core.hooks' pause points, set before any Ray starts so that Ray
+# workers and the CLIs the tests start see it too (nothing pauses until a test arms a point).
+os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="genrecls-pauses-")
+
+
+class Pauses:
+    """Arm a pause point, wait until a process holds it (the event), release it (genrecls.core.hooks)."""
+
+    def __init__(self, folder: str):
+        self.folder = pathlib.Path(folder)
+
+    def arm(self, name: str) -> None:
+        (self.folder / f"{name}.arm").write_text("")
+
+    def wait(self, name: str, alive=None, timeout: float = 300.0) -> int:
+        """The pid of the process that holds ``name``, once one does.
+
+        ``alive`` (a ``Popen`` or a callable) is the run expected to get there: its end first is
+        a failure with its output.  ``timeout`` only guards against a hang, it decides nothing.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            held = sorted(self.folder.glob(f"{name}.*.paused"))
+            if held:  # taken by this wait: a later wait for the same point sees only a new holder
+                held[0].rename(held[0].with_suffix(".held"))
+                return int(held[0].name.split(".")[-2])
+            if alive is not None:
+                done = alive.poll() is not None if hasattr(alive, "poll") else not alive()
+                if done:
+                    out = alive.communicate() if hasattr(alive, "communicate") else ""
+                    raise AssertionError(f"the run ended before it reached {name!r}: {out}")
+            assert time.monotonic() < deadline, f"nothing reached {name!r} in {timeout:.0f} s"
+            time.sleep(0.01)
+
+    def release(self, name: str, pid: int) -> None:
+        (self.folder / f"{name}.{pid}.go").write_text("")
+
+    def reset(self) -> None:
+        """Disarm every point and release every held process."""
+        for f in self.folder.glob("*.arm"):
+            f.unlink(missing_ok=True)
+        for f in [*self.folder.glob("*.paused"), *self.folder.glob("*.held")]:
+            f.with_suffix(".go").write_text("")
+            f.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def pauses():
+    """The pause points of genrecls.core.hooks, disarmed and released after the test."""
+    p = Pauses(os.environ[PAUSE_DIR_ENV])
+    yield p
+    p.reset()
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +28,8 @@ from genrecls.core.config import Config
 from genrecls.jobs.classify import classify, resolve_run
 from genrecls.models.inference import Predictor, aggregate_tracks, export_model
 from genrecls.storage.dataset import Dataset, mel_array
-from genrecls.storage.location import Location, LockedError
+from genrecls.storage.location import Location
+from genrecls.storage.locks import LockedError, folder_lock
 from genrecls.storage.predictions import CSV_NAME, PARTS, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,39 +96,6 @@ def library(sample_library, tmp_path_factory):
     (root / "broken" / "cut.flac").write_bytes(good[: len(good) // 3])
     (root / "broken" / "notes.txt").write_text("not audio; ignored")
     return root
-
-
-class WorkerKiller:
-    """SIGKILLs the first Ray worker process (of this test's own Ray) running a task named ``what``."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.killed: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set() and not self.killed:
-            for p in me.children(recursive=True):
-                try:
-                    if self.what in p.name() or self.what in " ".join(p.cmdline()[:1]):
-                        p.kill()
-                        self.killed.append(p.pid)
-                        break
-                except psutil.Error:
-                    continue
-            time.sleep(0.02)
-
-    def __enter__(self) -> "WorkerKiller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def good_paths(root: Path) -> set[str]:
@@ -253,29 +221,33 @@ def test_another_model_reclassifies_and_replaces_the_old_predictions(first, libr
     assert summary["rows_superseded"] == N_GOOD  # an output folder holds the predictions of one model
 
 
-def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_prediction(library, trained_run, small_cfg, ray_local, tmp_path):
+def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_prediction(library, trained_run, small_cfg, ray_local, tmp_path, pauses):
     out = tmp_path / "pred"
     address = ray_local.get_runtime_context().gcs_address
     sets = [f"classify.{k}={v}" for k, v in TEST_CLASSIFY.items()]
     cmd = [sys.executable, "-m", "genrecls", "classify", str(library), "--model", str(trained_run), "--out", str(out),
            "--address", address, "-q"] + [x for s in sets for x in ("--set", s)]
+    pauses.arm("classify-part-written")  # the driver waits there once its first part is written
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-    deadline = time.monotonic() + 120
     try:
-        while not list((out / PARTS).glob("part-*.parquet")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no part written in 120 s"
-            time.sleep(0.02)
+        assert pauses.wait("classify-part-written", proc) == proc.pid
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     done_before = read_predictions(out).num_rows
     assert 0 < done_before < N_GOOD, "the run was not stopped half-way"
-    # the re-run loses a decoding worker too (SIGKILL of a Ray worker of this test's cluster)
-    with WorkerKiller("featurise_batch") as killer:
-        summary = classify(str(library), str(trained_run), str(out), classify_cfg(small_cfg), progress=False)
-    assert killer.killed, "no decoding worker was seen"
+    # the re-run loses a decoding worker too: SIGKILL of the Ray worker held inside its first decoding task
+    pauses.arm("classify-featurise")
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(s=classify(str(library), str(trained_run), str(out),
+                                                                 classify_cfg(small_cfg), progress=False)))
+    run.start()
+    pid = pauses.wait("classify-featurise", run.is_alive)
+    assert pid != os.getpid() and "featurise_batch" in " ".join(psutil.Process(pid).cmdline()[:1])
+    os.kill(pid, signal.SIGKILL)
+    run.join(timeout=600)
+    summary = done["s"]
     assert summary["skipped_done"] == done_before and summary["classified"] == N_GOOD - done_before
     paths = read_predictions(out).column("path").to_pylist()
     assert sorted(paths) == sorted(good_paths(library))  # every track exactly once
@@ -305,7 +277,7 @@ def test_job_script_strict_and_csv(first, library, trained_run, ray_local, tmp_p
 
 def test_run_level_errors_are_clear(library, trained_run, small_cfg, ray_local, tmp_path):
     out = tmp_path / "pred"
-    with Location.parse(str(out)).lock("another classify"):
+    with folder_lock(Location.parse(str(out)), "another classify"):
         with pytest.raises(LockedError, match="another classify"):
             classify(str(library), str(trained_run), str(out), classify_cfg(small_cfg), progress=False)
     with pytest.raises(FileNotFoundError, match="neither a genrecls run"):
@@ -318,18 +290,16 @@ def test_run_level_errors_are_clear(library, trained_run, small_cfg, ray_local, 
             classify(str(library), str(trained_run), str(out), gpu, progress=False)
 
 
-def test_sigterm_stops_classify_with_one_line_and_the_same_command_finishes(library, trained_run, small_cfg, tmp_path):
+def test_sigterm_stops_classify_with_one_line_and_the_same_command_finishes(library, trained_run, small_cfg, tmp_path,
+                                                                            pauses):
     """SIGTERM to the CLI (its own embedded Ray): parts scored so far stay, one line, the re-run adds the rest."""
     out = tmp_path / "pred"
     sets = [f"classify.{k}={v}" for k, v in TEST_CLASSIFY.items()]
     cmd = [sys.executable, "-m", "genrecls", "classify", str(library), "--model", str(trained_run), "--out", str(out),
            "--workers", "1", "-q"] + [x for s in sets for x in ("--set", s)]
+    pauses.arm("classify-part-written")  # the driver waits there once its first part is written
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 240
-    while not list((out / PARTS).glob("part-*.parquet")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no part written in 240 s"
-        time.sleep(0.02)
+    assert pauses.wait("classify-part-written", proc) == proc.pid
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]

@@ -60,18 +60,6 @@ def cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "genrecls", "ingest", *args]
 
 
-def start_until_first_shard(args: list[str], out) -> subprocess.Popen:
-    """Start an ingest CLI and return once its first shard is complete (it must still be running then)."""
-    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None:
-        if os.path.isdir(out / "shards") and any(n.endswith(".parquet") for n in os.listdir(out / "shards")):
-            break
-        time.sleep(0.005)
-    assert driver.poll() is None, f"the ingest ended before its first shard was seen: {driver.stderr.read()[-2000:]}"
-    return driver
-
-
 @pytest.fixture
 def cluster_args(ray_local, small_cfg, tmp_path):
     """CLI flags: the small features, one or two tracks per task (many tasks), the session's Ray."""
@@ -81,39 +69,33 @@ def cluster_args(ray_local, small_cfg, tmp_path):
     return ["--config", str(cfg), "--address", address, "-q"]
 
 
-def test_a_killed_worker_changes_nothing(sample_library, sample_dataset, small_cfg, ray_local, tmp_path):
+def test_a_killed_worker_changes_nothing(sample_library, sample_dataset, small_cfg, ray_local, tmp_path, pauses):
     out = tmp_path / "ds"
     cfg = small_cfg.with_section(ingest={"tracks_per_task": 2})
     done: dict = {}
+    pauses.arm("ingest-task")  # the first task to start waits there: its worker is certainly running it
     run = threading.Thread(target=lambda: done.update(s=ingest(str(sample_library), str(out), cfg, progress=False)))
     run.start()
-    killed = []
-    deadline = time.monotonic() + 120
-    while run.is_alive() and not killed and time.monotonic() < deadline:
-        for p in task_processes():
-            try:
-                p.kill()  # SIGKILL a worker in the middle of an ingest task
-                killed.append(p.pid)
-                break
-            except psutil.Error:
-                pass
-        time.sleep(0.005)
+    pid = pauses.wait("ingest-task", run.is_alive)
+    assert pid != os.getpid(), "the ingest ran in the test process, not in a Ray task"
+    assert psutil.Process(pid).cmdline()[0].startswith("ray::process_batch")
+    os.kill(pid, signal.SIGKILL)  # SIGKILL a worker in the middle of an ingest task
     run.join(timeout=300)
-    assert killed, "no ingest task was caught running"
     assert done["s"].failed == 0 and done["s"].added == 24
     assert content(out) == content(sample_dataset)
     assert not temporaries(out)
 
 
-def test_a_killed_driver_then_the_same_command_gives_the_undisturbed_rows(sample_library, sample_dataset, cluster_args, tmp_path):
+def test_a_killed_driver_then_the_same_command_gives_the_undisturbed_rows(sample_library, sample_dataset, cluster_args, tmp_path, pauses):
     out = tmp_path / "ds"
     args = cli([str(sample_library), "--out", str(out), *cluster_args])
-    driver = start_until_first_shard(args, out)
+    pauses.arm("ingest-shard-written")  # the driver waits there once its first shard is complete
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert pauses.wait("ingest-shard-written", driver) == driver.pid
     driver.send_signal(signal.SIGKILL)  # half-way: at the first complete shard
     driver.wait()
     # Ray stops the dead driver's tasks; wait until none runs any more
-    deadline = time.monotonic() + 60
-    while task_processes() and time.monotonic() < deadline:
+    while task_processes():
         time.sleep(0.1)
     # what readers see meanwhile: complete shards only (temporaries are hidden and not *.parquet)
     partial = Dataset(str(out))
@@ -129,16 +111,20 @@ def test_a_killed_driver_then_the_same_command_gives_the_undisturbed_rows(sample
     assert Dataset(str(out)).manifest()["counts"]["tracks"] == 24
 
 
-def test_two_ingests_on_the_same_output(sample_library, sample_dataset, cluster_args, tmp_path):
+def test_two_ingests_on_the_same_output(sample_library, sample_dataset, cluster_args, tmp_path, pauses):
+    """A holds the lock (at the pause point right after taking it); B, started then, exits 4; A finishes."""
     out = tmp_path / "ds"
     args = cli([str(sample_library), "--out", str(out), *cluster_args])
+    pauses.arm("ingest-locked")
     a = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    b = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = [(p.wait(timeout=300), *p.communicate()) for p in (a, b)]
-    codes = sorted(r[0] for r in results)
-    assert codes == [0, 4], results  # 4: locked (genrecls.core.exitcodes)
-    loser = next(r for r in results if r[0] == 4)
-    assert "is in use by genrecls ingest (pid" in loser[2] and "wait for it to finish" in loser[2]
+    pid = pauses.wait("ingest-locked", a)
+    try:
+        b = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        pauses.release("ingest-locked", pid)
+    out_a, err_a = a.communicate(timeout=300)
+    assert (a.returncode, b.returncode) == (0, 4), (err_a[-2000:], b.stderr[-2000:])  # 4: locked
+    assert f"is in use by genrecls ingest (pid {a.pid}" in b.stderr and "wait for it to finish" in b.stderr
     assert content(out) == content(sample_dataset)
     assert not temporaries(out)
 
@@ -198,14 +184,16 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_corrupt_shard(sample_library
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_ends_the_run_with_one_line_and_the_same_command_resumes(sig, sample_library, sample_dataset,
-                                                                               small_cfg, tmp_path):
+                                                                               small_cfg, tmp_path, pauses):
     """Ctrl-C or SIGTERM to the CLI (its own embedded Ray, as a user runs it): one line, no C++ dumps, resumable."""
     out = tmp_path / "ds"
     cfg = tmp_path / "cfg.json"
     # in_process_mb 0: an embedded Ray even for this small library (the path whose core worker printed C++ dumps)
     cfg.write_text(small_cfg.with_section(ingest={"tracks_per_task": 1, "in_process_mb": 0}).to_json())
     args = cli([str(sample_library), "--out", str(out), "--config", str(cfg), "--workers", "1", "-q"])
-    driver = start_until_first_shard(args, out)
+    pauses.arm("ingest-shard-written")  # the driver waits there once its first shard is complete
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert pauses.wait("ingest-shard-written", driver) == driver.pid
     driver.send_signal(sig)
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 128 + sig, stderr[-3000:]

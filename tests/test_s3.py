@@ -126,30 +126,27 @@ def test_every_command_on_s3(s3_server, bucket, s3_cfg, tiny_library, tmp_path, 
         ("preds", ["classify", str(lib), "--model", uri("run"), "--out", uri("preds"), *common]),
         ("run2", ["train", uri("ds"), "--out", uri("run2"), *common]),
     ]:
-        with Location.parse(uri(target)).lock("genrecls test holder"):
+        with folder_lock(Location.parse(uri(target)), "genrecls test holder"):
             assert main(argv) == ExitCode.LOCKED, argv
         err = capsys.readouterr().err
         assert f"is in use by genrecls test holder (pid {os.getpid()}" in err, err
     assert reg.champion() == "v0001"
 
 
-def test_two_runs_on_one_s3_output_one_proceeds_the_other_exits_4(s3_server, bucket, s3_cfg, tiny_library):
-    """A holds the lock (paused with SIGSTOP while it holds it, so the overlap is certain); B exits 4."""
+def test_two_runs_on_one_s3_output_one_proceeds_the_other_exits_4(s3_server, bucket, s3_cfg, tiny_library, pauses):
+    """A holds the lock (held at the pause point right after taking it, so the overlap is certain); B exits 4."""
     out = s3_server.uri(bucket, "race/ds")
     cmd = [sys.executable, "-m", "genrecls", "ingest", str(tiny_library), "--out", out, "--config", str(s3_cfg),
            "--workers", "1", "-q"]
+    pauses.arm("ingest-locked")
     a = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while "race/ds/.lock.json" not in s3_server.keys(bucket, "race/"):
-            assert a.poll() is None, a.communicate()
-            assert time.monotonic() < deadline, "the first ingest never took the lock"
-            time.sleep(0.05)
-        a.send_signal(signal.SIGSTOP)
+        pid = pauses.wait("ingest-locked", a)
+        assert pid == a.pid and "race/ds/.lock.json" in s3_server.keys(bucket, "race/")
         try:
             b = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         finally:
-            a.send_signal(signal.SIGCONT)
+            pauses.release("ingest-locked", pid)
         assert b.returncode == ExitCode.LOCKED, b.stderr[-3000:]
         assert f"is in use by genrecls ingest (pid {a.pid} on {socket.gethostname()}" in b.stderr, b.stderr
         out_a, err_a = a.communicate(timeout=300)

@@ -20,6 +20,7 @@ from genrecls.core.config import (
 )
 from genrecls.core.errors import FAILURE_KINDS, WARNING_KINDS, AudioError, failure_of, not_regular_reason
 from genrecls.core.exitcodes import TABLE, ExitCode
+from genrecls.core.hooks import PAUSE_DIR_ENV, pause_point
 from genrecls.core.progress import Progress, format_duration, format_table
 from genrecls.core.provenance import TIMESTAMP_FORMAT, library_versions, utc_timestamp
 from genrecls.core.runtime import (
@@ -38,6 +39,8 @@ from genrecls.core.runtime import (
 from genrecls.core.scheduling import cluster_cpus, slots, task_bounds
 
 __all__ = [
+    "PAUSE_DIR_ENV",
+    "pause_point",
     "FAILURE_KINDS",
     "WARNING_KINDS",
     "AudioError",

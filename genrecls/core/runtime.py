@@ -98,7 +98,7 @@ def worker_setup() -> None:
 
 def runtime_env() -> dict:
     """The runtime environment of every genrecls Ray job: quiet env vars and the setup hook."""
-    return {"env_vars": worker_env(), "worker_process_setup_hook": "genrecls.runtime.worker_setup"}
+    return {"env_vars": worker_env(), "worker_process_setup_hook": "genrecls.core.runtime.worker_setup"}
 
 
 def quiet_environment(verbose: bool = False) -> None:

@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 
 from genrecls.audio.discovery import Discovery, discover
 from genrecls.core.config import FALLBACK_MAX_SEGMENTS, Config, FeatureConfig
+from genrecls.core.hooks import pause_point
 from genrecls.core.progress import Progress, format_duration, format_table
 from genrecls.core.runtime import as_interrupted, log, ray_session
 from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream
@@ -156,7 +157,9 @@ class _Writer:
             self.summary["parts_written"] += 1
         self.store.records.write_failures(self._failures)
         self.store.records.write_warnings(self._warnings)
-        self._parts, self._failures, self._warnings, self._rows = [], [], [], 0
+        wrote, self._parts, self._failures, self._warnings, self._rows = bool(self._parts), [], [], [], 0
+        if wrote:
+            pause_point("classify-part-written")
 
 
 def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out: str | os.PathLike,

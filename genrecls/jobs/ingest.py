@@ -38,6 +38,7 @@ from genrecls.audio.pipeline import (
 )
 from genrecls.core.config import Config, DecodeConfig, FeatureConfig
 from genrecls.core.errors import failure_of
+from genrecls.core.hooks import pause_point
 from genrecls.core.progress import Progress, format_duration
 from genrecls.core.provenance import library_versions, utc_timestamp
 from genrecls.core.runtime import as_interrupted, log, ray_session
@@ -82,6 +83,7 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
     written, after deleting its partial shard.
     """
     tune_allocator()
+    pause_point("ingest-task")
     with one_thread():
         return _process_batch(tasks, cfg, dataset_uri, shard_name, decode)
 
@@ -236,6 +238,7 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
     versions = library_versions()
     try:
         with folder_lock(loc, "genrecls ingest"):
+            pause_point("ingest-locked")
             _ingest_locked(found, source, ds, cfg, summary, versions, address=address, workers=workers,
                            prune=prune, progress=progress, verbose=verbose)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the dataset was left consistent (see _ingest_locked)
@@ -330,6 +333,8 @@ class _Tally:
         if res["pid"]:
             self.pids.add(res["pid"])
         self.bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
+        if res["shard"]:
+            pause_point("ingest-shard-written")
 
     def finish(self, loc: Location) -> None:
         if self.touched:

@@ -66,8 +66,10 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
     joined with "; ").  Never raises for a bad file.
     """
     from genrecls.audio.pipeline import one_thread, tune_allocator
+    from genrecls.core.hooks import pause_point
 
     tune_allocator()
+    pause_point("classify-featurise")
     with one_thread():  # one CPU per decoding task: no spinning BLAS threads (genrecls.audio.pipeline.one_thread)
         return _featurise(batch, features, max_segments, decode)
 
