@@ -314,3 +314,31 @@ def test_sigterm_stops_classify_with_one_line_and_the_same_command_finishes(libr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(read_predictions(out).column("path").to_pylist()) == sorted(good_paths(library))
+
+
+def test_a_decoder_stuck_in_native_code_is_stopped_by_the_watchdog(library, trained_run, small_cfg, ray_local,
+                                                                     tmp_path, pauses):
+    """A decoding that never returns (held at a pause point, where the in-task deadline cannot reach it):
+    the task's watchdog names the file and ends the worker; the retried batch records the file as
+    timed_out and classifies the rest of the batch."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    names = sorted(p.name for p in (library / "unseen" / "deep" / "jazz").iterdir())
+    for name in names:
+        shutil.copy2(library / "unseen" / "deep" / "jazz" / name, lib / name)
+    out = tmp_path / "pred"
+    # one batch of every file; the watchdog's budget: twice a 5-s deadline, no margin
+    cfg = classify_cfg(small_cfg).with_section(
+        classify={"tracks_per_task": len(names)},
+        decode={"timeout_seconds": 5.0, "timeout_seconds_per_mb": 0.0, "watchdog_margin_seconds": 0.0})
+    pauses.arm("classify-decode-track")  # the first file a decoding task reaches never returns
+    summary = classify(str(lib), str(trained_run), str(out), cfg, progress=False)
+    fails = pq.read_table(out / "failures").to_pylist()
+    assert [f["kind"] for f in fails] == ["timed_out"], fails
+    assert "did not finish within 10 s" in fails[0]["reason"] and "its worker was stopped" in fails[0]["reason"]
+    stuck = fails[0]["path"]
+    assert sorted(read_predictions(out).column("path").to_pylist()) == sorted(set(names) - {stuck})
+    assert summary["failures_by_kind"] == {"timed_out": 1}
+    held = [int(p.name.split(".")[-2]) for p in pauses.folder.glob("classify-decode-track.*.paused")]
+    assert len(held) == 1 and not psutil.pid_exists(held[0])  # the stuck worker process was ended
+    assert not list((out / ".watchdog").glob("*"))  # cleared at the end of the run

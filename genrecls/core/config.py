@@ -206,16 +206,30 @@ class DecodeConfig:
     #: 100s of MB a minute, so the default never stops a healthy file)
     timeout_seconds: float = 60.0
     timeout_seconds_per_mb: float = 10.0
+    #: a decoding stuck in native code, which the in-task deadline cannot interrupt, is stopped by a
+    #: watchdog (its worker process ends) once it runs past twice its deadline plus this margin;
+    #: the file is recorded as timed_out and the rest of its batch goes on
+    watchdog_margin_seconds: float = 60.0
 
     def validate(self) -> "DecodeConfig":
         _check(self.on_truncated in ("keep", "fail"), "decode.on_truncated", "must be 'keep' or 'fail'")
         _check(self.timeout_seconds > 0, "decode.timeout_seconds", "must be > 0")
         _check(self.timeout_seconds_per_mb >= 0, "decode.timeout_seconds_per_mb", "must be >= 0")
+        _check(self.watchdog_margin_seconds >= 0, "decode.watchdog_margin_seconds", "must be >= 0")
         return self
 
     def deadline_seconds(self, size_bytes: int) -> float:
         """Seconds a file of ``size_bytes`` may take to decode."""
         return self.timeout_seconds + self.timeout_seconds_per_mb * size_bytes / 1e6
+
+    def watchdog_seconds(self, sizes: list[int]) -> float:
+        """Seconds files of these sizes may take together before a watchdog stops their process.
+
+        Twice the sum of their decoding deadlines plus ``watchdog_margin_seconds``: a healthy
+        decoding never comes near it (ingest's driver applies it to a whole task, which may
+        also wait for another to finish; classify's decoding tasks to each file).
+        """
+        return self.watchdog_margin_seconds + 2.0 * sum(self.deadline_seconds(s) for s in sizes)
 
 
 @dataclass(frozen=True)

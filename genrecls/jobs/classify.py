@@ -37,7 +37,10 @@ Faults: a bad file is recorded in ``failures/`` (as ingest records it) and the j
 A decoding task whose worker process dies is retried by Ray; a batch that keeps killing its
 worker (a file that crashes a native decoder) is dropped after ``DECODE_MAX_RETRIES``
 retries and its tracks are retried one by one, so that only the culprit is recorded, as
-``worker_crashed``.  Model actors that die are restarted by Ray Data.
+``worker_crashed``.  A decoder stuck in native code (past twice its deadline) is stopped by
+the decoding task's watchdog, which names the file in ``PREDICTIONS/.watchdog/``; the retried
+batch records it as ``timed_out`` and decodes the rest.  Model actors that die are restarted
+by Ray Data.
 """
 
 from __future__ import annotations
@@ -251,6 +254,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     store.loc.write_text("config.json", cfg.to_json() + "\n")
+    store.clear_watchdog()
     tracks = _track_table(found)
     todo, summary["skipped_done"], summary["skipped_known_failures"] = store.todo(tracks, model_id, ccfg.retry_failed)
     kinds: Counter[str] = Counter()
@@ -259,7 +263,8 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
             bar = Progress(todo.num_rows, "tracks", enabled=progress)
             writer = _Writer(store, prediction_schema(labels, model_id), ccfg.part_rows, summary, bar)
             try:
-                for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose):
+                for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose,
+                                    store.watchdog()):
                     writer.add(block)
             except KeyboardInterrupt:
                 writer.flush()  # keep what was scored before the stop
@@ -267,13 +272,14 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
             lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(writer.seen), pa.string()))))
             if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
                 log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
-                for block in stream(lost, run_loc, cfg.features, ccfg, cfg.decode, workers, 1, verbose):
+                for block in stream(lost, run_loc, cfg.features, ccfg, cfg.decode, workers, 1, verbose, store.watchdog()):
                     writer.add(block)
                 for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(writer.seen), pa.string())))).to_pylist():
                     writer.fail(record_row(
                         r["path"], None, "worker_crashed", "the worker process died while decoding this file "
                         f"(retried {DECODE_MAX_RETRIES} times); it may crash the audio decoder", r["size"], r["mtime_ns"]))
             writer.flush()
+            store.clear_watchdog()
             bar.close()
             kinds = writer.kinds
     problems = problem_rows(found.problems)

@@ -449,12 +449,8 @@ def _remote_process_batch():
 
 
 def task_budget(batch: list[TrackTask], decode: DecodeConfig) -> float:
-    """Seconds after its submission at which a task is stopped by the driver's watchdog.
-
-    Twice the sum of its files' decoding deadlines (a submitted task may wait for another
-    to finish before it starts), plus a minute: a healthy task never comes near it.
-    """
-    return 60.0 + 2.0 * sum(decode.deadline_seconds(t.size) for t in batch)
+    """Seconds after its submission at which a task is stopped by the driver's watchdog (DecodeConfig.watchdog_seconds)."""
+    return decode.watchdog_seconds([t.size for t in batch])
 
 
 def _crashed(t: TrackTask, exc: Exception, cfg: Config, loc: Location, timed_out: bool = False) -> dict[str, Any]:

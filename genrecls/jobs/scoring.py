@@ -55,7 +55,7 @@ def _stream_schema(labels: list[str]) -> pa.Schema:
 
 # -- stage 1: decode and featurise (CPU tasks) ---------------------------------------
 def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
-                    decode: DecodeConfig | None = None) -> pa.Table:
+                    decode: DecodeConfig | None = None, watchdog_uri: str | None = None) -> pa.Table:
     """Decode a batch of tracks into one row per track holding its stacked segments.
 
     Input columns: ``source`` (path to read), ``path`` (relative path), ``size``,
@@ -64,31 +64,105 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
     ``error_reason`` (set, with no segments, for a file that could not be used) and
     ``warning_kind`` / ``warning_reason`` (a file used although something is off; several
     joined with "; ").  Never raises for a bad file.
+
+    ``watchdog_uri``: a folder where a watchdog thread names a file whose decoding ran past
+    :meth:`~genrecls.core.config.DecodeConfig.watchdog_seconds` (stuck in native code, out
+    of reach of the in-task deadline) before it ends this worker process; Ray Data retries
+    the batch, and the retry records that file as ``timed_out`` instead of decoding it again.
     """
     from genrecls.audio.pipeline import one_thread, tune_allocator
     from genrecls.core.hooks import pause_point
 
     tune_allocator()
     pause_point("classify-featurise")
-    with one_thread():  # one CPU per decoding task: no spinning BLAS threads (genrecls.audio.pipeline.one_thread)
-        return _featurise(batch, features, max_segments, decode)
+    decode = decode or DecodeConfig()
+    folder = Location.parse(watchdog_uri) if watchdog_uri else None
+    stopped = {n[: -len(".json")]: n for n in folder.list(suffix=".json")} if folder is not None else {}
+    with one_thread(), _Watchdog(folder) as watchdog:  # one CPU per decoding task (genrecls.audio.pipeline.one_thread)
+        return _featurise(batch, features, max_segments, decode, watchdog, stopped)
 
 
-def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, decode: DecodeConfig | None) -> pa.Table:
+class _Watchdog:
+    """Ends this worker process when one file's decoding runs past its budget, after naming the file.
+
+    The in-task deadline (``decode.timeout_*``) stops a decoding between two packets; a
+    decoder stuck inside native code never gets there.  This thread does what ingest's
+    driver does with ``ray.cancel(force=True)``, from inside the task, since Ray Data gives
+    the driver no handle on a task: it writes ``TRACK_ID.json`` into the watchdog folder,
+    then ends the process.
+    """
+
+    def __init__(self, folder: Location | None):
+        import threading
+
+        self.folder = folder
+        self.current: tuple[dict, float, float] | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="genrecls-decode-watchdog", daemon=True)
+
+    def __enter__(self) -> "_Watchdog":
+        if self.folder is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def watch(self, row: dict | None, budget: float = 0.0) -> None:
+        import time
+
+        self.current = (row, time.monotonic() + budget, budget) if row is not None else None
+
+    def _run(self) -> None:
+        import json
+        import os
+        import time
+
+        while not self.stop.wait(0.25):
+            current = self.current
+            if current is None or time.monotonic() < current[1]:
+                continue
+            row, _, budget = current
+            reason = (f"decoding did not finish within {budget:.0f} s (twice its deadline, decode.timeout_seconds and "
+                      "decode.timeout_seconds_per_mb, plus decode.watchdog_margin_seconds): the decoder is stuck; "
+                      "its worker was stopped")
+            try:
+                self.folder.makedirs()
+                self.folder.write_text(f"{track_id_for(row['path'])}.json", json.dumps(
+                    {"path": row["path"], "size": row["size"], "mtime_ns": row["mtime_ns"], "reason": reason}))
+            finally:  # unnamed (the store failed), the file ends up worker_crashed: never a hang
+                os._exit(70)  # as ray.cancel(force=True) would: the native decoder cannot be interrupted
+
+
+def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, decode: DecodeConfig,
+               watchdog: _Watchdog, stopped: dict[str, str]) -> pa.Table:
+    import json
+
     from genrecls.audio.pipeline import sampled_track_features
     from genrecls.core.errors import failure_of
+    from genrecls.core.hooks import pause_point
 
     dtype = np.float16 if features.dtype == "float16" else np.float32
     out: dict[str, list] = {k: [] for k in _FEATURISED}
     for row in batch.to_pylist():
         mels, duration, kind, reason, warnings, n = b"", None, None, None, [], 0
+        tid = track_id_for(row["path"])
         try:
-            feats = sampled_track_features(row["source"], features, max_segments, decode)
-            mels = np.ascontiguousarray(feats.mels, dtype=dtype).tobytes()
-            n, duration, warnings = int(feats.mels.shape[0]), float(feats.duration), feats.warnings
+            if tid in stopped:  # a watchdog stopped an earlier try of this batch on this file
+                kind, reason = "timed_out", json.loads(watchdog.folder.read_text(stopped[tid]))["reason"]
+            else:
+                watchdog.watch(row, decode.watchdog_seconds([row["size"]]))
+                pause_point("classify-decode-track")  # tests: a decoder that never returns
+                feats = sampled_track_features(row["source"], features, max_segments, decode)
+                mels = np.ascontiguousarray(feats.mels, dtype=dtype).tobytes()
+                n, duration, warnings = int(feats.mels.shape[0]), float(feats.duration), feats.warnings
         except Exception as exc:  # recorded, never fatal for the batch
             kind, reason = failure_of(exc)
-        values = {"path": row["path"], "track_id": track_id_for(row["path"]), "size": row["size"],
+        finally:
+            watchdog.watch(None)
+        values = {"path": row["path"], "track_id": tid, "size": row["size"],
                   "mtime_ns": row["mtime_ns"], "duration": duration, "n_segments": n, "mels": mels,
                   "error_kind": kind, "error_reason": reason,
                   "warning_kind": warnings[0].kind if warnings else None,  # the most serious (genrecls.storage.records)
@@ -165,8 +239,13 @@ def _actors(ccfg: ClassifyConfig) -> int:
 
 
 def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig, decode: DecodeConfig,
-           workers: int | None, tracks_per_task: int, verbose: bool = False) -> Iterator[pa.Table]:
-    """Build the Ray Data pipeline and yield its output blocks as they are produced."""
+           workers: int | None, tracks_per_task: int, verbose: bool = False,
+           watchdog: Location | None = None) -> Iterator[pa.Table]:
+    """Build the Ray Data pipeline and yield its output blocks as they are produced.
+
+    ``watchdog``: the folder where decoding tasks name the files their watchdog stopped
+    (see :func:`featurise_batch`); None: no watchdog.
+    """
     import ray
     import ray.data
 
@@ -185,7 +264,8 @@ def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: Classif
     # the two stages' remote arguments then differ, keeps Ray Data from fusing decoding into
     # the model actors, which would serialise it behind the actor pool
     ds = ds.map_batches(
-        featurise_batch, fn_kwargs={"features": features, "max_segments": ccfg.max_segments, "decode": decode},
+        featurise_batch, fn_kwargs={"features": features, "max_segments": ccfg.max_segments, "decode": decode,
+                                    "watchdog_uri": watchdog.uri if watchdog is not None else None},
         batch_size=tracks_per_task, batch_format="pyarrow", num_cpus=1, max_calls=DECODE_MAX_CALLS,
         max_retries=DECODE_MAX_RETRIES, compute=ray.data.TaskPoolStrategy(size=decoders) if workers else None,
         udf_modifying_row_count=False)

@@ -10,6 +10,7 @@ Layout (local path or URI)::
       config.json              the resolved configuration (features are the run's)
       classify.json            the model (run, model_id, labels), library and last summary
       .lock                    held while a classify writes
+      .watchdog/TRACK_ID.json  during a run: a file whose decoder got stuck and was stopped (cleared at the end)
 
 Prediction columns (:func:`prediction_schema`): ``path`` (POSIX, relative to the library
 root), ``track_id`` (as in ingest), ``genre`` (top-1), ``confidence`` (its probability),
@@ -44,6 +45,7 @@ __all__ = ["PARTS", "CSV_NAME", "INFO_NAME", "prediction_schema", "prediction_co
 PARTS = "parts"
 CSV_NAME = "predictions.csv"
 INFO_NAME = "classify.json"
+WATCHDOG = ".watchdog"
 FORMAT = "genrecls-predictions"
 LABELS_KEY = b"genrecls.labels"
 MODEL_KEY = b"genrecls.model_id"
@@ -113,6 +115,15 @@ class PredictionStore:
     @property
     def uri(self) -> str:
         return self.loc.uri
+
+    def watchdog(self) -> Location:
+        """The folder where classify's decoding tasks name the files their watchdog stopped (genrecls.jobs.scoring)."""
+        return self.loc.child(WATCHDOG)
+
+    def clear_watchdog(self) -> None:
+        """Forget the stopped files of an earlier run: a new run tries them again."""
+        for name in self.loc.list(WATCHDOG, include_hidden=True):
+            self.loc.delete(WATCHDOG, name)
 
     def remove_temporaries(self) -> int:
         """Delete what an interrupted writer left (``.tmp-*`` files); returns how many."""
