@@ -389,12 +389,12 @@ class _Task:
     # a write: the copy is prepared now, renamed into place with its group (commit)
     def prepare(self, item: dict[str, Any], st: os.stat_result, fmt: str, fields: dict[str, list | None],
                 *, kind: str, reason: str, current: list[str], new: list[str], id3_target: str | None,
-                extra: dict[str, Any]) -> None:
+                extra: dict[str, Any], fingerprint: str | None = None) -> None:
         ctx = self.ctx
         src = os.path.realpath(item["abs"])  # a symlinked file is written at its target, the link stays
         folder, name = os.path.split(src)
         tmp = os.path.join(folder, f"{LIBRARY_TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
-        fp_before = fingerprint_file(src)
+        fp_before = fingerprint or fingerprint_file(src)  # undo computed it already (the stat below guards it)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         try:
@@ -492,6 +492,9 @@ def _examine_tag(task: _Task, item: dict[str, Any]) -> None:
     """One file of a tag run: report it, and with ``apply`` prepare its write."""
     ctx = task.ctx
     path = item["abs"]
+    if path is None:  # never looked at (a path outside the library)
+        task.rows.append(_row(item, "skip", item["skip"], item["skip_reason"]))
+        return
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -557,10 +560,10 @@ def _examine_tag(task: _Task, item: dict[str, Any]) -> None:
 
 def _prepare(task: _Task, item: dict[str, Any], st: os.stat_result, fmt: str, fields: dict[str, list | None], *,
              kind: str, reason: str, current: list[str], new: list[str], target_fields: dict[str, list | None],
-             id3_before: str | None, id3_target: str | None) -> None:
+             id3_before: str | None, id3_target: str | None, fingerprint: str | None = None) -> None:
     try:
         task.prepare(item, st, fmt, fields, kind=kind, reason=reason, current=current, new=new, id3_target=id3_target,
-                     extra={"fields": target_fields, "id3_before": id3_before})
+                     extra={"fields": target_fields, "id3_before": id3_before}, fingerprint=fingerprint)
     except _Changed as exc:
         task.rows.append(_row(item, "skip", "changed", str(exc), fmt=fmt, current=current))
     except TagError as exc:
@@ -609,7 +612,8 @@ def _examine_undo(task: _Task, item: dict[str, Any]) -> None:
                               current=current, new=shown_old))
         return
     _prepare(task, item, st, fmt, fields, kind="restore", reason=f"undoes {item['undoes']}", current=current,
-             new=shown_old, target_fields=item["old"], id3_before=id3_version(audio), id3_target=item.get("id3_restore"))
+             new=shown_old, target_fields=item["old"], id3_before=id3_version(audio), id3_target=item.get("id3_restore"),
+             fingerprint=fp)
 
 
 def _genre_text(fields: dict[str, list | None], fmt: str) -> list[str]:
@@ -676,6 +680,11 @@ def _plan(rows: list[dict[str, Any]], root: str, index: dict[str, dict[str, Any]
         if j is not None and (j["basis_size"], j["basis_mtime_ns"]) == (r.get("size"), r.get("mtime_ns")):
             item["j_size"], item["j_mtime_ns"] = j["size_after"], j["mtime_ns_after"]  # the file as genrecls left it
         genre, conf = r.get("genre"), r.get("confidence")
+        rel = os.path.normpath(r["path"])
+        if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+            item.update(abs=None, skip="outside_root", skip_reason="the path leads outside the library root")
+            items.append(item)
+            continue
         listed = [g for g in (r.get("genres") or []) if g and g != "uncertain"]
         if genre is None and not listed:
             item.update(skip="no_prediction", skip_reason="the prediction row holds no genre")
@@ -1002,6 +1011,7 @@ _SKIP_TEXT = {
     "uncertain": "the model is uncertain",
     "low_confidence": "below --min-confidence",
     "no_prediction": "no genre to write",
+    "outside_root": "a path outside the library (never written)",
     "missing": "the file is gone",
     "changed": "changed since classification (or since genrecls wrote it): not tagged",
     "superseded": "a later write changed the fields (undo it first)",

@@ -59,7 +59,7 @@ def library(tmp: Path, names: list[str] | None = None, copies: int = 1) -> Path:
     return lib
 
 
-def write_predictions(out: Path, lib: Path, rows: dict[str, dict], model_id: str = "model-a") -> Path:
+def write_predictions(out: Path | str, lib: Path, rows: dict[str, dict], model_id: str = "model-a") -> Path | str:
     """A predictions folder as ``genrecls classify`` writes it, for files as they are now.
 
     ``rows``: path -> ``genre`` (a label or ``"uncertain"``), optional ``confidence``,
@@ -71,7 +71,7 @@ def write_predictions(out: Path, lib: Path, rows: dict[str, dict], model_id: str
         top = rows[p].get("top_genre") or rows[p]["genre"]
         probs[i, LABELS.index(top)] = 0.7
     cols = prediction_columns(probs, LABELS, 3)
-    stats = [os.stat(lib / p) for p in paths]
+    stats = [os.stat(lib / p) if (lib / p).exists() else os.stat(FIXTURES / "plain.mp3") for p in paths]
     table = pa.table({
         "path": paths, "track_id": [track_id_for(p) for p in paths], **cols,
         "n_segments": pa.array([1] * len(paths), pa.int32()), "duration": [1.0] * len(paths),
@@ -87,10 +87,10 @@ def write_predictions(out: Path, lib: Path, rows: dict[str, dict], model_id: str
     if any("genres" in r for r in rows.values()):
         table = table.append_column("genres", pa.array([rows[p].get("genres") for p in paths], pa.list_(pa.string())))
         table = table.append_column("top_genre", pa.array([rows[p].get("top_genre") for p in paths], pa.string()))
-    store = PredictionStore(out)
-    shutil.rmtree(out / PARTS, ignore_errors=True)
-    (out / PARTS).mkdir(parents=True)
-    pq.write_table(table, out / PARTS / "part-0.parquet")
+    store = PredictionStore(str(out))
+    for name in store.part_names():
+        store.loc.delete(PARTS, name)
+    store.loc.write_atomic(f"{PARTS}/part-0.parquet", lambda f: pq.write_table(table, f))
     store.write_info(run="test", model_id=model_id, labels=LABELS, features={}, library=str(lib), last_run={})
     return out
 
@@ -162,6 +162,7 @@ def test_preview_then_every_format_tagged_read_by_mutagen_and_ffmpeg_with_identi
     vocab.write_text(json.dumps(VOCAB))
     audio = {p.name: decode(p) for p in lib.iterdir() if p.suffix != ".aac"}
     os.chmod(lib / "plain.ogg", 0o640)
+    os.chown(lib / "plain.flac", 1234, 5678)  # the tests run as root: ownership can be given away and must be kept
     modes = {p.name: p.stat().st_mode for p in lib.iterdir()}
     before = snapshot(lib)
 
@@ -194,6 +195,7 @@ def test_preview_then_every_format_tagged_read_by_mutagen_and_ffmpeg_with_identi
         assert seen is not None and seen.startswith("Rock"), (ext, seen)
         np.testing.assert_array_equal(decode(path), audio[path.name], err_msg=ext)
         assert path.stat().st_mode == modes[path.name]  # the original's mode, kept by the renamed copy
+    assert (os.stat(lib / "plain.flac").st_uid, os.stat(lib / "plain.flac").st_gid) == (1234, 5678)
     for name, (data, _) in before.items():
         if not name.startswith("plain.") or name == "plain.aac":
             assert (lib / name).read_bytes() == data, f"{name} was changed"
@@ -220,8 +222,10 @@ def test_overwrite_add_id3v23_and_a_persons_edit_across_reruns(ray_local, tmp_pa
 
     before = {n: others(n) for n in names}
 
-    added = tag(str(out), apply=True, mode="add", progress=False)
+    mtimes = {n: os.stat(lib / n).st_mtime_ns for n in names}
+    added = tag(str(out), apply=True, mode="add", keep_mtime=True, progress=False)
     assert added["by_kind"] == {"add": 8, "new": 2}
+    assert {n: os.stat(lib / n).st_mtime_ns for n in names} == mtimes  # --keep-mtime
     for n in names:
         fmt, f = fields(lib / n)
         expect = ["rock"] if n.startswith("plain") else ["Jazz", "rock"]
@@ -305,6 +309,8 @@ def test_changed_read_only_vanished_unparseable_uncertain_files_are_recorded_and
     rows["plain.opus"] = {"genre": "uncertain", "top_genre": "jazz", "confidence": 0.4, "genres": []}
     rows["plain.m4a"] = {"genre": "jazz", "confidence": 0.3}
     rows["plain.wav"] = {"genre": "rock"}
+    (tmp_path / "escape.mp3").write_bytes((FIXTURES / "plain.mp3").read_bytes())
+    rows["../escape.mp3"] = {"genre": "rock"}  # a predictions file pointing outside the library is never followed
     out = write_predictions(tmp_path / "pred", lib, rows)
     # after classification: one file re-encoded (other audio), one read-only, one gone
     shutil.copy(FIXTURES / "tagged.mp3", lib / "plain.mp3")
@@ -315,7 +321,7 @@ def test_changed_read_only_vanished_unparseable_uncertain_files_are_recorded_and
     rep = report(summary)
     assert {p: r["kind"] for p, r in rep.items()} == {
         "plain.mp3": "changed", "plain.flac": "read_only", "plain.ogg": "new", "broken.flac": "unparseable",
-        "plain.opus": "uncertain", "plain.m4a": "low_confidence", "plain.wav": "missing"}
+        "plain.opus": "uncertain", "plain.m4a": "low_confidence", "plain.wav": "missing", "../escape.mp3": "outside_root"}
     assert "changed since classification" in rep["plain.mp3"]["reason"]
     assert "jazz" in rep["plain.opus"]["reason"] and "0.5" in rep["plain.m4a"]["reason"]
     assert summary["failed"] == 2
@@ -330,6 +336,21 @@ def test_changed_read_only_vanished_unparseable_uncertain_files_are_recorded_and
     assert res.returncode == 4 and "locked" in res.stderr and "genrecls tag" in res.stderr
     res = cli(str(tmp_path), "-q")
     assert res.returncode == 2 and "classify.json" in res.stderr
+
+
+def test_journal_and_reports_on_s3(s3_server, ray_local, tmp_path):
+    """PREDICTIONS on an S3-compatible server: journal parts, reports and undo go there; the library is local."""
+    lib = library(tmp_path, ["plain.mp3", "tagged.flac", "plain.m4a"])
+    uri = s3_server.uri(s3_server.bucket("tagjournal"), "pred")
+    write_predictions(uri, lib, {n: {"genre": "rock"} for n in ("plain.mp3", "tagged.flac", "plain.m4a")})
+    summary = tag(uri, apply=True, mode="overwrite", progress=False)
+    assert summary["by_action"] == {"written": 3} and summary["journal"].startswith("s3://")
+    keys = s3_server.keys("tagjournal", f"pred/{JOURNAL}/{summary['run']}/")
+    assert {k.rsplit("/", 1)[1] for k in keys} >= {"run.json", "report.parquet", "report.csv"}
+    assert read_journal(summary["journal"]).num_rows == 3
+    restored = undo(summary["journal"], progress=False)
+    assert restored["by_action"] == {"written": 3}
+    assert fields(lib / "tagged.flac")[1]["GENRE"] == ["Jazz"] and not fields(lib / "plain.mp3")[1]["TCON"]
 
 
 def _check_old_or_new(lib: Path, originals: dict[str, str], out: Path) -> tuple[set[str], dict]:
