@@ -316,6 +316,7 @@ def _unfinished(loc: Location) -> list[str]:
 def _recover(loc: Location, folders: Callable[[], set[str]]) -> dict[str, Any]:
     """Finish what killed runs left: resolve pending journal parts, delete temporary copies, mark them finished."""
     report: dict[str, Any] = {}
+    dirs: set[str] | None = None
     for name in journal_runs(loc):
         run_loc = loc.child(JOURNAL, name)
         try:
@@ -328,7 +329,8 @@ def _recover(loc: Location, folders: Callable[[], set[str]]) -> dict[str, Any]:
         if not root:  # killed before its run.json: it wrote nothing
             continue
         counts = _recover_pending(run_loc, root)
-        counts["temporaries_removed"] += _remove_library_temporaries(root, folders())
+        dirs = folders() if dirs is None else dirs
+        counts["temporaries_removed"] += _remove_library_temporaries(root, dirs)
         temps = counts["temporaries_removed"]
         _compact(run_loc)
         info.update(finished="recovered", recovered={**counts, "at": utc_timestamp()})
@@ -411,8 +413,11 @@ class _Task:
                 os.utime(tmp)
             try:
                 os.chown(tmp, st.st_uid, st.st_gid)
-            except PermissionError:  # not ours to give away: the copy keeps this process's owner
-                pass
+            except PermissionError:  # not ours to give away: keep at least the group, if we are in it
+                try:
+                    os.chown(tmp, -1, st.st_gid)
+                except PermissionError:
+                    pass
             _fsync(tmp)
             fp_after = fingerprint_file(tmp)
             st_after = os.stat(tmp)
