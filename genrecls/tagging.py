@@ -58,6 +58,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .locks import folder_lock
 from .pipeline import fingerprint_file
 from .predictions import INFO_NAME, read_predictions
 from .progress import Progress, format_duration, format_table
@@ -852,7 +853,7 @@ def tag(predictions: str | os.PathLike, *, apply: bool = False, mode: str = "kee
     summary: dict[str, Any] = {"predictions": loc.uri, "library": root, "apply": apply, "run": run if apply else None,
                                "options": options, "written": 0, "files": 0}
     try:
-        with loc.lock("genrecls tag"):
+        with folder_lock(loc, "genrecls tag"):
             table = read_predictions(loc)
             rows = _latest_rows(table)
             if apply:
@@ -932,7 +933,7 @@ def undo(journal: str | os.PathLike, *, keep_mtime: bool = False, apply: bool = 
     summary: dict[str, Any] = {"predictions": loc.uri, "undoes": undone_run, "apply": apply, "run": run, "written": 0,
                                "files": 0, "options": {"keep_mtime": keep_mtime}}
     try:
-        with loc.lock("genrecls tag"):
+        with folder_lock(loc, "genrecls tag"):
             info = run_loc.read_json(RUN_INFO)
             root = info["library"]
             summary["library"] = root

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from genrecls.discovery import track_id_for
+from genrecls.locks import folder_lock
 from genrecls.pipeline import fingerprint_file
 from genrecls.predictions import PARTS, PredictionStore, prediction_columns, prediction_schema
 from genrecls.storage import Location
@@ -331,7 +332,7 @@ def test_changed_read_only_vanished_unparseable_uncertain_files_are_recorded_and
     # the CLI: --strict exits 1 for the failures, a second tag on the locked predictions exits 4
     res = cli(str(out), "--apply", "--strict", "-q", "--min-confidence", "0.5", env={"RAY_ADDRESS": ""})
     assert res.returncode == 1 and "--strict: 2 file(s) failed" in res.stderr, res.stderr[-2000:]
-    with Location.parse(str(out)).lock("genrecls tag"):
+    with folder_lock(Location.parse(str(out)), "genrecls tag"):
         res = cli(str(out), "-q", env={"RAY_ADDRESS": ""})
     assert res.returncode == 4 and "locked" in res.stderr and "genrecls tag" in res.stderr
     res = cli(str(tmp_path), "-q")
