@@ -163,7 +163,8 @@ def test_preview_then_every_format_tagged_read_by_mutagen_and_ffmpeg_with_identi
     vocab.write_text(json.dumps(VOCAB))
     audio = {p.name: decode(p) for p in lib.iterdir() if p.suffix != ".aac"}
     os.chmod(lib / "plain.ogg", 0o640)
-    os.chown(lib / "plain.flac", 1234, 5678)  # the tests run as root: ownership can be given away and must be kept
+    owner = (1234, 5678) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(lib / "plain.flac", *owner)  # as root, ownership can be given away: it must be kept
     modes = {p.name: p.stat().st_mode for p in lib.iterdir()}
     before = snapshot(lib)
 
@@ -196,7 +197,7 @@ def test_preview_then_every_format_tagged_read_by_mutagen_and_ffmpeg_with_identi
         assert seen is not None and seen.startswith("Rock"), (ext, seen)
         np.testing.assert_array_equal(decode(path), audio[path.name], err_msg=ext)
         assert path.stat().st_mode == modes[path.name]  # the original's mode, kept by the renamed copy
-    assert (os.stat(lib / "plain.flac").st_uid, os.stat(lib / "plain.flac").st_gid) == (1234, 5678)
+    assert (os.stat(lib / "plain.flac").st_uid, os.stat(lib / "plain.flac").st_gid) == owner
     for name, (data, _) in before.items():
         if not name.startswith("plain.") or name == "plain.aac":
             assert (lib / name).read_bytes() == data, f"{name} was changed"
