@@ -168,6 +168,46 @@ def _classify():
     return add, run
 
 
+# -- tag --------------------------------------------------------------------------------
+@command("tag", "write the predicted genres into the library's files (a preview unless --apply), or undo a run")
+def _tag():
+    def add(p):
+        p.add_argument("predictions", nargs="?", help="predictions folder written by 'genrecls classify' (its classify.json names the library)")
+        p.add_argument("--apply", action="store_true", help="write the files (default: only report what would be written)")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--overwrite", action="store_true", help="replace a genre a person wrote (default: keep it)")
+        mode.add_argument("--add", action="store_true", help="add the predicted genres to a genre a person wrote")
+        p.add_argument("--max-genres", type=int, default=3, metavar="N", help="at most N genres per file, best first (default 3)")
+        p.add_argument("--min-confidence", type=float, metavar="X", help="skip predictions whose confidence is below X")
+        p.add_argument("--id3v23", action="store_true", help="write ID3v2.3 tags (MP3, AIFF, WAV) instead of v2.4")
+        p.add_argument("--separator", default="/", metavar="S", help="joins several genres in an ID3v2.3 tag (default '/')")
+        p.add_argument("--keep-mtime", action="store_true", help="give each written file its modification time back")
+        p.add_argument("--vocabulary", metavar="FILE", help="JSON object mapping the model's labels to the genre names to write (null: never)")
+        p.add_argument("--undo", metavar="JOURNAL", help="restore what a run wrote: PREDICTIONS/tag-journal/RUN")
+        p.add_argument("--strict", action="store_true", help="exit 1 if any file failed (read-only, unparseable...)")
+        add_ray_args(p)
+
+    def run(a):
+        from genrecls.jobs.tagging import format_summary, tag, undo
+
+        if bool(a.predictions) == bool(a.undo):
+            raise ValueError("give PREDICTIONS (tag) or --undo JOURNAL (undo), not both or neither")
+        common = dict(address=a.address, workers=a.workers, progress=not a.quiet, verbose=a.verbose)
+        if a.undo:
+            summary = undo(a.undo, keep_mtime=a.keep_mtime, **common)
+        else:
+            summary = tag(a.predictions, apply=a.apply, mode="overwrite" if a.overwrite else "add" if a.add else "keep",
+                          max_genres=a.max_genres, min_confidence=a.min_confidence, id3v23=a.id3v23,
+                          separator=a.separator, keep_mtime=a.keep_mtime, vocabulary=a.vocabulary, **common)
+        print(format_summary(summary))
+        if a.strict and summary["failed"]:
+            print(f"--strict: {summary['failed']} file(s) failed", file=sys.stderr)
+            return EXIT_FAILURES
+        return EXIT_OK
+
+    return add, run
+
+
 # -- retrain ----------------------------------------------------------------------------
 
 @command("retrain", "scheduled retraining: ingest new tracks, train a challenger, promote only a better one")

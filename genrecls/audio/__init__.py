@@ -1,4 +1,5 @@
-"""Audio in: discovering a library, decoding, segments, log-mel features, the per-file pipeline, sample data.
+"""Audio files: discovering a library, decoding, segments, log-mel features, the per-file pipeline,
+sample data, and the genre tags inside the files (`tags`, through mutagen).
 
 Imports only :mod:`genrecls.core`.
 """
@@ -45,6 +46,24 @@ from genrecls.audio.pipeline import (
 )
 from genrecls.audio.sample_data import FORMATS, GENRES, make_sample_collection, synthesize, write_audio
 from genrecls.audio.segments import Segment, Segmenter, iter_segments, segment_starts
+from genrecls.audio.tags import FORMATS as TAG_FORMATS
+from genrecls.audio.tags import (
+    PROVENANCE,
+    TagError,
+    current_genres,
+    ffmpeg_genre,
+    field,
+    foreign_genre,
+    genre_key,
+    id3_version,
+    new_fields,
+    open_tags,
+    provenance_key,
+    read_fields,
+    read_provenance,
+    touched,
+    write_fields,
+)
 
 __all__ = [
     "AudioError",
@@ -88,4 +107,20 @@ __all__ = [
     "synthesize",
     "write_audio",
     "make_sample_collection",
+    "PROVENANCE",
+    "TAG_FORMATS",
+    "TagError",
+    "open_tags",
+    "genre_key",
+    "provenance_key",
+    "read_fields",
+    "current_genres",
+    "read_provenance",
+    "field",
+    "touched",
+    "new_fields",
+    "write_fields",
+    "id3_version",
+    "foreign_genre",
+    "ffmpeg_genre",
 ]

@@ -11,6 +11,20 @@ from genrecls.jobs.ingest import format_summary as format_ingest_summary
 from genrecls.jobs.inspection import describe, inspect_dataset
 from genrecls.jobs.retrain import KEPT, PROMOTED, UNCHANGED, dataset_snapshot, is_better, retrain
 from genrecls.jobs.scoring import DECODE_MAX_RETRIES, Scorer, featurise_batch, stream
+from genrecls.jobs.tagging import (
+    IN_PROCESS_FILES,
+    JOURNAL,
+    LIBRARY_TMP_PREFIX,
+    MODES,
+    PREVIEW,
+    decide,
+    journal_index,
+    journal_runs,
+    read_journal,
+    tag,
+    undo,
+)
+from genrecls.jobs.tagging import format_summary as format_tag_summary
 from genrecls.jobs.training import TrainingError, resume_inputs, train
 
 __all__ = [
@@ -28,6 +42,18 @@ __all__ = [
     "resolve_run",
     "classify",
     "format_classify_summary",
+    "tag",
+    "undo",
+    "decide",
+    "read_journal",
+    "journal_index",
+    "journal_runs",
+    "format_tag_summary",
+    "JOURNAL",
+    "IN_PROCESS_FILES",
+    "PREVIEW",
+    "LIBRARY_TMP_PREFIX",
+    "MODES",
     "train",
     "TrainingError",
     "resume_inputs",
