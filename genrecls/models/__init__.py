@@ -5,6 +5,22 @@ Imports :mod:`genrecls.core`, :mod:`genrecls.audio` and :mod:`genrecls.storage`.
 """
 
 from genrecls.models.catalog import MODELS, build_model
+from genrecls.models.engine import (
+    BACKBONE_OUTPUTS,
+    ENGINES,
+    NETWORK_OUTPUTS,
+    PRECISIONS,
+    BackboneEngine,
+    Engine,
+    EngineError,
+    RunEngine,
+    available_threads,
+    backbone_id,
+    backbone_onnx,
+    band_stats,
+    export_onnx,
+    transfer_embedding,
+)
 from genrecls.models.evaluation import (
     EvaluationError,
     evaluate_predictor,
@@ -118,4 +134,18 @@ __all__ = [
     "TAGGER_MODEL",
     "TAGGER_MODEL_ID",
     "tagger_run",
+    "BackboneEngine",
+    "RunEngine",
+    "Engine",
+    "EngineError",
+    "ENGINES",
+    "PRECISIONS",
+    "BACKBONE_OUTPUTS",
+    "NETWORK_OUTPUTS",
+    "available_threads",
+    "backbone_id",
+    "backbone_onnx",
+    "band_stats",
+    "export_onnx",
+    "transfer_embedding",
 ]
