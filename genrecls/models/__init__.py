@@ -91,6 +91,7 @@ from genrecls.models.transfer import (
     head_probabilities,
     load_head,
     save_head,
+    score_stored,
     shared_backbone,
 )
 
@@ -134,6 +135,7 @@ __all__ = [
     "build_head_classifier",
     "shared_backbone",
     "embed_segments",
+    "score_stored",
     "MODELS",
     "build_model",
     "plot_curves",

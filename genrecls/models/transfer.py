@@ -46,7 +46,7 @@ import numpy as np
 
 __all__ = ["BACKBONE_LAYER", "EMBEDDING_DIM", "HEAD_LAYER", "HEAD_FILE", "build_backbone", "build_musicnn_classifier",
            "LinearHead", "head_probabilities", "head_embedding", "save_head", "load_head", "build_head_classifier",
-           "shared_backbone", "embed_segments"]
+           "shared_backbone", "embed_segments", "score_stored"]
 
 #: the network's layer whose output (mean over time of the mid-end features) is part of the embedding
 BACKBONE_LAYER = "mean_pool"
@@ -283,3 +283,50 @@ def embed_segments(backbone, chunks: Iterable[np.ndarray], shape: tuple[int, int
     if not parts:
         return {name: np.zeros((0, w), np.float32) for name, w in BACKBONE_OUTPUTS.items()}
     return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+# ---------------------------------------------------------------------------- scoring from the store
+
+def score_stored(run, dataset, track_ids: Iterable[str], *, prefix: str = "test") -> dict[str, Any] | None:
+    """A frozen-backbone run's metrics on the given tracks, from the dataset's embedding store and the run's
+    head alone (no backbone pass): :func:`genrecls.models.evaluation.split_metrics` of ``prefix``.
+
+    None when that cannot be done exactly: the run has no head (another model, or an older run),
+    the store was computed by another backbone or from other features than the run's, or it
+    lacks one of the tracks (then score with the exported model).
+    """
+    from genrecls.core.config import FeatureConfig
+    from genrecls.models.evaluation import split_metrics
+    from genrecls.models.inference import read_run_info
+    from genrecls.storage.dataset import Dataset
+    from genrecls.storage.embeddings import EmbeddingStore, EmbeddingStoreError
+
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    try:
+        head = load_head(run)
+        info = read_run_info(run)
+    except FileNotFoundError:
+        return None
+    store = EmbeddingStore(ds.location)
+    try:
+        described = store.check(head.info.get("backbone", ""), FeatureConfig(**info["features"]))
+    except EmbeddingStoreError:
+        return None
+    if described is None:
+        return None
+    index = ds.tracks()
+    ids = sorted(set(track_ids))
+    if any(t not in index for t in ids):
+        return None
+    valid = store.valid_for({t: (index[t].fingerprint, index[t].n_segments) for t in ids})
+    if len(valid) != len(ids):
+        return None
+    table = store.read(valid.values(), head.layers)
+    from genrecls.storage.embeddings import layer_array
+
+    probs = head_probabilities({n: layer_array(table.column(n)) for n in head.layers}, head)
+    tids = table.column("track_id").to_pylist()
+    metrics = split_metrics(prefix, list(head.labels), tids, [index[t].label for t in tids], probs)
+    metrics["scored_by"] = {"how": "the run's head (head.npz) on the dataset's stored embeddings",
+                            "backbone": described["backbone"], "engines": described["engines"]}
+    return metrics
