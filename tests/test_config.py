@@ -57,8 +57,6 @@ def test_overrides_parse_values_by_type():
     ("ingest.max_task_retries=-1", "ingest.max_task_retries"),
     ("ingest.strict=maybe", "ingest.strict: expected true or false"),
     ("ingest.embeddings=on", "ingest.embeddings: 'on' is not one of"),
-    ("ingest.engine=tvm", "ingest.engine: must be one of auto, openvino, onnxruntime, tensorflow"),
-    ("ingest.precision=int8", "ingest.precision: must be one of auto, fp32"),
     ("train.head_candidates=mean_pool+vibes", "train.head_candidates: unknown layer 'vibes' in 'mean_pool+vibes'"),
     ("train.head_candidates=bands+band_std", "train.head_candidates: 'bands+band_std' names a layer twice"),
     ("train.head_c=[0.1,0]", "train.head_c: must be one or more numbers > 0"),
@@ -168,12 +166,12 @@ def test_model_and_retrain_metric_are_checked_against_the_names_that_exist():
         Config().override(["train.threads=-1"])
 
 
-def test_engine_and_head_layer_names_are_the_engines():
-    """What ingest.engine/precision and train.head_candidates accept is what genrecls.models.engine offers."""
-    from genrecls.core.config import ENGINE_NAMES, HEAD_LAYERS, PRECISION_NAMES, head_candidate_layers
-    from genrecls.models.engine import BACKBONE_OUTPUTS, ENGINES, PRECISIONS
+def test_head_layer_names_are_the_backbones():
+    """What train.head_candidates accepts is what genrecls.models.engine's backbone gives."""
+    from genrecls.core.config import HEAD_LAYERS, head_candidate_layers
+    from genrecls.models.engine import BACKBONE_OUTPUTS
 
-    assert ENGINE_NAMES == ENGINES and PRECISION_NAMES == PRECISIONS and HEAD_LAYERS == BACKBONE_OUTPUTS
+    assert HEAD_LAYERS == BACKBONE_OUTPUTS
     assert head_candidate_layers("penultimate+mean_pool+bands") == ("penultimate", "mean_pool", "band_mean", "band_std")
     cfg = Config().override(["train.head_candidates=taggram, mean_pool+bands", "train.head_c=0.5"])
     assert cfg.train.head_candidates == ("taggram", "mean_pool+bands") and cfg.train.head_c == (0.5,)

@@ -78,7 +78,7 @@ def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_wh
     ds = Dataset(musicnn_dataset)
     table = ds.read_segments(columns=["track_id", "mel"])
     mels = mel_array(table.column("mel"), (96, 187))[:6]
-    probs = Predictor(str(run)).predict(mels)
+    probs = Predictor(str(run), engine="tensorflow").predict(mels)  # the SavedModel, fp32
     assert probs.shape == (6, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     head = load_head(str(run))
     assert head.layers == tuple(chosen["layers"]) and head.labels == tuple(info["labels"])
@@ -91,7 +91,8 @@ def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_wh
     by_k = {r["k"]: r["track_accuracy"] for r in m["val_track_accuracy_by_k"]}  # K chosen on the validation tracks
     assert by_k[m["classify_max_segments"]] == max(by_k.values())
     assert info["classify"]["max_segments"] == m["classify_max_segments"]
-    for name in ("report.md", "head.npz", "normalisation.json", "history.json", "curves.png", "confusion_matrix.png",
+    assert np.abs(Predictor(str(run)).predict(mels) - probs).max() < 0.05  # model.onnx on the engine (bf16 here)
+    for name in ("report.md", "head.npz", "model.onnx", "normalisation.json", "history.json", "curves.png", "confusion_matrix.png",
                  "metrics.json", "splits.parquet", "config.json", "model.keras", "model"):
         assert os.path.exists(run / name), name
     assert not os.path.exists(run / "checkpoints")  # no epochs: nothing to resume from

@@ -24,8 +24,6 @@ from typing import Any, Literal
 
 __all__ = [
     "ConfigError",
-    "ENGINE_NAMES",
-    "PRECISION_NAMES",
     "HEAD_LAYERS",
     "HEAD_LAYER_GROUPS",
     "DEFAULT_HEAD_CANDIDATES",
@@ -40,6 +38,9 @@ __all__ = [
     "IngestConfig",
     "TrainConfig",
     "ClassifyConfig",
+    "InferenceConfig",
+    "ENGINES",
+    "PRECISIONS",
     "RetrainConfig",
     "Config",
     "load_config",
@@ -84,15 +85,15 @@ RETRAIN_METRICS = ("test_track_accuracy", "test_track_macro_f1", "test_macro_f1"
 #: input); their builders are :data:`genrecls.models.catalog.MODELS` (a test checks both agree)
 MODEL_PRESETS: dict[str, str | None] = {"tutorial": None, "default": None, "cnn2d": None, "linear": None,
                                         "musicnn": "musicnn"}
+#: the runtimes a network may run on where it is not trained (genrecls.models.engine), and the precisions
+#: ("auto": the fastest the processor runs natively, e.g. bf16 with AMX/AVX-512; "fp32": full precision)
+ENGINES = ("auto", "openvino", "onnxruntime", "tensorflow")
+PRECISIONS = ("auto", "fp32")
 #: train.shuffle's values ("local": the former name of "shards")
 SHUFFLE_MODES = ("auto", "shards", "files", "global", "local")
 #: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
 #: (musicnn, chosen on measurement: bench/results/train.json)
 DEFAULT_PRESET = "musicnn"
-#: inference runtimes (genrecls.models.engine.ENGINES; a test checks both agree)
-ENGINE_NAMES = ("auto", "openvino", "onnxruntime", "tensorflow")
-#: engine precisions (genrecls.models.engine.PRECISIONS)
-PRECISION_NAMES = ("auto", "fp32")
 #: the pretrained backbone's outputs a frozen-backbone head may be fit on, and their widths
 #: (genrecls.models.engine.BACKBONE_OUTPUTS; a test checks both agree): the 50 tags, the
 #: penultimate dense layer, the max and mean over time of the 753 mid-end features, and the mean
@@ -299,13 +300,9 @@ class IngestConfig:
     strict: bool = False
     #: the embedding store (DATASET/embeddings/): "auto" computes every segment's pretrained-backbone embeddings
     #: (every candidate layer) when the dataset's preset feeds the backbone (musicnn), so that training a
-    #: frozen-backbone head runs no backbone pass; "off" never computes them
+    #: frozen-backbone head runs no backbone pass; "off" never computes them.  The runtime and precision
+    #: are [inference]'s
     embeddings: Literal["auto", "off"] = "auto"
-    #: the runtime that computes the stored embeddings (genrecls.models.engine: auto = OpenVINO, then ONNX
-    #: Runtime, then TensorFlow); also used by train for embeddings missing from the store
-    engine: str = "auto"
-    #: its precision: "auto" (the runtime's native reduced precision where the CPU has it, e.g. bf16) or "fp32"
-    precision: str = "auto"
 
     def validate(self) -> "IngestConfig":
         _check(self.tracks_per_task >= 1, "ingest.tracks_per_task", "must be >= 1")
@@ -313,8 +310,6 @@ class IngestConfig:
         _check(self.in_process_mb >= 0, "ingest.in_process_mb", "must be >= 0 (0 = always use Ray)")
         _check(self.max_task_retries >= 0, "ingest.max_task_retries", "must be >= 0")
         _check(self.embeddings in ("auto", "off"), "ingest.embeddings", "must be 'auto' or 'off'")
-        _check(self.engine in ENGINE_NAMES, "ingest.engine", f"must be one of {', '.join(ENGINE_NAMES)}")
-        _check(self.precision in PRECISION_NAMES, "ingest.precision", f"must be one of {', '.join(PRECISION_NAMES)}")
         return self
 
 
@@ -437,6 +432,23 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """Where a network runs without training: ingest's embeddings, classify, the tagger, evaluation."""
+
+    #: "auto": OpenVINO, else ONNX Runtime, else TensorFlow (the first that loads and gives finite outputs;
+    #: a named runtime that fails falls back to TensorFlow); the runtime used is recorded next to every output
+    engine: str = "auto"
+    #: "auto": the fastest precision the processor runs natively (bf16 on CPUs with AMX or AVX-512 BF16:
+    #: the top genre agreed on every track measured, bench/results/engine.json); "fp32": full precision
+    precision: str = "auto"
+
+    def validate(self) -> "InferenceConfig":
+        _check(self.engine in ENGINES, "inference.engine", f"must be one of {', '.join(map(repr, ENGINES))}")
+        _check(self.precision in PRECISIONS, "inference.precision", f"must be one of {', '.join(map(repr, PRECISIONS))}")
+        return self
+
+
+@dataclass(frozen=True)
 class RetrainConfig:
     """When a challenger replaces the champion."""
 
@@ -458,6 +470,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     def validate(self) -> "Config":

@@ -3,14 +3,29 @@
 Imports every lower layer; a job may call another job (retrain runs ingest and train).
 """
 
-from genrecls.jobs.scoring import featurise_batch, Scorer, stream, DECODE_MAX_RETRIES
-from genrecls.jobs.inspection import describe, inspect_dataset
-from genrecls.jobs.ingest import TrackTask, IngestSummary, process_batch, ingest, format_summary as format_ingest_summary
-from genrecls.jobs.classify import resolve_run, classify, format_summary as format_classify_summary
-from genrecls.jobs.tagging import tag, undo, decide, read_journal, journal_index, journal_runs, format_summary as format_tag_summary, JOURNAL, IN_PROCESS_FILES, PREVIEW, LIBRARY_TMP_PREFIX, MODES
-from genrecls.jobs.training import train, TrainingError, resume_inputs
-from genrecls.jobs.retrain import retrain, dataset_snapshot, is_better, PROMOTED, KEPT, UNCHANGED
+from genrecls.jobs.classify import classify, resolve_run
+from genrecls.jobs.classify import format_summary as format_classify_summary
 from genrecls.jobs.demo import run_demo
+from genrecls.jobs.ingest import IngestSummary, TrackTask, ingest, process_batch
+from genrecls.jobs.ingest import format_summary as format_ingest_summary
+from genrecls.jobs.inspection import describe, inspect_dataset
+from genrecls.jobs.retrain import KEPT, PROMOTED, UNCHANGED, dataset_snapshot, is_better, retrain
+from genrecls.jobs.scoring import DECODE_MAX_RETRIES, Scorer, featurise_batch, stream
+from genrecls.jobs.tagging import (
+    IN_PROCESS_FILES,
+    JOURNAL,
+    LIBRARY_TMP_PREFIX,
+    MODES,
+    PREVIEW,
+    decide,
+    journal_index,
+    journal_runs,
+    read_journal,
+    tag,
+    undo,
+)
+from genrecls.jobs.tagging import format_summary as format_tag_summary
+from genrecls.jobs.training import TrainingError, resume_inputs, train
 
 __all__ = [
     "featurise_batch",

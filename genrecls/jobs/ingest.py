@@ -470,7 +470,7 @@ def _embed_spec(cfg: Config, store: EmbeddingStore, summary: IngestSummary) -> E
         return None
     from genrecls.models.engine import BACKBONE_OUTPUTS, backbone_id
 
-    spec = EmbedSpec(cfg.ingest.engine, cfg.ingest.precision, backbone_id())
+    spec = EmbedSpec(cfg.inference.engine, cfg.inference.precision, backbone_id())
     store.check(spec.backbone, cfg.features, BACKBONE_OUTPUTS)
     summary.embeddings = "computed"
     return spec

@@ -102,7 +102,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
             holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
             champion_run = reg.version_location(champion).uri if champion else None
             scored, left_out = _common_holdout(ds, holdout, [run_dir] + ([champion_run] if champion_run else []))
-            challenger_metrics, champion_metrics = _score_both(run_dir, champion_run, ds, scored)
+            challenger_metrics, champion_metrics = _score_both(run_dir, champion_run, ds, scored, cfg)
             metric = cfg.retrain.metric
             margin = cfg.retrain.min_improvement
             new = float(challenger_metrics[metric])
@@ -182,8 +182,8 @@ def _common_holdout(ds: Dataset, holdout: list[str], runs: list[str]) -> tuple[l
     return scored, dict(sorted(left_out.items()))
 
 
-def _score_both(challenger: str, champion: str | None, ds: Dataset,
-                holdout: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _score_both(challenger: str, champion: str | None, ds: Dataset, holdout: list[str],
+                cfg: Config) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Both models' metrics on the holdout, scored the same way: from the dataset's stored embeddings and each
     run's head (no backbone pass) when both are frozen-backbone heads on the store's backbone, else each
     exported model on the stored segments."""
@@ -196,7 +196,7 @@ def _score_both(challenger: str, champion: str | None, ds: Dataset,
             m["model_id"] = _model_id(r)
             m["holdout_tracks"] = len(holdout)
         return stored[0], (stored[1] if champion else None)
-    return _score(challenger, ds, holdout), (_score(champion, ds, holdout) if champion else None)
+    return _score(challenger, ds, holdout, cfg), (_score(champion, ds, holdout, cfg) if champion else None)
 
 
 def _model_id(run: str) -> str | None:
@@ -205,14 +205,14 @@ def _model_id(run: str) -> str | None:
     return read_run_info(run).get("model_id")
 
 
-def _score(run: str, ds: Dataset, holdout: list[str]) -> dict[str, Any]:
+def _score(run: str, ds: Dataset, holdout: list[str], cfg: Config) -> dict[str, Any]:
     """Metrics of a run's model on the holdout (every track's label is one the model knows)."""
     from genrecls.models.evaluation import evaluate_predictor
     from genrecls.models.inference import Predictor
 
-    predictor = Predictor(run)
+    predictor = Predictor(run, engine=cfg.inference.engine, precision=cfg.inference.precision)
     metrics = evaluate_predictor(predictor, ds, {"test": holdout})
     metrics["model_id"] = predictor.model_id
     metrics["holdout_tracks"] = len(holdout)
-    metrics["scored_by"] = {"how": "the run's exported model on the stored segments"}
+    metrics["scored_by"] = {"how": "the run's exported model on the stored segments", "engine": predictor.describe()}
     return metrics

@@ -89,6 +89,8 @@ from typing import Any
 
 import numpy as np
 
+from genrecls.core.config import ENGINES, PRECISIONS
+
 __all__ = [
     "BACKBONE_OUTPUTS",
     "ENGINES",
@@ -111,8 +113,6 @@ __all__ = [
 log = logging.getLogger("genrecls.models.engine")
 
 #: runtimes, in the order ``auto`` tries them (fastest measured first); tensorflow is the fallback
-ENGINES = ("auto", "openvino", "onnxruntime", "tensorflow")
-PRECISIONS = ("auto", "fp32")
 HINTS = ("LATENCY", "THROUGHPUT")
 #: every output of :class:`BackboneEngine` and its width (the musicnn network's, then the band statistics)
 BACKBONE_OUTPUTS: dict[str, int] = {"taggram": 50, "penultimate": 200, "max_pool": 753, "mean_pool": 753,

@@ -10,7 +10,7 @@ to Ray Train.  Everything runs in the run's Ray session:
    running now) and every track when the store was computed by another backbone or from other
    features (refused, named in the report) are embedded here, from their stored segments, by
    Ray tasks (one :class:`~genrecls.models.engine.BackboneEngine` per worker process, its
-   threads the CPUs Ray gave the task, ``ingest.engine`` and ``ingest.precision``).  They are used, not stored: ``train`` holds the run's lock,
+   threads the CPUs Ray gave the task, ``inference.engine`` and ``inference.precision``).  They are used, not stored: ``train`` holds the run's lock,
    not the dataset's, so it never writes the dataset folder (another ingest may be writing it,
    it may be read-only); ``genrecls ingest`` on the dataset fills the store from the shards
    (no decoding), and the next ``train`` reads it.
@@ -290,8 +290,8 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     label_of = {t["track_id"]: t["label"] for t in check.tracks}
     ids = {s: sorted(t for t, v in assignment.items() if v == s and t in label_of) for s in ("train", "val", "test")}
     caps = {"train": cfg.train.head_max_rows, "val": cfg.train.head_max_rows, "test": cfg.train.head_max_rows}
-    rows, emb = head_embeddings(check, ids["train"] + ids["val"] + ids["test"], engine=cfg.ingest.engine,
-                                precision=cfg.ingest.precision, max_rows=caps, groups=ids, cluster_cpus=cluster_cpus)
+    rows, emb = head_embeddings(check, ids["train"] + ids["val"] + ids["test"], engine=cfg.inference.engine,
+                                precision=cfg.inference.precision, max_rows=caps, groups=ids, cluster_cpus=cluster_cpus)
     timings["embeddings"] = time.monotonic() - t0
     say(f"embeddings of {emb['tracks']} tracks: {emb['stored_tracks']} from the store, {emb['computed_tracks']} computed "
         f"({timings['embeddings']:.1f} s)" + (f"; store not used: {emb['store_refused']}" if "store_refused" in emb else ""))
@@ -463,13 +463,15 @@ def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, he
         keys = list(zip(seg.column("track_id").to_pylist(), seg.column("segment_index").to_pylist()))
         rows = [j for j, key in enumerate(keys) if key in want]
         mels = mel_array(seg.take(pa.array(rows)).column("mel"), check.features.mel_shape)
-        exported = Predictor(run).predict(mels)
+        predictor = Predictor(run, engine=cfg.inference.engine, precision=cfg.inference.precision)
+        exported = predictor.predict(mels)
+        check_record["engine"] = predictor.describe()
         stored = head_probabilities({n: v[[want[keys[j]] for j in rows]] for n, v in split.layers.items()}, head)
         diff = float(np.abs(exported - stored).max())
         check_record.update({"max_abs_difference": diff,
                              "top_label_equal": int((exported.argmax(1) == stored.argmax(1)).sum()),
-                             "what": "RUN/model on stored segments vs the head on their stored embeddings "
-                                     "(the store's engine and precision against TensorFlow fp32)"})
+                             "what": "the exported model (model.onnx on the inference engine) on stored segments vs "
+                                     "the head on their stored embeddings"})
         if diff > 0.1:
             log.warning("the exported model and the head on stored embeddings differ by %.3f", diff)
     timings["export_check"] = time.monotonic() - t
