@@ -80,8 +80,8 @@ def test_ingest_stores_every_layer_of_every_segment(dataset):
     assert m["last_engine"]["threads"] == 1  # one CPU per Ray task, set explicitly on the runtime
     import duckdb  # users read it as they read the shards
 
-    n = duckdb.sql(f"select count(*), min(len(penultimate)) from '{dataset}/embeddings/*.parquet'").fetchone()
-    assert n == (18, 200)
+    n = duckdb.sql(f"select count(*), min(len(penultimate)) from '{dataset}/embeddings/*.parquet'").fetchall()
+    assert n == [(18, 200)]
 
 
 def test_stored_embeddings_equal_tensorflow_within_the_precision_tolerance(dataset):

@@ -50,17 +50,24 @@ def test_musicnn_on_another_preset_stops_before_any_worker_with_the_ingest_comma
     assert not (run / "plan.json").exists()  # nothing planned, no worker started
 
 
-def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_whole_network(musicnn_dataset, musicnn_cfg,
-                                                                                          tmp_path):
+@pytest.fixture(scope="module")
+def frozen_run(musicnn_dataset, musicnn_cfg, tmp_path_factory):
+    """The default model (frozen backbone, a linear head chosen on validation tracks; a 2-C grid) on the dataset."""
     from genrecls.jobs.training import train
+
+    run = tmp_path_factory.mktemp("frozen") / "run"
+    summary = train(musicnn_dataset, str(run), musicnn_cfg.override(["train.head_c=[0.01,0.1]"]), workers=1,
+                    progress=False)
+    return run, summary
+
+
+def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_whole_network(musicnn_dataset, frozen_run):
     from genrecls.models.engine import BackboneEngine, backbone_id
     from genrecls.models.inference import Predictor
     from genrecls.models.networks import load_keras_model
     from genrecls.models.transfer import head_probabilities, load_head
 
-    run = tmp_path / "run"
-    summary = train(musicnn_dataset, str(run), musicnn_cfg.override(["train.head_c=[0.01,0.1]"]), workers=1,
-                    progress=False)
+    run, summary = frozen_run
     plan = json.load(open(run / "plan.json"))
     assert plan["input"] == "embedding"
     info = json.load(open(run / "run.json"))
@@ -96,6 +103,42 @@ def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_wh
                  "metrics.json", "splits.parquet", "config.json", "model.keras", "model"):
         assert os.path.exists(run / name), name
     assert not os.path.exists(run / "checkpoints")  # no epochs: nothing to resume from
+
+
+def test_classify_with_a_frozen_head_runs_the_backbone_and_writes_each_tracks_embedding(musicnn_dataset, frozen_run,
+                                                                                       tmp_path, ray_local):
+    """classify on a frozen-head run: the backbone on the engine, the head in NumPy; each track's embedding (the
+    mean of its scored segments' penultimate layer) in the predictions, named with the backbone's id."""
+    import pyarrow.parquet as pq
+
+    from genrecls.jobs.classify import classify
+    from genrecls.models.engine import backbone_id
+    from genrecls.storage.predictions import read_predictions
+
+    run, summary = frozen_run
+    lib = os.path.join(os.path.dirname(musicnn_dataset), "lib")
+    out = tmp_path / "pred"
+    s = classify(lib, str(run), str(out), Config().override(["classify.max_segments=0"]), progress=False)
+    assert s["classified"] == 36 and s["failed"] == 0
+    assert s["engine"]["head"] == "numpy (head.npz)" and s["embedding"]["backbone"] == backbone_id()
+    table = read_predictions(str(out))
+    emb = table.column("embedding").to_pylist()
+    assert all(len(v) == 200 for v in emb)
+    meta = json.loads(pq.read_schema(os.path.join(out, "parts", os.listdir(out / "parts")[0])).metadata[b"genrecls.embedding"])
+    assert meta["layer"] == "penultimate" and meta["backbone"] == backbone_id()
+    # the same tracks' mean stored penultimate (the store's engine, the same stored segments: bf16 noise apart)
+    from genrecls.storage.embeddings import EmbeddingStore, layer_array
+
+    store = EmbeddingStore(musicnn_dataset)
+    stored = store.read(store.index().values(), ["penultimate"])
+    ids = np.array(stored.column("track_id").to_pylist())
+    x = layer_array(stored.column("penultimate"))
+    by_id = dict(zip(table.column("track_id").to_pylist(), emb))
+    for tid in sorted(set(ids))[:5]:
+        ref = x[ids == tid].mean(axis=0)
+        assert np.abs(np.array(by_id[tid]) - ref).max() <= 0.05 * np.abs(ref).max() + 1e-3
+    acc = np.mean([g == p.split("/")[0] for g, p in zip(table.column("genre").to_pylist(), table.column("path").to_pylist())])
+    assert acc >= 0.8  # most of these tracks were seen in training; the head scores them as it should
 
 
 def test_train_without_a_store_computes_the_embeddings_and_never_writes_the_dataset(musicnn_dataset, musicnn_cfg,

@@ -60,7 +60,7 @@ from genrecls.core.config import FALLBACK_MAX_SEGMENTS, Config, FeatureConfig
 from genrecls.core.hooks import pause_point
 from genrecls.core.progress import Progress, format_duration, format_table
 from genrecls.core.runtime import as_interrupted, log, ray_session
-from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream
+from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream, track_embedding_info
 from genrecls.models.inference import RUN_FILE, read_run_info
 from genrecls.models.tagger import TAGGER_MODEL
 from genrecls.storage.location import Location
@@ -254,6 +254,8 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
                      summary: dict[str, Any], *, address, workers, csv, prune, progress, verbose) -> None:
     """The body of a classify run, under the output folder's lock: plan, stream, record, reconcile."""
     ccfg, labels, model_id = cfg.classify, list(info["labels"]), str(info["model_id"])
+    if track_embedding_info(info):  # what the predictions' embedding column holds (classify.json's last_run)
+        summary["embedding"] = track_embedding_info(info)
     removed = store.remove_temporaries()
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
@@ -265,7 +267,8 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     if todo.num_rows:
         with ray_session(address, workers, verbose=verbose):
             bar = Progress(todo.num_rows, "tracks", enabled=progress)
-            writer = _Writer(store, prediction_schema(labels, model_id), ccfg.part_rows, summary, bar)
+            writer = _Writer(store, prediction_schema(labels, model_id, embedding=track_embedding_info(info)),
+                             ccfg.part_rows, summary, bar)
             try:
                 for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose,
                                     store.watchdog(), cfg.inference):

@@ -16,7 +16,10 @@ Prediction columns (:func:`prediction_schema`): ``path`` (POSIX, relative to the
 root), ``track_id`` (as in ingest), ``genre`` (top-1), ``confidence`` (its probability),
 ``prob_<genre>`` for every genre of the model, ``top_k`` (list of {genre, probability},
 best first), ``n_segments`` (segments scored), ``duration`` (seconds of the whole track),
-``size`` and ``mtime_ns`` of the file, ``model_id`` and ``classified_at`` (UTC).
+``size`` and ``mtime_ns`` of the file, ``model_id`` and ``classified_at`` (UTC); for a
+frozen-backbone ``musicnn`` run also ``embedding``: the track's embedding, the mean of its
+scored segments' pretrained-backbone layer named in the schema's ``genrecls.embedding`` metadata
+(the ``penultimate`` layer, 200 numbers, with the backbone's id).
 
 A folder holds the predictions of one model and one row per path once :meth:`PredictionStore.reconcile`
 ran: parts appear only complete, and reconcile drops rows of other models, of older
@@ -49,14 +52,21 @@ WATCHDOG = ".watchdog"
 FORMAT = "genrecls-predictions"
 LABELS_KEY = b"genrecls.labels"
 MODEL_KEY = b"genrecls.model_id"
+EMBEDDING_KEY = b"genrecls.embedding"
 
 
 def top_k_type() -> pa.DataType:
     return pa.list_(pa.struct([pa.field("genre", pa.string()), pa.field("probability", pa.float32())]))
 
 
-def prediction_schema(labels: list[str], model_id: str = "") -> pa.Schema:
-    """Schema of a predictions part for a model with these labels (in output order)."""
+def prediction_schema(labels: list[str], model_id: str = "", embedding: dict[str, Any] | None = None) -> pa.Schema:
+    """Schema of a predictions part for a model with these labels (in output order).
+
+    ``embedding`` (what the ``embedding`` column holds: ``layer``, ``backbone``, ``rule``...) adds that
+    column, a list of float32 per track, and records the description in the schema metadata.
+    """
+    extra = [pa.field("embedding", pa.list_(pa.float32()))] if embedding else []
+    meta = {EMBEDDING_KEY: json.dumps(embedding, sort_keys=True).encode()} if embedding else {}
     return pa.schema(
         [
             pa.field("path", pa.string(), nullable=False),
@@ -71,8 +81,9 @@ def prediction_schema(labels: list[str], model_id: str = "") -> pa.Schema:
             pa.field("mtime_ns", pa.int64()),
             pa.field("model_id", pa.string()),
             pa.field("classified_at", pa.timestamp("ms", tz="UTC")),
+            *extra,
         ],
-        metadata={LABELS_KEY: json.dumps(list(labels)).encode(), MODEL_KEY: model_id.encode()},
+        metadata={LABELS_KEY: json.dumps(list(labels)).encode(), MODEL_KEY: model_id.encode(), **meta},
     )
 
 
@@ -193,7 +204,7 @@ class PredictionStore:
         self.loc.write_atomic(f"{PARTS}/{part}", lambda out: pq.write_table(kept, out, compression="zstd"))
 
     def write_csv(self) -> None:
-        """All parts as one CSV (top_k as ``genre:probability;...``), streamed part by part."""
+        """All parts as one CSV (top_k as ``genre:probability;...``; without ``embedding``), streamed part by part."""
         import pyarrow.csv as pacsv
 
         names = self.part_names()
@@ -202,6 +213,8 @@ class PredictionStore:
             tk = table.column("top_k").to_pylist()
             text = [None if v is None else ";".join(f"{e['genre']}:{e['probability']:.6f}" for e in v) for v in tk]
             table = table.set_column(table.schema.get_field_index("top_k"), "top_k", pa.array(text, pa.string()))
+            if "embedding" in table.column_names:  # a track's embedding stays in the Parquet parts
+                table = table.drop_columns(["embedding"])
             return table.set_column(table.schema.get_field_index("classified_at"), "classified_at",
                                     pc.strftime(table.column("classified_at"), format=TIMESTAMP_FORMAT))
 
