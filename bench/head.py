@@ -84,15 +84,14 @@ def fixed_split(dataset: str, work: str) -> str:
     from genrecls.jobs.training import check_dataset
     from genrecls.storage import Location, assign_splits, write_splits
 
-    folder = os.path.join(work, "fixed-split")
-    if not os.path.exists(os.path.join(folder, "splits.parquet")):
-        cfg = Config()
-        check = check_dataset(dataset, cfg)
-        t = cfg.train
-        table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=0)
-        loc = Location.parse(folder)
-        loc.makedirs()
-        write_splits(table, loc)
+    folder = os.path.join(work, "fixed-split")  # written anew each time: the dataset may be another one
+    cfg = Config()
+    check = check_dataset(dataset, cfg)
+    t = cfg.train
+    table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=0)
+    loc = Location.parse(folder)
+    loc.makedirs()
+    write_splits(table, loc)
     return folder
 
 
@@ -140,7 +139,8 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "head.json"))
     a = p.parse_args()
     if a.quick:
-        a.dataset = os.path.join(a.work, "quick", "ds")
+        a.work = os.path.join(a.work, "quick")
+        a.dataset = os.path.join(a.work, "ds")
         a.source = None
         a.out = a.out.replace(".json", "-quick.json")
     os.makedirs(a.work, exist_ok=True)

@@ -276,7 +276,6 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
         accuracy_by_k,
         choose_head,
         choose_k,
-        fit_candidate,
         fit_linear,
         softmax_probabilities,
         standardisation,
@@ -308,7 +307,7 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     candidates = [(c, head_candidate_layers(c)) for c in cfg.train.head_candidates]
     widths = {n: train.layers[n].shape[1] for n in train.layers}
     order = sorted(candidates, key=lambda c: -sum(widths[n] for n in c[1]))  # the largest first: they take longest
-    fit = ray.remote(num_cpus=1, max_retries=1)(fit_candidate)
+    fit = ray.remote(num_cpus=1, max_retries=1)(_fit_task)
     train_ref, val_ref = ray.put(train), ray.put(val)
     refs = {name: fit.remote(train_ref, val_ref, name, layers, cfg.train.head_c, len(labels)) for name, layers in order}
     results = {name: ray.get(ref) for name, ref in refs.items()}
@@ -385,6 +384,11 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
         "tracks_per_split": plan.tracks_per_split, "segments_per_split": plan.segments_per_split,
         "best_epoch": None, "epochs_run": 0, "train_accuracy_last_epoch": None,
         "head": selection["chosen"],
+        # what scored: the backbone's layers as stored (or computed here) and the head in NumPy
+        "engine": {**((emb.get("store_engines") or emb.get("computed_engines") or [{}])[0]),
+                   "embeddings": "stored" if not emb["computed_tracks"] else
+                   ("computed in this run" if not emb["stored_tracks"] else "stored and computed in this run"),
+                   "head": "numpy"},
         "scope": {"dataset": check.dataset.uri, "tracks": "the run's validation and test splits",
                   "val": "the head fit on the training tracks (before the refit)",
                   "test": "the final head" + (" (refit on training and validation tracks)" if refit["done"] else "")},
@@ -405,6 +409,17 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
 
     run.write_text("report.md", format_head_report(summary, plan, cfg, info))
     return summary
+
+
+def _fit_task(train: HeadSplit, val: HeadSplit, candidate: str, layers, cs, n_labels: int) -> list[dict[str, Any]]:
+    """A Ray task: one candidate's path of strengths (:func:`~genrecls.models.selection.fit_candidate`), with one
+    thread in every native pool: the task holds one CPU, and BLAS threads of two tasks on two cores would fight
+    (OpenBLAS spins: 10x the CPU time, measured on the real set)."""
+    from genrecls.audio.pipeline import one_thread
+    from genrecls.models.selection import fit_candidate
+
+    with one_thread():
+        return fit_candidate(train, val, candidate, layers, cs, n_labels)
 
 
 def _public(r: dict[str, Any]) -> dict[str, Any]:
