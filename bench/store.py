@@ -79,7 +79,9 @@ def command(args: list[str], repo: str, what: str, log: str) -> dict:
     with open(log, "a") as out:
         out.write(f"\n$ {what}: genrecls {' '.join(args)}\n")
         out.flush()
-        rc = subprocess.run([sys.executable, "-m", "genrecls", *args], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        # cwd: not a checkout (python -m puts the current folder first on sys.path)
+        rc = subprocess.run([sys.executable, "-m", "genrecls", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            cwd=os.path.dirname(log)).returncode
     wall = time.monotonic() - t0
     print(f"  {what}: {wall:.1f} s (exit {rc}, load {before}-{load()})", flush=True)
     return {"what": what, "args": args, "repo": repo, "seconds": round(wall, 1), "exit": rc, "load_before": before,
