@@ -50,14 +50,18 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
 
 def add_answer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", metavar="FILE", help="your genre vocabulary (TOML: rename, merge, drop, aliases, parents; "
-                   "classify.labels): genre, genres and parent_genres in its words; 'none': the model's own labels")
+                   "classify.labels): genre, genres and parent_genres in its words; 'msd-tags-to-genres': the shipped "
+                   "example for --model musicnn-tags; 'none': the model's own labels")
 
 
 def answer_overrides(a: argparse.Namespace) -> list[str]:
-    """``--labels FILE`` as a ``classify.labels`` override (the path made absolute: it is recorded in configs)."""
+    """``--labels FILE`` as a ``classify.labels`` override (a file's path made absolute: configs record it)."""
+    from genrecls.models.vocabulary import EXAMPLE_VOCABULARIES
+
     if getattr(a, "labels", None) is None:
         return []
-    value = a.labels if a.labels.lower() == "none" else os.path.abspath(a.labels)
+    shipped = a.labels.lower() == "none" or (a.labels in EXAMPLE_VOCABULARIES and not os.path.exists(a.labels))
+    value = a.labels if shipped else os.path.abspath(a.labels)
     return [f"classify.labels={json.dumps(value)}"]
 
 

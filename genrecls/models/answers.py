@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,9 +62,21 @@ from genrecls.models.calibration import (
 from genrecls.models.vocabulary import Vocabulary, identity_vocabulary, load_vocabulary
 from genrecls.storage.location import Location
 
-__all__ = ["AnswerRules", "output_kind", "choose_rules", "evaluate_rules", "track_scores_at_k", "record_answers",
-           "rules_for_run", "answer_metrics_for_run", "run_vocabulary", "VALIDATION_TRACKS", "LABELS_FILE",
-           "format_answers"]
+__all__ = [
+    "LABELS_FILE",
+    "VALIDATION_TRACKS",
+    "AnswerRules",
+    "answer_metrics_for_run",
+    "choose_rules",
+    "evaluate_rules",
+    "format_answers",
+    "output_kind",
+    "record_answers",
+    "rules_for_run",
+    "run_vocabulary",
+    "track_scores_at_k",
+    "vocabulary_path",
+]
 
 #: the validation tracks' scores a run keeps, beside run.json
 VALIDATION_TRACKS = "validation_tracks.parquet"
@@ -209,13 +222,13 @@ def choose_rules(labels: Sequence[str], ccfg: ClassifyConfig, *, kind: str = "so
         scores = scores[rows]
         calibration = Calibration.fit(scores, y, method=ccfg.calibration, kind=kind)
         cal = calibration.apply(scores)
-        chosen["calibration"] = {"chosen_on": "validation tracks", "tracks": int(len(y)),
+        chosen["calibration"] = {"chosen_on": "validation tracks", "tracks": len(y),
                                  "val_nll_before": nll(scores, y), "val_nll_after": nll(cal, y)}
         q = vocab.apply(cal, kind)
         g_truth = np.asarray([vocab.label_genre[j] for j in y], np.int64)
         keep = g_truth >= 0  # tracks of dropped labels say nothing about the genres
         q, g_truth = q[keep], g_truth[keep]
-        chosen["tracks"] = int(len(g_truth))
+        chosen["tracks"] = len(g_truth)
     thresholds: dict[str, float | None] = {}
     genre_chosen: dict[str, dict[str, Any]] = {}
     # the uncertain answer
@@ -273,7 +286,7 @@ def evaluate_rules(rules: AnswerRules, scores: Any, truth: Sequence[str], labels
     scores = np.asarray(scores, np.float64).reshape(-1, len(labels))
     rows, y = _indices(labels, list(truth))
     scores = scores[rows]
-    out: dict[str, Any] = {"tracks": int(len(y)), "bins": bins}
+    out: dict[str, Any] = {"tracks": len(y), "bins": bins}
     if not len(y):
         return out
     cal = rules.calibrate(scores)
@@ -290,7 +303,7 @@ def evaluate_rules(rules: AnswerRules, scores: Any, truth: Sequence[str], labels
     names = list(rules.genres)
     answered = np.asarray([g != rules.uncertain_label for g in ans["genre"]], bool)
     right = np.asarray([g == names[t] for g, t in zip(ans["genre"], g_truth)], bool)
-    out.update({"answer_tracks": int(len(g_truth)), "answered": int(answered.sum()),
+    out.update({"answer_tracks": len(g_truth), "answered": int(answered.sum()),
                 "uncertain": int((~answered).sum()),
                 "coverage": float(answered.mean()) if len(answered) else None,
                 "answered_precision": float(right[answered].mean()) if answered.any() else None,
@@ -336,10 +349,21 @@ def run_vocabulary(run: Location, labels: Sequence[str], ccfg: ClassifyConfig) -
     if ccfg.labels is not None:
         if str(ccfg.labels).lower() == "none":
             return None
-        return load_vocabulary(ccfg.labels, labels, reserved=reserved)
+        return load_vocabulary(vocabulary_path(ccfg.labels), labels, reserved=reserved)
     if run.exists(LABELS_FILE):
         return load_vocabulary(f"{run.uri}/{LABELS_FILE}", labels, text=run.read_text(LABELS_FILE), reserved=reserved)
     return None
+
+
+def vocabulary_path(value: str) -> str:
+    """``classify.labels`` as a file: a path, or the name of a shipped example (``msd-tags-to-genres``)."""
+    import os
+
+    from genrecls.models.vocabulary import EXAMPLE_VOCABULARIES, example_vocabulary
+
+    if not os.path.exists(value) and value in EXAMPLE_VOCABULARIES:
+        return example_vocabulary(value)
+    return value
 
 
 def _read_validation(run: Location, labels: Sequence[str]) -> tuple[np.ndarray, list[str]] | None:
@@ -389,8 +413,8 @@ def record_answers(run: Location, info: dict[str, Any], scored: dict[str, tuple]
     """
     labels = list(info["labels"])
     k = int((info.get("classify") or {}).get("max_segments", 0))
-    if ccfg.labels is not None and str(ccfg.labels).lower() != "none":
-        with open(ccfg.labels, encoding="utf-8") as f:
+    if ccfg.labels is not None and str(ccfg.labels).lower() != "none":  # checked before training (the driver)
+        with open(vocabulary_path(ccfg.labels), encoding="utf-8") as f:
             run.write_text(LABELS_FILE, f.read())
     vocab = run_vocabulary(run, labels, ccfg)
     kind = output_kind(info)

@@ -38,8 +38,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Calibration", "ECE_BINS", "LOG_T_PRIOR_SD", "nll", "ece", "ece_floor", "reliability", "precision_threshold",
-           "precision_recall_at"]
+__all__ = [
+    "ECE_BINS",
+    "LOG_T_PRIOR_SD",
+    "Calibration",
+    "ece",
+    "ece_floor",
+    "nll",
+    "precision_recall_at",
+    "precision_threshold",
+    "reliability",
+]
 
 #: bins of the expected calibration error and of the reliability diagram (Guo et al. 2017 use 15)
 ECE_BINS = 15
@@ -87,7 +96,7 @@ class Calibration:
 
     @classmethod
     def fit(cls, probs: Any, y: Any, *, method: str = "temperature", kind: str = "softmax",
-            prior_sd: float = LOG_T_PRIOR_SD) -> "Calibration":
+            prior_sd: float = LOG_T_PRIOR_SD) -> Calibration:
         """Fit on validation tracks: ``probs`` (tracks, labels) track scores, ``y`` their true label indices."""
         from scipy.optimize import minimize_scalar
 
@@ -123,7 +132,7 @@ class Calibration:
         return {"method": self.method, "temperature": self.temperature, "kind": self.kind}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Calibration":
+    def from_dict(cls, data: dict[str, Any] | None) -> Calibration:
         """The calibration a ``run.json`` records; none recorded (a run from before calibration) is the identity."""
         if not data:
             return cls()
@@ -150,7 +159,7 @@ def ece(probs: Any, y: Any, bins: int = ECE_BINS) -> float:
     y = np.asarray(y, np.int64)
     if not len(y):
         return float("nan")
-    count, conf_sum, corr_sum = _binned(*_top(p, y), bins)
+    _, conf_sum, corr_sum = _binned(*_top(p, y), bins)
     return float(np.abs(corr_sum - conf_sum).sum() / len(y))
 
 

@@ -42,13 +42,21 @@ import hashlib
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["VocabularyError", "Vocabulary", "load_vocabulary", "identity_vocabulary", "example_vocabulary",
-           "EXAMPLE_VOCABULARIES", "normalise_name"]
+__all__ = [
+    "EXAMPLE_VOCABULARIES",
+    "Vocabulary",
+    "VocabularyError",
+    "example_vocabulary",
+    "identity_vocabulary",
+    "load_vocabulary",
+    "normalise_name",
+]
 
 #: vocabulary files shipped with the package (genrecls/models/vocabularies/)
 EXAMPLE_VOCABULARIES = {"msd-tags-to-genres": "msd-tags-to-genres.toml"}
@@ -405,8 +413,7 @@ class _Builder:
                           "give it a `from` list or remove it")
         genres = tuple(with_labels + kept)
         index = {g: i for i, g in enumerate(genres)}
-        label_genre = tuple(index[owner[lab]] if lab in owner else (index[lab] if lab in index else -1)
-                            for lab in self.labels)
+        label_genre = tuple(index[owner[lab]] if lab in owner else index.get(lab, -1) for lab in self.labels)
         thresholds = {g: spec[g]["threshold"] for g in names if "threshold" in spec[g] and g in index}
         digest = hashlib.sha256(self.text.encode()).hexdigest()
         return Vocabulary(self.labels, genres, label_genre, parents, thresholds, os.path.abspath(self.name)

@@ -382,9 +382,10 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
 def _check_vocabulary(cfg: Config, labels: list[str]) -> None:
     """Refuse a wrong vocabulary file (classify.labels) before training rather than after."""
     if cfg.classify.labels is not None and str(cfg.classify.labels).lower() != "none":
+        from genrecls.models.answers import vocabulary_path
         from genrecls.models.vocabulary import load_vocabulary
 
-        load_vocabulary(cfg.classify.labels, labels, reserved=(cfg.classify.uncertain_label,))
+        load_vocabulary(vocabulary_path(cfg.classify.labels), labels, reserved=(cfg.classify.uncertain_label,))
 
 
 def _answers(run: Location, info: dict[str, Any], scored: dict[str, tuple], cfg: Config) -> dict[str, Any]:
