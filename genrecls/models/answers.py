@@ -441,8 +441,22 @@ def record_answers(run: Location, info: dict[str, Any], scored: dict[str, tuple]
 
 def answer_metrics_for_run(run: Location, info: dict[str, Any], scored: dict[str, tuple],
                            ccfg: ClassifyConfig | None = None) -> dict[str, Any]:
-    """A run's rules (as classify applies them) measured on re-scored tracks (``genrecls evaluate --dataset``)."""
-    ccfg = ccfg or ClassifyConfig()
+    """A run's rules (as classify applies them) measured on re-scored tracks (``genrecls evaluate --dataset``).
+
+    ``ccfg``: the settings to choose them with; None: the run's own (its ``config.json``), in the
+    vocabulary the run keeps (``RUN/labels.toml``), if any.
+    """
+    if ccfg is None:
+        ccfg = ClassifyConfig()
+        if run.exists("config.json"):
+            from dataclasses import replace
+
+            from genrecls.core.config import Config, ConfigError
+
+            try:
+                ccfg = replace(Config.from_dict(run.read_json("config.json")).classify, labels=None)
+            except ConfigError:  # a configuration of another version: the defaults
+                pass
     labels = list(info["labels"])
     k = int((info.get("classify") or {}).get("max_segments", 0))
     rules = rules_for_run(run, info, ccfg)
