@@ -14,6 +14,7 @@ import sys
 from typing import Callable
 
 from genrecls import __version__
+from genrecls.core.config import ENGINES, PRECISIONS
 from genrecls.core.exitcodes import ExitCode
 
 __all__ = ["main", "run_job"]
@@ -395,6 +396,9 @@ def _evaluate():
                        "including tracks the run trained on")
         p.add_argument("--json", action="store_true", help="print the metrics as JSON")
         p.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+        p.add_argument("--engine", default="auto", choices=ENGINES, help="inference runtime when re-scoring (default auto)")
+        p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="inference precision when re-scoring: auto (native reduced precision) or fp32")
         p.add_argument("-v", "--verbose", action="store_true")
 
     def run(a):
@@ -404,7 +408,8 @@ def _evaluate():
             write_metrics,
         )
 
-        metrics = run_metrics(a.run, a.dataset, rescore=a.rescore, all_tracks=a.all_tracks)
+        metrics = run_metrics(a.run, a.dataset, rescore=a.rescore, all_tracks=a.all_tracks, engine=a.engine,
+                              precision=a.precision)
         if a.output:
             write_metrics(a.output, metrics)
         print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))

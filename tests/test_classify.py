@@ -7,6 +7,7 @@ by the tests (MP3, WAV, FLAC, OGG) plus broken files; Ray is the session's real 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -133,6 +134,10 @@ def test_one_row_per_good_track_failures_for_broken_ones(first, library, trained
     warnings = pq.read_table(out / "warnings").to_pylist()
     assert [(w["path"], w["kind"]) for w in warnings] == [("broken/cut.flac", "truncated")]
     assert "header declares" in warnings[0]["reason"] and summary["warned"] == 1
+    # the engine that scored is recorded next to the predictions (the run's model.onnx on a runtime, or TensorFlow)
+    info = json.loads((out / "classify.json").read_text())
+    assert info["last_run"]["engine"] == summary["engine"]
+    assert summary["engine"]["engine"] in ("openvino", "onnxruntime", "tensorflow") and summary["engine"]["threads"] >= 1
     # probabilities sum to 1, top-1 and top-k agree with them
     labels = Predictor(str(trained_run)).labels
     assert labels == GENRES

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -42,26 +41,18 @@ def test_retrain_refuses_to_overlap(tmp_path, library, quick_cfg, ray_local):
     assert not os.path.exists(tmp_path / "ds")  # the refused run touched nothing
 
 
-def test_killed_retrain_leaves_registry_unchanged(tmp_path, library, small_cfg):
+def test_killed_retrain_leaves_registry_unchanged(tmp_path, library, small_cfg, pauses):
     """SIGKILL a retrain while it trains: no version, no champion, nothing visible; a re-run works."""
     reg_dir, ds = tmp_path / "registry", tmp_path / "ds"
     cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(small_cfg.with_section(train={"epochs": 30, "workers": 1, "early_stopping_patience": 0}).to_json())
+    cfg_file.write_text(small_cfg.with_section(train={"epochs": 3, "workers": 1, "early_stopping_patience": 0}).to_json())
     cmd = [sys.executable, "-m", "genrecls", "retrain", str(library), "--dataset", str(ds), "--registry", str(reg_dir),
            "--config", str(cfg_file), "--workers", "2", "-q"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pauses.arm("train-epoch-reported")  # the training worker waits there after its first epoch
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        # wait until training has started (a temporary version folder exists), then kill everything
-        while time.time() < deadline:
-            versions = reg_dir / "versions"
-            if versions.exists() and any(n.startswith(".tmp-") for n in os.listdir(versions)):
-                time.sleep(3)
-                break
-            assert proc.poll() is None, "retrain ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("training never started")
+        pauses.wait("train-epoch-reported", proc)  # training certainly runs: kill everything now
+        assert [n for n in os.listdir(reg_dir / "versions") if n.startswith(".tmp-")]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

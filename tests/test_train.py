@@ -21,8 +21,10 @@ from dataclasses import asdict
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import Pauses
 
 from genrecls.core.config import ConfigError, FeatureConfig, load_config
+from genrecls.core.hooks import PAUSE_DIR_ENV
 from genrecls.storage.dataset import (
     TRACKS_KEY,
     Dataset,
@@ -82,10 +84,12 @@ def trained(tmp_path_factory, easy_dataset, easy_cfg):
     killed: list[int] = []
     errors: list[BaseException] = []
 
+    pauses = Pauses(os.environ[PAUSE_DIR_ENV])
+    pauses.arm("train-epoch-reported")  # the first worker to report an epoch waits there: certainly mid-run
+
     def killer():
         try:
-            _, path = _wait_for_checkpoint(run, 1, timeout=600)
-            pid = json.load(open(os.path.join(path, "state.json")))["history"][-1]["pid"]
+            pid = pauses.wait("train-epoch-reported", timeout=600)
             name = psutil.Process(pid).cmdline()[0]
             assert "RayTrainWorker" in name, name  # only ever a training worker of this run
             os.kill(pid, signal.SIGKILL)
@@ -97,6 +101,7 @@ def trained(tmp_path_factory, easy_dataset, easy_cfg):
     thread.start()
     summary = train(easy_dataset, run, easy_cfg.with_section(train={"max_failures": 2}), progress=False)
     thread.join(timeout=10)
+    pauses.reset()
     return run, {**summary, "killed": killed, "killer_errors": errors}
 
 
@@ -144,9 +149,9 @@ def test_two_worker_run_leaves_every_artefact(trained, easy_dataset):
 
 
 #: what README.md says a finished run folder holds (Runs, predictions, registry), and the local lock file
-RUN_FILES = {"model", "model.keras", "run.json", "config.json", "splits.parquet", "plan.json", "normalisation.json",
-             "history.json", "metrics.json", "report.md", "curves.png", "confusion_matrix.png", "checkpoints",
-             "validation_tracks.parquet", "reliability.png", "labels.toml", ".lock"}
+RUN_FILES = {"model", "model.keras", "model.onnx", "run.json", "config.json", "splits.parquet", "plan.json",
+             "normalisation.json", "history.json", "metrics.json", "report.md", "curves.png", "confusion_matrix.png",
+             "checkpoints", "validation_tracks.parquet", "reliability.png", "labels.toml", ".lock"}
 #: entries a run holds only sometimes: the lock (local disks), the vocabulary (trained with classify.labels)
 OPTIONAL_RUN_FILES = {".lock", "labels.toml"}
 CHECKPOINT_FILES = {"state.json", "weights.npz", "optimizer.npz", "best.npz"}
@@ -240,7 +245,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(trained):
     assert "restarts from a checkpoint: " in open(os.path.join(run, "report.md")).read()
 
 
-def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path, capfd):
+def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, tmp_path, capfd, pauses):
     """A driver killed after its first checkpoint; ``--resume`` picks up from that epoch."""
     from genrecls.jobs.training import train
 
@@ -251,8 +256,10 @@ def test_resume_continues_an_interrupted_run(easy_dataset, easy_cfg, ray_local, 
            "--set", "train.early_stopping_patience=0", "--set", "train.batch_size=16"]
     for k, v in asdict(easy_cfg.features).items():
         cmd += ["--set", f"features.{k}={json.dumps(v)}"]
+    pauses.arm("train-epoch-reported")  # the worker waits there once epoch 1 is reported
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
+        pauses.wait("train-epoch-reported", proc)
         epoch, _ = _wait_for_checkpoint(run, 1, timeout=300, proc=proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole session we started, nothing else

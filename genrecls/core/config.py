@@ -33,6 +33,9 @@ __all__ = [
     "IngestConfig",
     "TrainConfig",
     "ClassifyConfig",
+    "InferenceConfig",
+    "ENGINES",
+    "PRECISIONS",
     "RetrainConfig",
     "Config",
     "load_config",
@@ -77,6 +80,10 @@ RETRAIN_METRICS = ("test_track_accuracy", "test_track_macro_f1", "test_macro_f1"
 #: input); their builders are :data:`genrecls.models.catalog.MODELS` (a test checks both agree)
 MODEL_PRESETS: dict[str, str | None] = {"tutorial": None, "default": None, "cnn2d": None, "linear": None,
                                         "musicnn": "musicnn"}
+#: the runtimes a network may run on where it is not trained (genrecls.models.engine), and the precisions
+#: ("auto": the fastest the processor runs natively, e.g. bf16 with AMX/AVX-512; "fp32": full precision)
+ENGINES = ("auto", "openvino", "onnxruntime", "tensorflow")
+PRECISIONS = ("auto", "fp32")
 #: train.shuffle's values ("local": the former name of "shards")
 SHUFFLE_MODES = ("auto", "shards", "files", "global", "local")
 #: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
@@ -393,6 +400,23 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """Where a network runs without training: ingest's embeddings, classify, the tagger, evaluation."""
+
+    #: "auto": OpenVINO, else ONNX Runtime, else TensorFlow (the first that loads and gives finite outputs;
+    #: a named runtime that fails falls back to TensorFlow); the runtime used is recorded next to every output
+    engine: str = "auto"
+    #: "auto": the fastest precision the processor runs natively (bf16 on CPUs with AMX or AVX-512 BF16:
+    #: the top genre agreed on every track measured, bench/results/engine.json); "fp32": full precision
+    precision: str = "auto"
+
+    def validate(self) -> "InferenceConfig":
+        _check(self.engine in ENGINES, "inference.engine", f"must be one of {', '.join(map(repr, ENGINES))}")
+        _check(self.precision in PRECISIONS, "inference.precision", f"must be one of {', '.join(map(repr, PRECISIONS))}")
+        return self
+
+
+@dataclass(frozen=True)
 class RetrainConfig:
     """When a challenger replaces the champion."""
 
@@ -414,6 +438,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     def validate(self) -> "Config":

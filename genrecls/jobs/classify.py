@@ -54,6 +54,7 @@ by Ray Data.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import time
@@ -139,6 +140,9 @@ class _Writer:
 
     def add(self, block: pa.Table) -> None:
         s = self.summary
+        if block.num_rows and "engine" not in s:  # what scored: recorded in classify.json
+            s["engine"] = json.loads(block.column("engine")[0].as_py())
+        block = block.drop_columns(["engine"])
         self.seen.update(block.column("path").to_pylist())
         bad = pc.is_valid(block.column("error_kind"))
         good, failed = block.filter(pc.invert(bad)), block.filter(bad)
@@ -377,7 +381,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
                              rules.uncertain_label)
             try:
                 for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose,
-                                    store.watchdog(), rules=rules):
+                                    store.watchdog(), cfg.inference, rules=rules):
                     writer.add(block)
             except KeyboardInterrupt:
                 writer.flush()  # keep what was scored before the stop
@@ -386,7 +390,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
             if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
                 log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
                 for block in stream(lost, run_loc, cfg.features, ccfg, cfg.decode, workers, 1, verbose, store.watchdog(),
-                                    rules=rules):
+                                    cfg.inference, rules=rules):
                     writer.add(block)
                 for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(writer.seen), pa.string())))).to_pylist():
                     writer.fail(record_row(

@@ -99,8 +99,8 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
             holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
             champion_run = reg.version_location(champion).uri if champion else None
             scored, left_out = _common_holdout(ds, holdout, [run_dir] + ([champion_run] if champion_run else []))
-            challenger_metrics = _score(run_dir, ds, scored)
-            champion_metrics = _score(champion_run, ds, scored) if champion_run else None
+            challenger_metrics = _score(run_dir, ds, scored, cfg)
+            champion_metrics = _score(champion_run, ds, scored, cfg) if champion_run else None
             metric = cfg.retrain.metric
             margin = cfg.retrain.min_improvement
             new = float(challenger_metrics[metric])
@@ -180,12 +180,12 @@ def _common_holdout(ds: Dataset, holdout: list[str], runs: list[str]) -> tuple[l
     return scored, dict(sorted(left_out.items()))
 
 
-def _score(run: str, ds: Dataset, holdout: list[str]) -> dict[str, Any]:
+def _score(run: str, ds: Dataset, holdout: list[str], cfg: Config) -> dict[str, Any]:
     """Metrics of a run's model on the holdout (every track's label is one the model knows)."""
     from genrecls.models.evaluation import evaluate_predictor
     from genrecls.models.inference import Predictor
 
-    predictor = Predictor(run)
+    predictor = Predictor(run, engine=cfg.inference.engine, precision=cfg.inference.precision)
     metrics = evaluate_predictor(predictor, ds, {"test": holdout})
     metrics["model_id"] = predictor.model_id
     metrics["holdout_tracks"] = len(holdout)

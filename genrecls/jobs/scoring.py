@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genrecls.audio.discovery import track_id_for
-from genrecls.core.config import ClassifyConfig, DecodeConfig, FeatureConfig
+from genrecls.core.config import ClassifyConfig, DecodeConfig, FeatureConfig, InferenceConfig
 from genrecls.core.runtime import quiet_ray_data
 from genrecls.core.scheduling import slots, task_bounds
 from genrecls.models.inference import aggregate_tracks
@@ -50,7 +50,8 @@ DECODE_MAX_RETRIES = 2
 
 
 def _stream_schema(labels: list[str]) -> pa.Schema:
-    return pa.schema(list(prediction_schema(labels)) + _ERROR_COLUMNS)
+    """The model actors' output: the prediction columns, the errors, and the engine that scored (JSON)."""
+    return pa.schema(list(prediction_schema(labels)) + _ERROR_COLUMNS + [pa.field("engine", pa.string())])
 
 
 # -- stage 1: decode and featurise (CPU tasks) ---------------------------------------
@@ -177,7 +178,7 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
 
 # -- stage 2: score (long-lived model actors) -----------------------------------------
 class Scorer:
-    """A model actor: loads the run's SavedModel once, then scores batches of tracks.
+    """A model actor: loads the run's model once on the inference engine, then scores batches of tracks.
 
     Called by Ray Data with a batch of :func:`featurise_batch` rows; returns one row per
     track with the prediction columns (failed tracks pass through with their error).  The
@@ -186,18 +187,17 @@ class Scorer:
     run's own rules with the default settings).
     """
 
-    def __init__(self, run_uri: str, batch_size: int, top_k: int, threads: int = 0, rules=None):
+    def __init__(self, run_uri: str, batch_size: int, top_k: int, threads: int = 0, engine: str = "auto",
+                 precision: str = "auto", rules=None):
+        import json
+
         from genrecls.core.runtime import quiet_environment
         from genrecls.models.inference import Predictor
-        from genrecls.models.networks import set_tf_threads
 
-        # the worker environment (genrecls.core.runtime.WORKER_ENV) turns TensorFlow's oneDNN kernels on:
-        # they halve the CPU cost of the CNN, and probabilities differ from the reference kernels
-        # only at the 1e-6 level
         quiet_environment()
-        set_tf_threads(threads)
-
-        self.predictor = Predictor(run_uri)
+        # one engine per actor, its threads set explicitly (0: the CPUs Ray gave this actor)
+        self.predictor = Predictor(run_uri, engine=engine, precision=precision, threads=threads)
+        self.engine = json.dumps(self.predictor.describe(), sort_keys=True)
         self.labels = self.predictor.labels
         self.model_id = self.predictor.model_id
         self.shape = self.predictor.features.mel_shape
@@ -247,6 +247,7 @@ class Scorer:
         arrays["error_kind"] = batch.column("error_kind")
         for name in ("error_reason", "warning_kind", "warning_reason"):
             arrays[name] = batch.column(name)
+        arrays["engine"] = pa.array([self.engine] * n, pa.string())
         return pa.table({f.name: arrays[f.name] for f in self.schema}, schema=self.schema)
 
 
@@ -262,13 +263,16 @@ def _actors(ccfg: ClassifyConfig) -> int:
 
 def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig, decode: DecodeConfig,
            workers: int | None, tracks_per_task: int, verbose: bool = False,
-           watchdog: Location | None = None, rules=None) -> Iterator[pa.Table]:
+           watchdog: Location | None = None, inference: InferenceConfig | None = None,
+           rules=None) -> Iterator[pa.Table]:
     """Build the Ray Data pipeline and yield its output blocks as they are produced.
 
     ``watchdog``: the folder where decoding tasks name the files their watchdog stopped
-    (see :func:`featurise_batch`); None: no watchdog.  ``rules``: the answer rules
-    (:class:`genrecls.models.answers.AnswerRules`) the model actors apply.
+    (see :func:`featurise_batch`); None: no watchdog.  ``inference``: the runtime and precision
+    of the model actors (each output block says in its ``engine`` column which ran).  ``rules``:
+    the answer rules (:class:`genrecls.models.answers.AnswerRules`) the model actors apply.
     """
+    inference = inference or InferenceConfig()
     import ray
     import ray.data
 
@@ -296,7 +300,8 @@ def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: Classif
     threads = max(1, math.ceil(ccfg.actor_cpus)) if not ccfg.gpu else 0
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs={"run_uri": run.uri, "batch_size": ccfg.batch_size, "top_k": ccfg.top_k,
-                                       "threads": threads, "rules": rules},
+                                       "threads": threads, "engine": inference.engine,
+                                       "precision": inference.precision, "rules": rules},
         batch_size=max(1, ccfg.batch_size // per_track), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=_actors(ccfg)),
         num_cpus=ccfg.actor_cpus, num_gpus=1 if ccfg.gpu else None, udf_modifying_row_count=False)

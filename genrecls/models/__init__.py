@@ -30,6 +30,22 @@ from genrecls.models.calibration import (
     reliability,
 )
 from genrecls.models.catalog import MODELS, build_model
+from genrecls.models.engine import (
+    BACKBONE_OUTPUTS,
+    ENGINES,
+    NETWORK_OUTPUTS,
+    PRECISIONS,
+    BackboneEngine,
+    Engine,
+    EngineError,
+    RunEngine,
+    available_threads,
+    backbone_id,
+    backbone_onnx,
+    band_stats,
+    export_onnx,
+    transfer_embedding,
+)
 from genrecls.models.evaluation import (
     EvaluationError,
     evaluate_predictor,
@@ -181,4 +197,18 @@ __all__ = [
     "VALIDATION_TRACKS",
     "LABELS_FILE",
     "format_answers",
+    "BackboneEngine",
+    "RunEngine",
+    "Engine",
+    "EngineError",
+    "ENGINES",
+    "PRECISIONS",
+    "BACKBONE_OUTPUTS",
+    "NETWORK_OUTPUTS",
+    "available_threads",
+    "backbone_id",
+    "backbone_onnx",
+    "band_stats",
+    "export_onnx",
+    "transfer_embedding",
 ]

@@ -143,7 +143,8 @@ def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str,
     return metrics
 
 
-def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, all_tracks: bool = False) -> dict[str, Any]:
+def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, all_tracks: bool = False,
+                 engine: str = "auto", precision: str = "auto") -> dict[str, Any]:
     """Score a run folder's model.
 
     Parameters
@@ -155,6 +156,7 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
         ``track_id``; tracks whose label the model does not know are left out and counted),
         or every labelled track with ``all_tracks=True``.
     all_tracks : score every labelled track of ``dataset`` (even tracks the run trained on).
+    engine, precision : the inference engine's runtime and precision (``inference.*``), as classify runs it.
 
     Returns
     -------
@@ -177,10 +179,7 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     if not ds.exists():
         raise DatasetError(f"{ds.uri} is not a genrecls dataset (no manifest.json)"
                            + (" (the run's dataset moved or was deleted? pass --dataset)" if own else ""))
-    from genrecls.models.networks import import_tensorflow
-
-    import_tensorflow()  # quietly, before the Predictor imports it
-    predictor = Predictor(loc)
+    predictor = Predictor(loc, engine=engine, precision=precision)
     check_same_features(predictor.features, ds.feature_config(), subject=ds.uri, than="the run",
                         names=("run", "dataset"), remedy="re-ingest it with the run's config.json", error=EvaluationError)
     tracks = ds.tracks()
@@ -211,6 +210,7 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     metrics = evaluate_predictor(predictor, ds, groups, keep=scored)
     metrics["scope"] = scope
     metrics["model_id"] = info.get("model_id")
+    metrics["engine"] = predictor.describe()
     if info.get("answers"):  # the run's answer rules, as classify applies them, on these test tracks
         from genrecls.models.answers import answer_metrics_for_run
 
@@ -219,7 +219,7 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
 
 
 def run_metrics(run: str | Location, dataset: str | Location | None = None, *, rescore: bool = False,
-                all_tracks: bool = False) -> dict[str, Any]:
+                all_tracks: bool = False, engine: str = "auto", precision: str = "auto") -> dict[str, Any]:
     """A run's metrics (``genrecls evaluate``): those it recorded, or scored anew.
 
     With ``dataset``, ``rescore`` or ``all_tracks`` the model is scored again
@@ -228,7 +228,7 @@ def run_metrics(run: str | Location, dataset: str | Location | None = None, *, r
     """
     loc = run if isinstance(run, Location) else Location.parse(run)
     if dataset or rescore or all_tracks:
-        return evaluate_run(loc, dataset, all_tracks=all_tracks)
+        return evaluate_run(loc, dataset, all_tracks=all_tracks, engine=engine, precision=precision)
     if not loc.exists("metrics.json"):
         raise FileNotFoundError(f"{loc.uri} has no metrics.json (not a finished run?); "
                                 "resume it with 'genrecls train DATASET --resume RUN'")

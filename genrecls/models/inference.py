@@ -45,12 +45,16 @@ def _model_id(name: str, run_uri: str) -> str:
 
 def export_model(model: Any, run: Location | str, *, labels: Sequence[str], features: FeatureConfig,
                  model_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save a tf-keras model into a run folder (SavedModel + .keras) and write ``run.json``.
+    """Save a tf-keras model into a run folder (SavedModel, .keras and ONNX) and write ``run.json``.
 
     The model must take raw log-mel dB of shape (batch, n_mels, n_frames) and output softmax
-    probabilities over ``labels``.  Returns the run info written.
+    probabilities over ``labels``.  ``model.onnx`` is the same classifier for any ONNX runtime
+    (input ``mel``, output ``probabilities``), the file :class:`Predictor` runs on the inference
+    engine.  Returns the run info written.
     """
     import tensorflow as tf
+
+    from genrecls.models.engine import export_onnx
 
     loc = run if isinstance(run, Location) else Location.parse(run)
     loc.makedirs()
@@ -71,7 +75,8 @@ def export_model(model: Any, run: Location | str, *, labels: Sequence[str], feat
         try:
             tf.saved_model.save(model, os.path.join(tmp, "model"), signatures={"serving_default": serve})
             model.save(os.path.join(tmp, "model.keras"))
-            for name in ("model", "model.keras"):
+            onnx = export_onnx(model, os.path.join(tmp, "model.onnx"), input_shape=(n_mels, n_frames))
+            for name in ("model", "model.keras", "model.onnx"):
                 dest = loc.join(name)
                 if os.path.isdir(dest):
                     shutil.rmtree(dest)
@@ -88,6 +93,7 @@ def export_model(model: Any, run: Location | str, *, labels: Sequence[str], feat
         with tempfile.TemporaryDirectory() as tmp:
             tf.saved_model.save(model, os.path.join(tmp, "model"), signatures={"serving_default": serve})
             model.save(os.path.join(tmp, "model.keras"))
+            onnx = export_onnx(model, os.path.join(tmp, "model.onnx"), input_shape=(n_mels, n_frames))
             pafs.copy_files(tmp, loc.root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
     info = {
         "format": "genrecls-run",
@@ -98,6 +104,8 @@ def export_model(model: Any, run: Location | str, *, labels: Sequence[str], feat
         "created": utc_timestamp(),
         "input": {"name": "mel", "shape": [None, n_mels, n_frames], "dtype": "float32", "units": "dB"},
         "output": {"name": "probabilities", "aggregation": "mean of segment probabilities per track"},
+        "onnx": {"file": "model.onnx", "input": "mel", "output": "probabilities", "opset": onnx["opset"],
+                 "converter": onnx["converter"]},
         **(extra or {}),
     }
     loc.write_json(RUN_FILE, info)
@@ -112,10 +120,16 @@ def read_run_info(run: Location | str) -> dict[str, Any]:
 
 
 class Predictor:
-    """Loads a run's SavedModel once and scores batches of segments."""
+    """Loads a run's classifier once, on the inference engine, and scores batches of segments.
 
-    def __init__(self, run: Location | str):
-        import tensorflow as tf
+    The engine (:class:`genrecls.models.engine.RunEngine`) runs ``RUN/model.onnx`` on OpenVINO
+    or ONNX Runtime at ``precision``, and a run without it (trained before it was exported)
+    on its SavedModel with TensorFlow; :meth:`describe` says which ran.  ``threads`` 0: the
+    CPUs Ray gave this worker, else this process's.
+    """
+
+    def __init__(self, run: Location | str, *, engine: str = "auto", precision: str = "auto", threads: int = 0):
+        from genrecls.models.engine import RunEngine
 
         loc = run if isinstance(run, Location) else Location.parse(run)
         self.info = read_run_info(loc)
@@ -126,22 +140,28 @@ class Predictor:
         #: ~9 MB per segment, so 256 at once would need over 2 GB
         self.max_batch: int = int(self.info.get("max_batch") or 0)
         if loc.is_local:
-            self._model = tf.saved_model.load(loc.join("model"))
+            root = loc.root
         else:
             import tempfile
 
             import pyarrow.fs as pafs
 
             self._tmp = tempfile.TemporaryDirectory()
-            pafs.copy_files(loc.join("model"), os.path.join(self._tmp.name, "model"), source_filesystem=loc.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            self._model = tf.saved_model.load(os.path.join(self._tmp.name, "model"))
-        self._fn = self._model.signatures["serving_default"]
+            root = self._tmp.name
+            for name in ("model", "model.onnx"):
+                if loc.exists(name):
+                    pafs.copy_files(loc.join(name), os.path.join(root, name), source_filesystem=loc.fs,
+                                    destination_filesystem=pafs.LocalFileSystem())
+        self._engine = RunEngine(root, input_shape=self.features.mel_shape, engine=engine, precision=precision,
+                                 threads=threads, batch_size=self.max_batch or 64, model_id=self.model_id,
+                                 n_labels=len(self.labels))
+
+    def describe(self) -> dict[str, Any]:
+        """The runtime, precision, device and threads that score (recorded next to every output)."""
+        return self._engine.describe()
 
     def predict(self, mels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Probabilities (n, n_labels) for raw log-mel dB segments (n, n_mels, n_frames)."""
-        import tensorflow as tf
-
+        """Probabilities (n, n_labels) for raw log-mel segments (n, n_mels, n_frames)."""
         mels = np.asarray(mels, dtype=np.float32)
         expected = self.features.mel_shape
         if mels.ndim != 3 or tuple(mels.shape[1:]) != expected:
@@ -150,8 +170,7 @@ class Predictor:
             return np.zeros((0, len(self.labels)), np.float32)
         if self.max_batch:
             batch_size = min(batch_size, self.max_batch)
-        out = [self._fn(mel=tf.constant(mels[i:i + batch_size]))["probabilities"].numpy()
-               for i in range(0, mels.shape[0], batch_size)]
+        out = [self._engine.predict(mels[i:i + batch_size]) for i in range(0, mels.shape[0], batch_size)]
         return np.concatenate(out).astype(np.float32)
 
 

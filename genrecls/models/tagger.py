@@ -31,8 +31,8 @@ def tagger_run(predictions: Location | str) -> Location:
     """The tagger's run folder inside the predictions folder, written on first use."""
     out = predictions if isinstance(predictions, Location) else Location.parse(predictions)
     loc = out.child(_FOLDER)
-    if loc.exists("run.json") and loc.read_json("run.json").get("model_id") == TAGGER_MODEL_ID:
-        return loc
+    if loc.exists("run.json") and loc.read_json("run.json").get("model_id") == TAGGER_MODEL_ID and loc.exists("model.onnx"):
+        return loc  # (a folder written before model.onnx existed is written again, under the same model id)
     from genrecls.models.inference import export_model
     from genrecls.models.musicnn import MSD_TAGS, MUSICNN_FEATURES, load_musicnn
     from genrecls.models.networks import keras

@@ -349,11 +349,12 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
         **({"max_batch": _max_batch()} if plan.model == "musicnn" else {})})
     run.write_json("history.json", history)
     plot_curves(history, run, title=f"{info['model_id']} ({plan.model})")
-    predictor = Predictor(run)
+    predictor = Predictor(run, engine=cfg.inference.engine, precision=cfg.inference.precision)
     assignment = as_mapping(table)
     groups = {s: [t for t, v in assignment.items() if v == s] for s in ("val", "test")}
     scored: dict[str, tuple] = {}
     metrics = evaluate_predictor(predictor, check.dataset, groups, keep=scored)
+    metrics["engine"] = predictor.describe()  # what scored: the runtime classify uses with the same settings
     if "classify_max_segments" in metrics:  # classify's K, chosen on the validation tracks (genrecls.models.selection)
         info["classify"] = {"max_segments": metrics["classify_max_segments"], "chosen_on": "validation tracks",
                             "val_track_accuracy_by_k": metrics["val_track_accuracy_by_k"]}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from genrecls.core.hooks import pause_point
 from genrecls.models.selection import TrackTally, is_better, validation_metrics
 
 from .checkpoints import checkpoint_name, read_checkpoint_dir, write_checkpoint
@@ -278,3 +279,4 @@ def train_func(plan: WorkerPlan, run_uri: str) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state["epoch"]),
                              delete_local_checkpoint_after_upload=False)  # the temporary folder goes with the block
+        pause_point("train-epoch-reported")  # tests: a worker certainly in the middle of a run
