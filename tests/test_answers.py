@@ -477,3 +477,13 @@ def test_cli_refuses_a_wrong_labels_file_naming_the_line(answered_run, tagged_li
     assert res.returncode == 2, res.stderr
     assert f"{bad}: line 5: unknown label 'rokk'" in res.stderr and "did you mean 'rock'" in res.stderr
     assert not (tmp_path / "pred" / "parts").exists()  # refused before anything started
+
+
+def test_training_refuses_a_wrong_labels_file_before_it_starts(sample_dataset, small_cfg, tmp_path):
+    from genrecls.jobs.training import train
+
+    bad = vocab_file(tmp_path, '[genres.Jazz]\nfrom = ["jazz"]\n\n[genres.Rock]\nparents = ["Jazz", "Rock"]\n')
+    with pytest.raises(VocabularyError, match=r"line 5: a cycle of parents: Rock -> Rock"):
+        train(str(sample_dataset), str(tmp_path / "run"), small_cfg.with_section(classify={"labels": str(bad)}),
+              progress=False)
+    assert not (tmp_path / "run").exists()  # nothing was written, no worker started
