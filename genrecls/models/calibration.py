@@ -17,7 +17,8 @@ probabilities that mean what they say and chooses the thresholds an answer needs
 * :func:`nll`, :func:`ece`, :func:`reliability`: the negative log-likelihood, the expected
   calibration error (top-label, equal-width bins) and the reliability diagram's data;
   :func:`ece_floor`: the ECE a *perfectly* calibrated model would still show on the same
-  number of tracks (the sampling noise: on 23 test tracks it is about 0.06).
+  number of tracks (the sampling noise: with 15 bins, about 0.2 on 23 tracks, 0.11 on 100,
+  0.035 on 1000, in a simulation of a 5-genre model of accuracy 0.7).
 * :func:`precision_threshold`: the lowest score threshold whose kept tracks reach a target
   precision on validation tracks (the rule of the ``uncertain`` answer and of the
   per-genre thresholds).
