@@ -487,3 +487,30 @@ def test_training_refuses_a_wrong_labels_file_before_it_starts(sample_dataset, s
         train(str(sample_dataset), str(tmp_path / "run"), small_cfg.with_section(classify={"labels": str(bad)}),
               progress=False)
     assert not (tmp_path / "run").exists()  # nothing was written, no worker started
+
+
+def test_the_tagger_answers_in_the_shipped_vocabulary_with_no_training(tmp_path, ray_local):
+    """`classify --model musicnn-tags --labels msd-tags-to-genres`: broad genres, per-genre thresholds, parents."""
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.jobs.classify import classify
+    from genrecls.models.musicnn import MSD_TAGS
+    from genrecls.storage.predictions import read_predictions
+
+    lib = tmp_path / "lib"
+    make_sample_collection(str(lib), genres=2, tracks_per_genre=1, seconds=7.0, sr=22050, formats=("flac",), seed=4)
+    v = load_vocabulary(example_vocabulary(), MSD_TAGS)
+    summary = classify(str(lib), "musicnn-tags", str(tmp_path / "pred"),
+                       Config().override(["classify.labels=msd-tags-to-genres", "classify.max_genres=2"]), progress=False)
+    a = summary["answers"]
+    assert a["rule"] == "per_genre" and a["calibration"]["method"] == "identity" and a["vocabulary"] == example_vocabulary()
+    rows = read_predictions(tmp_path / "pred").to_pylist()
+    assert len(rows) == 2
+    for r in rows:
+        assert r["top_genre"] in v.genres and r["genre"] in (r["top_genre"], "uncertain")
+        tags = {g: r[f"prob_{g}"] for g in MSD_TAGS}
+        assert r["confidence"] == pytest.approx(max(tags[t] for t in v.members(r["top_genre"])))  # a merge: the maximum
+        if r["genre"] == "uncertain":
+            assert r["confidence"] < 0.2 and r["genres"] == []
+        else:
+            assert r["confidence"] >= 0.2 and r["genres"][0] == r["genre"] and len(r["genres"]) <= 2
+            assert r["parent_genres"] == v.parent_genres(r["genres"])
