@@ -286,6 +286,7 @@ def main() -> int:
 
     print("\n" + "=" * 80)
     if results["runs"]:
+        model = ", ".join(sorted({str(r["model"]) for r in results["runs"]}))
         print(f"trained runs ({model}; choices on validation tracks, figures on test tracks, target precision "
               f"{a.target_precision}):")
         rows = [(os.path.basename(r["run"]), r["test_tracks"], _f(r["temperature"], ".2f"), _f(r["ece_before"]),
