@@ -87,15 +87,6 @@ from genrecls.models.networks import (
 from genrecls.models.plots import plot_confusion, plot_curves, plot_reliability
 from genrecls.models.selection import K_CANDIDATES, TrackTally, accuracy_by_k, choose_k, is_better, validation_metrics
 from genrecls.models.tagger import TAGGER_MODEL, TAGGER_MODEL_ID, tagger_run
-from genrecls.models.vocabulary import (
-    EXAMPLE_VOCABULARIES,
-    Vocabulary,
-    VocabularyError,
-    example_vocabulary,
-    identity_vocabulary,
-    load_vocabulary,
-    normalise_name,
-)
 from genrecls.models.transfer import (
     BACKBONE_LAYER,
     EMBEDDING_DIM,
@@ -106,6 +97,15 @@ from genrecls.models.transfer import (
     build_musicnn_classifier,
     embed_dataset,
     head_weights_into,
+)
+from genrecls.models.vocabulary import (
+    EXAMPLE_VOCABULARIES,
+    Vocabulary,
+    VocabularyError,
+    example_vocabulary,
+    identity_vocabulary,
+    load_vocabulary,
+    normalise_name,
 )
 
 __all__ = [
