@@ -49,6 +49,23 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray and TensorFlow logs")
 
 
+def add_answer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", metavar="FILE", help="your genre vocabulary (TOML: rename, merge, drop, aliases, parents; "
+                   "classify.labels): genre, genres and parent_genres in its words; 'msd-tags-to-genres': the shipped "
+                   "example for --model musicnn-tags; 'none': the model's own labels")
+
+
+def answer_overrides(a: argparse.Namespace) -> list[str]:
+    """``--labels FILE`` as a ``classify.labels`` override (a file's path made absolute: configs record it)."""
+    from genrecls.models.vocabulary import EXAMPLE_VOCABULARIES
+
+    if getattr(a, "labels", None) is None:
+        return []
+    shipped = a.labels.lower() == "none" or (a.labels in EXAMPLE_VOCABULARIES and not os.path.exists(a.labels))
+    value = a.labels if shipped else os.path.abspath(a.labels)
+    return [f"classify.labels={json.dumps(value)}"]
+
+
 def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
     from genrecls.core.config import load_config
 
@@ -146,6 +163,14 @@ def _classify():
         p.add_argument("--batch-size", type=int, help="segments per model call (classify.batch_size)")
         p.add_argument("--max-segments", type=int, help="score at most K evenly spaced segments per track, 0 = all (classify.max_segments)")
         p.add_argument("--top-k", type=int, help="genres listed in the top_k column (classify.top_k)")
+        add_answer_args(p)
+        p.add_argument("--group-by", choices=["album", "folder", "none"],
+                       help="one genre per album (album_genre): 'album' (its tags, else its folder) or 'folder' (classify.group_by)")
+        p.add_argument("--target-precision", type=float, metavar="P", help="the 'uncertain' threshold is chosen on the run's "
+                       "validation tracks for this precision of the other answers (classify.target_precision, default 0.9)")
+        p.add_argument("--min-confidence", type=float, metavar="X", help="the 'uncertain' threshold set by hand: a calibrated "
+                       "probability, 0 = never uncertain (classify.min_confidence)")
+        p.add_argument("--max-genres", type=int, metavar="N", help="at most N genres in the genres column (classify.max_genres)")
         add_config_args(p)
         add_ray_args(p)
 
@@ -153,7 +178,10 @@ def _classify():
         from genrecls.jobs.classify import classify, format_summary
 
         extra = [f"classify.{k}={v}" for k, v in (("actors", a.actors), ("batch_size", a.batch_size),
-                                                  ("max_segments", a.max_segments), ("top_k", a.top_k)) if v is not None]
+                                                  ("max_segments", a.max_segments), ("top_k", a.top_k),
+                                                  ("group_by", a.group_by), ("target_precision", a.target_precision),
+                                                  ("min_confidence", a.min_confidence), ("max_genres", a.max_genres))
+                 if v is not None] + answer_overrides(a)
         extra += [f"classify.{k}=true" for k, v in (("strict", a.strict), ("retry_failed", a.retry_failed),
                                                     ("gpu", a.gpu)) if v]
         cfg = resolve_config(a, extra)
@@ -220,13 +248,14 @@ def _retrain():
         p.add_argument("--force", action="store_true", help="train a challenger even if the dataset is unchanged")
         p.add_argument("--min-improvement", type=float, help="challenger must beat the champion by this much (retrain.min_improvement)")
         p.add_argument("--epochs", type=int, help="train.epochs")
+        add_answer_args(p)
         add_config_args(p)
         add_ray_args(p)
 
     def run(a):
         from genrecls.jobs.retrain import PROMOTED, retrain
 
-        extra = []
+        extra = answer_overrides(a)
         if a.min_improvement is not None:
             extra.append(f"retrain.min_improvement={a.min_improvement}")
         if a.epochs is not None:
@@ -313,6 +342,7 @@ def _train():
         p.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray")
         p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch lines")
         p.add_argument("-v", "--verbose", action="store_true", help="show Ray and TensorFlow logs")
+        add_answer_args(p)
         add_config_args(p)
 
     def run(a):
@@ -329,6 +359,7 @@ def _train():
                                                 ("learning_rate", a.learning_rate), ("seed", a.seed)) if v is not None]
         if a.gpu:
             extra.append("train.gpu=true")
+        extra += answer_overrides(a)
         if a.resume:
             dataset, cfg = resume_inputs(a.resume, dataset=a.dataset, config_file=a.config,
                                          overrides=list(a.overrides or []) + extra)

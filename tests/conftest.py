@@ -6,8 +6,10 @@ with soundfile and run the real ingest on a real local Ray.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -30,6 +32,7 @@ TEST_CPUS = int(os.environ.get("GENRECLS_TEST_CPUS", "2"))
 # The folder of genrecls.core.hooks' pause points, set before any Ray starts so that Ray
 # workers and the CLIs the tests start see it too (nothing pauses until a test arms a point).
 os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="genrecls-pauses-")
+atexit.register(shutil.rmtree, os.environ[PAUSE_DIR_ENV], ignore_errors=True)
 
 
 class Pauses:

@@ -34,7 +34,7 @@ from genrecls.audio.tags import PROVENANCE, open_tags, read_fields, read_provena
 from genrecls.jobs.tagging import JOURNAL, LIBRARY_TMP_PREFIX, PREVIEW, decide, journal_runs, read_journal, tag, undo
 from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
-from genrecls.storage.predictions import PARTS, PredictionStore, prediction_columns, prediction_schema
+from genrecls.storage.predictions import PARTS, PredictionStore, conform, prediction_columns, prediction_schema
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data" / "tags"
@@ -78,14 +78,16 @@ def write_predictions(out: Path | str, lib: Path, rows: dict[str, dict], model_i
         "mtime_ns": pa.array([s.st_mtime_ns for s in stats], pa.int64()),
         "model_id": [model_id] * len(paths),
         "classified_at": pa.array([dt.datetime.now(dt.timezone.utc)] * len(paths), pa.timestamp("ms", tz="UTC"))})
-    table = table.cast(prediction_schema(LABELS, model_id))
+    table = conform(table, prediction_schema(LABELS, model_id))  # the answer columns (issue 21): null unless given
     table = table.set_column(table.schema.get_field_index("genre"), "genre",
                              pa.array([rows[p]["genre"] for p in paths], pa.string()))
     conf = [rows[p].get("confidence", 0.7) for p in paths]
     table = table.set_column(table.schema.get_field_index("confidence"), "confidence", pa.array(conf, pa.float32()))
     if any("genres" in r for r in rows.values()):
-        table = table.append_column("genres", pa.array([rows[p].get("genres") for p in paths], pa.list_(pa.string())))
-        table = table.append_column("top_genre", pa.array([rows[p].get("top_genre") for p in paths], pa.string()))
+        table = table.set_column(table.schema.get_field_index("genres"), "genres",
+                                 pa.array([rows[p].get("genres") for p in paths], pa.list_(pa.string())))
+        table = table.set_column(table.schema.get_field_index("top_genre"), "top_genre",
+                                 pa.array([rows[p].get("top_genre") for p in paths], pa.string()))
     store = PredictionStore(str(out))
     for name in store.part_names():
         store.loc.delete(PARTS, name)

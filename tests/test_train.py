@@ -138,12 +138,22 @@ def test_two_worker_run_leaves_every_artefact(trained, easy_dataset):
     assert np.sum(m["test_confusion"]["matrix"]) == 8
     report = open(os.path.join(run, "report.md")).read()
     assert "test" in report and "mean of its segment probabilities" in report
+    # issue 21: calibration and thresholds chosen on the validation tracks, measured on the test tracks
+    answers = info["answers"]
+    assert answers["calibration"]["method"] == "temperature" and answers["chosen"]["calibration"]["tracks"] == m["val_tracks"]
+    assert answers["rule"] == "global" and answers["validation_tracks"] == "validation_tracks.parquet"
+    assert m["answers"]["test"]["tracks"] == 8 and {"ece_before", "ece_after", "coverage"} <= set(m["answers"]["test"])
+    assert "test ECE (15 bins)" in report and "![reliability diagram" in report
+    assert open(os.path.join(run, "reliability.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert_only_the_documented_run_files(run)
 
 
 #: what README.md says a finished run folder holds (Runs, predictions, registry), and the local lock file
-RUN_FILES = {"model", "model.keras", "model.onnx", "run.json", "config.json", "splits.parquet", "plan.json", "normalisation.json",
-             "history.json", "metrics.json", "report.md", "curves.png", "confusion_matrix.png", "checkpoints", ".lock"}
+RUN_FILES = {"model", "model.keras", "model.onnx", "run.json", "config.json", "splits.parquet", "plan.json",
+             "normalisation.json", "history.json", "metrics.json", "report.md", "curves.png", "confusion_matrix.png",
+             "checkpoints", "validation_tracks.parquet", "reliability.png", "labels.toml", ".lock"}
+#: entries a run holds only sometimes: the lock (local disks), the vocabulary (trained with classify.labels)
+OPTIONAL_RUN_FILES = {".lock", "labels.toml"}
 CHECKPOINT_FILES = {"state.json", "weights.npz", "optimizer.npz", "best.npz"}
 
 
@@ -158,7 +168,7 @@ def assert_only_the_documented_run_files(run: str) -> None:
         assert name in section, f"{name} is not in the README's run folder listing"
     for dirpath, _, files in os.walk(run):
         assert not [f for f in files if f.endswith((".pkl", ".pickle"))], (dirpath, files)
-    assert set(os.listdir(run)) <= RUN_FILES and set(os.listdir(run)) >= RUN_FILES - {".lock"}, sorted(os.listdir(run))
+    assert set(os.listdir(run)) <= RUN_FILES and set(os.listdir(run)) >= RUN_FILES - OPTIONAL_RUN_FILES, sorted(os.listdir(run))
     epochs = sorted(os.listdir(os.path.join(run, "checkpoints")))
     assert 1 <= len(epochs) <= 2 and all(re.fullmatch(r"epoch-\d{4}", e) for e in epochs), epochs
     for e in epochs:
@@ -206,6 +216,8 @@ def test_exported_model_and_evaluation_agree(trained, easy_dataset, capsys):
     assert main(["evaluate", run]) == 0
     out = capsys.readouterr().out
     assert "track acc" in out and "test" in out and "per class" in out
+    assert "test ECE (15 bins)" in out and "coverage" in out and "threshold from" in out  # issue 21
+    assert again["answers"]["test"]["ece_after"] == pytest.approx(summary["metrics"]["answers"]["test"]["ece_after"])
 
 
 def test_a_run_folder_is_never_overwritten(trained, easy_dataset, easy_cfg):

@@ -50,6 +50,7 @@ from genrecls.audio.tags import FORMATS as TAG_FORMATS
 from genrecls.audio.tags import (
     PROVENANCE,
     TagError,
+    album_tags,
     current_genres,
     ffmpeg_genre,
     field,
@@ -66,6 +67,7 @@ from genrecls.audio.tags import (
 )
 
 __all__ = [
+    "album_tags",
     "AudioError",
     "AudioWarning",
     "AudioInfo",

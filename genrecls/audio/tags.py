@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 __all__ = ["PROVENANCE", "FORMATS", "TagError", "open_tags", "genre_key", "provenance_key", "read_fields",
            "current_genres", "read_provenance", "field", "touched", "new_fields", "write_fields", "id3_version", "foreign_genre",
-           "ffmpeg_genre"]
+           "ffmpeg_genre", "album_tags"]
 
 #: the name of the provenance field (a TXXX description, a Vorbis comment, an ASF attribute)
 PROVENANCE = "GENRECLS_GENRE"
@@ -293,3 +293,39 @@ def foreign_genre(path: str, fmt: str, fields: dict[str, list | None]) -> str | 
         return None
     own = field(fields, genre_key(fmt)) or []
     return None if seen in own or seen == ";".join(own) else seen
+
+
+#: format -> (album field, album-artist field)
+_ALBUM_FIELDS = {"mp3": ("TALB", "TPE2"), "aiff": ("TALB", "TPE2"), "wav": ("TALB", "TPE2"),
+                 "flac": ("album", "albumartist"), "ogg": ("album", "albumartist"), "opus": ("album", "albumartist"),
+                 "mp4": ("©alb", "aART"), "asf": ("WM/AlbumTitle", "WM/AlbumArtist")}
+
+
+def album_tags(path: str) -> tuple[str | None, str | None]:
+    """``(album, album artist)`` of a file's tags; None where a field is absent, empty or unreadable.
+
+    A cheap read (mutagen parses the headers, no audio): classify's decoding tasks call it
+    for every track, so that ``--group-by album`` can group a library's tracks by album.
+    Never raises.
+    """
+    try:
+        fmt, audio = open_tags(path)
+        tags = audio.tags
+        if tags is None:
+            return None, None
+        out = []
+        for key in _ALBUM_FIELDS[fmt]:
+            value = None
+            if fmt in ID3_FORMATS:
+                frame = tags.get(key)
+                value = str(frame.text[0]) if frame is not None and frame.text else None
+            elif fmt in VORBIS_FORMATS:
+                got = tags.get(key) or (tags.get("album artist") if key == "albumartist" else None)
+                value = str(got[0]) if got else None
+            else:
+                got = tags.get(key)
+                value = str(got[0]) if got else None
+            out.append(value.strip() or None if value is not None else None)
+        return out[0], out[1]
+    except Exception:  # a tag read never fails a track: it is grouped by its folder instead
+        return None, None

@@ -419,6 +419,28 @@ class ClassifyConfig:
     #: retry files whose failure is recorded even if unchanged
     retry_failed: bool = False
     strict: bool = False
+    # -- the answers (genrecls.models.answers): every threshold is chosen on validation tracks --
+    #: the user's genre vocabulary, a TOML file (genrecls.models.vocabulary): genre, genres and parent_genres
+    #: in its words.  Set when training (train, retrain), the file is copied into the run and its thresholds are
+    #: chosen in its words; classify then uses the run's copy unless this names another file ("none": the
+    #: model's own labels)
+    labels: str | None = None
+    #: how a run's track scores become probabilities, fitted on its validation tracks: "temperature" or "none"
+    calibration: Literal["temperature", "none"] = "temperature"
+    #: the 'uncertain' threshold is the lowest confidence at which the validation tracks it keeps reach this precision
+    target_precision: float = 0.9
+    #: the 'uncertain' threshold set by hand (a calibrated probability; 0 = never uncertain); null: from target_precision
+    min_confidence: float | None = None
+    #: the genre of a track below the threshold (top_genre and the probabilities still say what the model thought)
+    uncertain_label: str = "uncertain"
+    #: at most this many genres in the genres column, best first
+    max_genres: int = 3
+    #: independent tags (--model musicnn-tags): a tag or genre is listed when its probability reaches this, unless the
+    #: vocabulary gives it a threshold; a track whose best genre does not reach its threshold is uncertain
+    tag_threshold: float = 0.2
+    #: one genre per album (album_genre: the mean of its tracks' calibrated probabilities): "album" (the album and
+    #: album-artist tags, else the folder), "folder", or "none"
+    group_by: Literal["none", "album", "folder"] = "none"
 
     def validate(self) -> "ClassifyConfig":
         _check(self.max_segments >= -1, "classify.max_segments", "must be >= -1 (0 = all, -1 = the run's choice)")
@@ -428,6 +450,16 @@ class ClassifyConfig:
         _check(self.actors >= 0, "classify.actors", "must be >= 0")
         _check(self.actor_cpus >= 0, "classify.actor_cpus", "must be >= 0")
         _check(self.part_rows >= 1, "classify.part_rows", "must be >= 1")
+        _check(self.calibration in ("temperature", "none"), "classify.calibration", "must be 'temperature' or 'none'")
+        _check(0 < self.target_precision <= 1, "classify.target_precision", "must be in (0, 1]")
+        _check(self.min_confidence is None or 0 <= self.min_confidence <= 1, "classify.min_confidence",
+               "must be in [0, 1] or null (chosen for classify.target_precision)")
+        _check(bool(self.uncertain_label.strip()), "classify.uncertain_label", "must not be empty")
+        _check(self.max_genres >= 1, "classify.max_genres", "must be >= 1")
+        _check(0 <= self.tag_threshold <= 1, "classify.tag_threshold", "must be in [0, 1]")
+        _check(self.group_by in ("none", "album", "folder"), "classify.group_by", "must be 'none', 'album' or 'folder'")
+        _check(self.labels is None or bool(str(self.labels).strip()), "classify.labels",
+               "must name a vocabulary file, 'none', or be null")
         return self
 
 

@@ -26,6 +26,15 @@ The output folder, its columns and the rules that keep one prediction per track 
 predictions store's (:mod:`genrecls.storage.predictions`).  :func:`classify` resolves the model
 and the library, takes the folder's lock and runs :func:`_classify_locked`, the body.
 
+Answers: before anything starts, the driver resolves the run's answer rules
+(:func:`genrecls.models.answers.rules_for_run`: calibration, the user's vocabulary,
+``uncertain`` and per-genre thresholds, chosen on the run's validation tracks), so a wrong
+vocabulary file is refused at once; the model actors apply them to each track.  After the
+stream, one pass over the folder (:func:`_answer_pass`) answers again the rows answered
+under other rules (an earlier run with another ``--labels``, or parts written before the
+answer columns existed) from their stored probabilities, without decoding anything, and,
+with ``classify.group_by``, gives every row its album's answer.
+
 Re-runs: a track already classified by the same model with the same path, size and
 modification time is skipped, so a re-run adds only new or changed files, and a run killed
 at any point and re-run ends with exactly one prediction per track (parts appear only
@@ -47,11 +56,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -61,11 +72,12 @@ from genrecls.core.hooks import pause_point
 from genrecls.core.progress import Progress, format_duration, format_table
 from genrecls.core.runtime import as_interrupted, log, ray_session
 from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream, track_embedding_info
+from genrecls.models.answers import AnswerRules, rules_for_run
 from genrecls.models.inference import RUN_FILE, read_run_info
 from genrecls.models.tagger import TAGGER_MODEL
 from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
-from genrecls.storage.predictions import PredictionStore, prediction_schema
+from genrecls.storage.predictions import PredictionStore, conform, prediction_schema
 from genrecls.storage.records import problem_rows, record_row
 
 __all__ = ["resolve_run", "classify", "format_summary"]
@@ -115,8 +127,9 @@ class _Writer:
     written with each part, so a stopped run keeps what :meth:`flush` wrote.
     """
 
-    def __init__(self, store: PredictionStore, schema: pa.Schema, part_rows: int, summary: dict[str, Any], bar: Progress):
-        self.store, self.schema, self.part_rows = store, schema, part_rows
+    def __init__(self, store: PredictionStore, schema: pa.Schema, part_rows: int, summary: dict[str, Any], bar: Progress,
+                 uncertain_label: str = "uncertain"):
+        self.store, self.schema, self.part_rows, self.uncertain_label = store, schema, part_rows, uncertain_label
         self.summary, self.bar = summary, bar
         self.kinds: Counter[str] = Counter()
         self.seen: set[str] = set()
@@ -140,6 +153,7 @@ class _Writer:
             s["warned"] += len(warned)
             self._rows += good.num_rows
             s["segments"] += int(pc.sum(good.column("n_segments")).as_py() or 0)
+            s["uncertain"] += int(pc.sum(pc.equal(good.column("genre"), self.uncertain_label)).as_py() or 0)
         for row in _record_rows(failed, "error_kind", "error_reason"):
             self.fail(row, count=False)
         seconds = float(pc.sum(good.column("duration")).as_py() or 0.0)
@@ -191,8 +205,9 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
     -------
     dict
         The run's summary: counts (``discovered``, ``skipped_done``, ``skipped_known_failures``,
-        ``classified``, ``failed``), ``failures_by_kind``, ``tracks_total`` and
-        ``genre_distribution`` of the whole predictions folder, throughput figures.
+        ``classified``, ``failed``, ``uncertain``), ``failures_by_kind``, ``tracks_total``,
+        ``uncertain_total`` and ``genre_distribution`` of the whole predictions folder (the
+        uncertain word included), ``answers`` (the rules applied), throughput figures.
 
     Raises for run-level problems (no such library or run, output locked by another
     classify, no GPU with ``gpu``); never for a bad file.
@@ -207,6 +222,7 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
     t0 = time.monotonic()
     run_loc, info, cfg = _model(run, out, cfg)
     labels, model_id = list(info["labels"]), str(info["model_id"])
+    rules = rules_for_run(run_loc, info, cfg.classify)  # a wrong vocabulary file stops here, before anything starts
     found = discover(library, root)
     store = PredictionStore(out)
     summary: dict[str, Any] = {
@@ -214,16 +230,17 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
         "discovered": len(found.tracks), "ignored_files": found.ignored, "skipped_done": 0,
         "skipped_known_failures": 0, "classified": 0, "warned": 0, "failed": 0, "failures_by_kind": {}, "segments": 0,
         "audio_seconds": 0.0, "parts_written": 0, "rows_superseded": 0, "max_segments": cfg.classify.max_segments,
+        "uncertain": 0, "answers": _answers_brief(rules), "group_by": cfg.classify.group_by,
     }
     try:
         with folder_lock(store.loc, "genrecls classify"):
             _classify_locked(found, run_loc, info, store, cfg, summary, address=address, workers=workers, csv=csv,
-                             prune=prune, progress=progress, verbose=verbose)
+                             prune=prune, progress=progress, verbose=verbose, rules=rules)
             summary["wall_seconds"] = time.monotonic() - t0
             summary["tracks_per_second"] = (summary["classified"] + summary["failed"]) / max(summary["wall_seconds"], 1e-9)
             summary["audio_seconds_per_second"] = summary["audio_seconds"] / max(summary["wall_seconds"], 1e-9)
             store.write_info(run=run_loc.uri, model_id=model_id, labels=labels, features=asdict(cfg.features),
-                             library=found.root, last_run=summary)
+                             library=found.root, last_run=summary, answers=rules.to_dict())
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: parts written so far stay; a re-run adds the rest
         stop = as_interrupted(exc)
         stop.kept = f"{summary['classified']} track(s) classified by this run are kept in {store.uri}"
@@ -250,8 +267,104 @@ def _model(run: str | os.PathLike | Location, out: str | os.PathLike, cfg: Confi
     return run_loc, info, cfg.with_section(features=features)
 
 
+def _answers_brief(rules: AnswerRules) -> dict[str, Any]:
+    """The answer rules as the summary shows them."""
+    return {"answers_id": rules.answers_id, "calibration": rules.calibration.to_dict(), "rule": rules.rule,
+            "threshold": rules.threshold, "reached": rules.reached, "uncertain_label": rules.uncertain_label,
+            "vocabulary": rules.vocabulary.source, "genres": list(rules.genres), "max_genres": rules.max_genres,
+            "target_precision": rules.chosen.get("target_precision"),
+            "uncertain_source": (rules.chosen.get("uncertain") or {}).get("source")}
+
+
+def album_key(path: str, album: str | None, album_artist: str | None, group_by: str) -> str:
+    """The group a track's album answer is computed over (``classify.group_by``).
+
+    ``folder``: the track's folder.  ``album``: its album-artist and album tags when it has
+    both (an album spread over CD1/ and CD2/ is one album), its folder and album tag when it
+    has only the album (two albums of one folder stay apart, two "Greatest Hits" of two
+    artists' folders too), else its folder.
+    """
+    folder = posixpath.dirname(path)
+    if group_by == "album" and album:
+        return f"album\x1f{album_artist}\x1f{album}" if album_artist else f"folder-album\x1f{folder}\x1f{album}"
+    return f"folder\x1f{folder}"
+
+
+def _answer_pass(store: PredictionStore, rules: AnswerRules, labels: list[str], model_id: str, group_by: str,
+                 embedding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Answer again, from their stored probabilities, the rows answered under other rules; with ``group_by``,
+    give every row its album's answer.  Parts are rewritten (atomically) only where something changed.
+
+    A row's ``prob_<label>`` columns are the run's calibrated probabilities (rows of parts
+    written before calibration hold the uncalibrated ones of a run that had none: the same
+    thing), so nothing is decoded or scored again.
+    """
+    probs_cols = [f"prob_{g}" for g in labels]
+    index = store.index(columns=["path", "answers_id", "album", "album_artist", "album_genre", "album_confidence",
+                                 *probs_cols])
+    out = {"rows_answered_again": 0, "albums": 0, "parts_rewritten": 0}
+    if not index.num_rows:
+        return out
+    stale = np.asarray(pc.fill_null(pc.not_equal(index["answers_id"], rules.answers_id), True).to_pylist(), bool)
+    had_album = np.asarray(pc.is_valid(index["album_genre"]).to_pylist(), bool)
+    if not stale.any() and group_by == "none" and not had_album.any():
+        return out
+    probs = np.column_stack([np.asarray(pc.fill_null(index[c], 0.0).to_numpy(zero_copy_only=False), np.float64)
+                             for c in probs_cols]) if probs_cols else np.zeros((index.num_rows, 0))
+    fresh = rules.answer(probs[stale]) if stale.any() else None
+    album_genre = [None] * index.num_rows
+    album_conf: list[float | None] = [None] * index.num_rows
+    if group_by != "none":
+        q = rules.genre_probabilities(probs)
+        keys = [album_key(p, a, aa, group_by) for p, a, aa in zip(index["path"].to_pylist(), index["album"].to_pylist(),
+                                                                   index["album_artist"].to_pylist())]
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        names = list(groups)
+        means = np.stack([q[groups[k]].mean(axis=0) for k in names]) if names else np.zeros((0, len(rules.genres)))
+        ans = rules.answer_genres(means)
+        for k, g, c in zip(names, ans["genre"], ans["confidence"]):
+            for i in groups[k]:
+                album_genre[i], album_conf[i] = g, c
+        out["albums"] = len(names)
+    old_genre, old_conf = index["album_genre"].to_pylist(), index["album_confidence"].to_pylist()
+    album_changed = np.asarray([g != og or (c is None) != (oc is None) or (c is not None and abs(c - oc) > 1e-6)
+                                for g, c, og, oc in zip(album_genre, album_conf, old_genre, old_conf)], bool)
+    fresh_at = {int(i): n for n, i in enumerate(np.flatnonzero(stale))}
+    parts = index["part"].to_pylist()
+    rows = index["row"].to_pylist()
+    by_part: dict[str, list[int]] = {}
+    for i, part in enumerate(parts):
+        by_part.setdefault(part, []).append(i)
+    schema = prediction_schema(labels, model_id, embedding=embedding)  # a frozen head's track embeddings are kept
+    for part, members in by_part.items():
+        if not (stale[members].any() or album_changed[members].any()):
+            continue
+        table = conform(store.read_part(part), schema)
+        cols = {name: table.column(name).to_pylist() for name in ("genre", "confidence", "top_genre", "genres",
+                                                                  "parent_genres", "answers_id")}
+        a_genre, a_conf = table.column("album_genre").to_pylist(), table.column("album_confidence").to_pylist()
+        for i in members:
+            r = rows[i]
+            if stale[i]:
+                n = fresh_at[i]
+                for name in ("genre", "confidence", "top_genre", "genres", "parent_genres"):
+                    cols[name][r] = fresh[name][n]
+                cols["answers_id"][r] = rules.answers_id
+            a_genre[r], a_conf[r] = album_genre[i], album_conf[i]
+        for name, values in [*cols.items(), ("album_genre", a_genre), ("album_confidence", a_conf)]:
+            table = table.set_column(schema.get_field_index(name), schema.field(name),
+                                     pa.array(values, schema.field(name).type))
+        store.replace_part(part, table)
+        out["parts_rewritten"] += 1
+    out["rows_answered_again"] = int(stale.sum())
+    return out
+
+
 def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], store: PredictionStore, cfg: Config,
-                     summary: dict[str, Any], *, address, workers, csv, prune, progress, verbose) -> None:
+                     summary: dict[str, Any], *, address, workers, csv, prune, progress, verbose,
+                     rules: AnswerRules) -> None:
     """The body of a classify run, under the output folder's lock: plan, stream, record, reconcile."""
     ccfg, labels, model_id = cfg.classify, list(info["labels"]), str(info["model_id"])
     if track_embedding_info(info):  # what the predictions' embedding column holds (classify.json's last_run)
@@ -268,10 +381,10 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
         with ray_session(address, workers, verbose=verbose):
             bar = Progress(todo.num_rows, "tracks", enabled=progress)
             writer = _Writer(store, prediction_schema(labels, model_id, embedding=track_embedding_info(info)),
-                             ccfg.part_rows, summary, bar)
+                             ccfg.part_rows, summary, bar, rules.uncertain_label)
             try:
                 for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose,
-                                    store.watchdog(), cfg.inference):
+                                    store.watchdog(), cfg.inference, rules=rules):
                     writer.add(block)
             except KeyboardInterrupt:
                 writer.flush()  # keep what was scored before the stop
@@ -280,7 +393,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
             if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
                 log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
                 for block in stream(lost, run_loc, cfg.features, ccfg, cfg.decode, workers, 1, verbose, store.watchdog(),
-                                    cfg.inference):
+                                    cfg.inference, rules=rules):
                     writer.add(block)
                 for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(writer.seen), pa.string())))).to_pylist():
                     writer.fail(record_row(
@@ -296,11 +409,14 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     summary["failed"] += len(problems)
     summary["failures_by_kind"] = dict(kinds)
     summary["rows_superseded"] = store.reconcile(model_id, tracks, drop_missing=prune)
+    summary.update(_answer_pass(store, rules, labels, model_id, ccfg.group_by, track_embedding_info(info)))
     final = store.compact_records(set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
     summary["tracks_total"] = final.num_rows
     summary["failures_total"] = store.records.failures().num_rows
     counts = {d["values"]: d["counts"] for d in pc.value_counts(final["genre"]).to_pylist()} if final.num_rows else {}
-    summary["genre_distribution"] = {g: counts.get(g, 0) for g in sorted(labels, key=lambda g: (-counts.get(g, 0), g))}
+    names = list(dict.fromkeys([*rules.genres, *(g for g in counts if g is not None)]))
+    summary["uncertain_total"] = counts.get(rules.uncertain_label, 0)
+    summary["genre_distribution"] = {g: counts.get(g, 0) for g in sorted(names, key=lambda g: (-counts.get(g, 0), g))}
     if csv:
         store.write_csv()
         summary["csv"] = store.csv_uri()
@@ -318,9 +434,33 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{s['tracks_per_second']:.1f} tracks/s, {s['audio_seconds_per_second']:.0f}x real time, "
                      f"{s['segments']} segments scored (at most {s['max_segments'] or 'all'} per track)")
     total = max(s["tracks_total"], 1)
-    rows = [(g, n, f"{100 * n / total:.1f}%") for g, n in s["genre_distribution"].items()]
+    dist = s["genre_distribution"]
+    shown = {g: n for g, n in dist.items() if n} if len(dist) > 12 else dist  # the tagger's 50 tags: only those given
+    rows = [(g, n, f"{100 * n / total:.1f}%") for g, n in shown.items()]
+    if len(shown) < len(dist):
+        rows.append((f"({len(dist) - len(shown)} other genres)", 0, "0.0%"))
     rows.append(("total", s["tracks_total"], "100%" if s["tracks_total"] else "0%"))
     lines += ["", "genre distribution of the library:", format_table(rows, ("genre", "tracks", "share"))]
+    a = s.get("answers") or {}
+    if a:
+        word = a.get("uncertain_label", "uncertain")
+        if a.get("rule") == "global" and a.get("reached", True) and a.get("threshold") is not None:
+            why = f"confidence below {a['threshold']:.3f} ({a.get('uncertain_source')}"
+            why += f", target precision {a['target_precision']})" if "target_precision" in str(a.get("uncertain_source")) else ")"
+        elif a.get("rule") == "global":
+            why = (f"every track: no threshold reached precision {a.get('target_precision')} on the run's validation "
+                   "tracks; set classify.min_confidence or lower classify.target_precision")
+        elif a.get("rule") == "per_genre":
+            why = "the best genre below its own threshold (classify.tag_threshold or the vocabulary's)"
+        else:
+            why = "never (the run recorded no validation tracks: identity calibration, no thresholds)"
+        lines.append(f"{s.get('uncertain_total', 0)} {word} track(s) in the library ({s.get('uncertain', 0)} of this run's): "
+                     f"{why}")
+        cal = a.get("calibration") or {}
+        lines.append(f"calibration: {cal.get('method')}" + (f" (T = {cal['temperature']:.3f})" if cal.get("method") == "temperature" else "")
+                     + (f"; genres in the words of {a['vocabulary']}" if a.get("vocabulary") else ""))
+    if s.get("group_by", "none") != "none":
+        lines.append(f"album_genre: one answer for each of {s.get('albums', 0)} {'albums' if s['group_by'] == 'album' else 'folders'}")
     if s["failures_total"]:
         lines.append(f"\n{s['failures_total']} file(s) could not be classified (table in {s['predictions']}/failures/)"
                      + (": " + ", ".join(f"{k} {v}" for k, v in sorted(s["failures_by_kind"].items())) if s["failures_by_kind"] else ""))

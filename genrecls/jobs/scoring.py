@@ -40,7 +40,7 @@ _ERROR_COLUMNS = [pa.field(name, pa.string()) for name in ("error_kind", "error_
 #: columns of a featurised batch (the output of the CPU stage)
 _FEATURISED = {"path": pa.string(), "track_id": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64(),
                "duration": pa.float64(), "n_segments": pa.int32(), "mels": pa.large_binary(),
-               **{f.name: f.type for f in _ERROR_COLUMNS}}
+               "album": pa.string(), "album_artist": pa.string(), **{f.name: f.type for f in _ERROR_COLUMNS}}
 #: at most this many input blocks, however large the library (bounds driver and scheduler overhead)
 MAX_INPUT_BLOCKS = 4096
 #: decoding tasks a worker process runs before it is replaced
@@ -76,7 +76,8 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
 
     Input columns: ``source`` (path to read), ``path`` (relative path), ``size``,
     ``mtime_ns``.  Output adds ``track_id``, ``duration``, ``n_segments``, ``mels`` (the
-    segments (n, n_mels, n_frames) as bytes of ``features.dtype``), ``error_kind`` /
+    segments (n, n_mels, n_frames) as bytes of ``features.dtype``), ``album`` and
+    ``album_artist`` (the file's tags, a cheap header read; null without), ``error_kind`` /
     ``error_reason`` (set, with no segments, for a file that could not be used) and
     ``warning_kind`` / ``warning_reason`` (a file used although something is off; several
     joined with "; ").  Never raises for a bad file.
@@ -157,13 +158,14 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
     import json
 
     from genrecls.audio.pipeline import sampled_track_features
+    from genrecls.audio.tags import album_tags
     from genrecls.core.errors import failure_of
     from genrecls.core.hooks import pause_point
 
     dtype = np.float16 if features.dtype == "float16" else np.float32
     out: dict[str, list] = {k: [] for k in _FEATURISED}
     for row in batch.to_pylist():
-        mels, duration, kind, reason, warnings, n = b"", None, None, None, [], 0
+        mels, duration, kind, reason, warnings, n, album = b"", None, None, None, [], 0, (None, None)
         tid = track_id_for(row["path"])
         try:
             if tid in stopped:  # a watchdog stopped an earlier try of this batch on this file
@@ -174,13 +176,14 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
                 feats = sampled_track_features(row["source"], features, max_segments, decode)
                 mels = np.ascontiguousarray(feats.mels, dtype=dtype).tobytes()
                 n, duration, warnings = int(feats.mels.shape[0]), float(feats.duration), feats.warnings
+                album = album_tags(row["source"])  # for classify.group_by = "album"; never raises
         except Exception as exc:  # recorded, never fatal for the batch
             kind, reason = failure_of(exc)
         finally:
             watchdog.watch(None)
         values = {"path": row["path"], "track_id": tid, "size": row["size"],
                   "mtime_ns": row["mtime_ns"], "duration": duration, "n_segments": n, "mels": mels,
-                  "error_kind": kind, "error_reason": reason,
+                  "album": album[0], "album_artist": album[1], "error_kind": kind, "error_reason": reason,
                   "warning_kind": warnings[0].kind if warnings else None,  # the most serious (genrecls.storage.records)
                   "warning_reason": "; ".join(w.reason for w in warnings) or None}
         for k, v in values.items():
@@ -193,7 +196,10 @@ class Scorer:
     """A model actor: loads the run's model once on the inference engine, then scores batches of tracks.
 
     Called by Ray Data with a batch of :func:`featurise_batch` rows; returns one row per
-    track with the prediction columns (failed tracks pass through with their error).
+    track with the prediction columns (failed tracks pass through with their error).  The
+    track scores (mean of the segments' probabilities) are calibrated and answered by
+    ``rules`` (:class:`genrecls.models.answers.AnswerRules`, chosen by the driver; None: the
+    run's own rules with the default settings).
 
     A frozen-backbone ``musicnn`` run (``RUN/head.npz``) runs the backbone on the engine
     (:class:`~genrecls.models.engine.BackboneEngine`, once per segment), its head in NumPy
@@ -203,7 +209,7 @@ class Scorer:
     """
 
     def __init__(self, run_uri: str, batch_size: int, top_k: int, threads: int = 0, engine: str = "auto",
-                 precision: str = "auto"):
+                 precision: str = "auto", rules=None):
         import json
 
         from genrecls.core.runtime import quiet_environment
@@ -239,6 +245,12 @@ class Scorer:
         self.batch_size = batch_size
         self.top_k = top_k
         self.schema = _stream_schema(self.labels, self.embedding)
+        if rules is None:
+            from genrecls.core.config import ClassifyConfig
+            from genrecls.models.answers import rules_for_run
+
+            rules = rules_for_run(Location.parse(run_uri), info, ClassifyConfig())
+        self.rules = rules
 
     def _score(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Segment probabilities, and with a head the segments' track-embedding layer."""
@@ -273,12 +285,22 @@ class Scorer:
                 embeddings = [None] * n
                 for t, v in zip(ids, track_emb):
                     embeddings[int(t)] = v.tolist()
-        cols = prediction_columns(np.nan_to_num(probs), self.labels, self.top_k)
+        probs = self.rules.calibrate(np.nan_to_num(probs))  # prob_<label>: calibrated probabilities
+        cols = prediction_columns(probs, self.labels, self.top_k)
+        ans = self.rules.answer(probs)  # genre, confidence... in the user's genres
+        cols.update({"genre": pa.array(ans["genre"], pa.string()), "confidence": pa.array(ans["confidence"], pa.float32()),
+                     "top_genre": pa.array(ans["top_genre"], pa.string()),
+                     "genres": pa.array(ans["genres"], pa.list_(pa.string())),
+                     "parent_genres": pa.array(ans["parent_genres"], pa.list_(pa.string())),
+                     "answers_id": pa.array([self.rules.answers_id] * n, pa.string())})
         valid = pa.array([e is None for e in errors])
         now = dt.datetime.now(dt.timezone.utc)
-        arrays = {name: batch.column(name) for name in ("path", "track_id", "n_segments", "duration", "size", "mtime_ns")}
+        arrays = {name: batch.column(name) for name in ("path", "track_id", "n_segments", "duration", "size", "mtime_ns",
+                                                        "album", "album_artist")}
         for name, arr in cols.items():  # predictions of failed tracks are null
             arrays[name] = pc.if_else(valid, arr, pa.nulls(n, arr.type))
+        arrays["album_genre"] = pa.nulls(n, pa.string())  # the classify driver's album pass fills them
+        arrays["album_confidence"] = pa.nulls(n, pa.float32())
         arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
         arrays["classified_at"] = pa.array([now] * n, pa.timestamp("ms", tz="UTC"))
         arrays["error_kind"] = batch.column("error_kind")
@@ -302,12 +324,14 @@ def _actors(ccfg: ClassifyConfig) -> int:
 
 def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: ClassifyConfig, decode: DecodeConfig,
            workers: int | None, tracks_per_task: int, verbose: bool = False,
-           watchdog: Location | None = None, inference: InferenceConfig | None = None) -> Iterator[pa.Table]:
+           watchdog: Location | None = None, inference: InferenceConfig | None = None,
+           rules=None) -> Iterator[pa.Table]:
     """Build the Ray Data pipeline and yield its output blocks as they are produced.
 
     ``watchdog``: the folder where decoding tasks name the files their watchdog stopped
     (see :func:`featurise_batch`); None: no watchdog.  ``inference``: the runtime and precision
-    of the model actors (each output block says in its ``engine`` column which ran).
+    of the model actors (each output block says in its ``engine`` column which ran).  ``rules``:
+    the answer rules (:class:`genrecls.models.answers.AnswerRules`) the model actors apply.
     """
     inference = inference or InferenceConfig()
     import ray
@@ -338,7 +362,7 @@ def stream(todo: pa.Table, run: Location, features: FeatureConfig, ccfg: Classif
     ds = ds.map_batches(
         Scorer, fn_constructor_kwargs={"run_uri": run.uri, "batch_size": ccfg.batch_size, "top_k": ccfg.top_k,
                                        "threads": threads, "engine": inference.engine,
-                                       "precision": inference.precision},
+                                       "precision": inference.precision, "rules": rules},
         batch_size=max(1, ccfg.batch_size // per_track), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=_actors(ccfg)),
         num_cpus=ccfg.actor_cpus, num_gpus=1 if ccfg.gpu else None, udf_modifying_row_count=False)

@@ -685,10 +685,12 @@ def _plan(rows: list[dict[str, Any]], root: str, index: dict[str, dict[str, Any]
             items.append(item)
             continue
         listed = [g for g in (r.get("genres") or []) if g and g != "uncertain"]
+        top = r.get("top_genre")
+        # uncertain: the word, or (classify.uncertain_label set to another word) an answer that is not the top genre
+        uncertain = genre == "uncertain" or (top is not None and genre is not None and genre != top)
         if genre is None and not listed:
             item.update(skip="no_prediction", skip_reason="the prediction row holds no genre")
-        elif genre == "uncertain":
-            top = r.get("top_genre")
+        elif uncertain:
             item.update(skip="uncertain", skip_reason="the model is uncertain" + (
                 f" (its top genre {top!r} at confidence {conf:.3f})" if top and conf is not None else ""))
         elif min_confidence is not None and (conf is None or conf < min_confidence):

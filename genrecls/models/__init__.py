@@ -4,6 +4,31 @@ model catalogue, inference from a run folder, selection and evaluation.
 Imports :mod:`genrecls.core`, :mod:`genrecls.audio` and :mod:`genrecls.storage`.
 """
 
+from genrecls.models.answers import (
+    LABELS_FILE,
+    VALIDATION_TRACKS,
+    AnswerRules,
+    answer_metrics_for_run,
+    choose_rules,
+    evaluate_rules,
+    format_answers,
+    output_kind,
+    record_answers,
+    rules_for_run,
+    run_vocabulary,
+    track_scores_at_k,
+)
+from genrecls.models.calibration import (
+    ECE_BINS,
+    LOG_T_PRIOR_SD,
+    Calibration,
+    ece,
+    ece_floor,
+    nll,
+    precision_recall_at,
+    precision_threshold,
+    reliability,
+)
 from genrecls.models.catalog import MODELS, build_model
 from genrecls.models.engine import (
     BACKBONE_OUTPUTS,
@@ -59,7 +84,7 @@ from genrecls.models.networks import (
     spec_augment_class,
     time_stats_class,
 )
-from genrecls.models.plots import plot_confusion, plot_curves, plot_selection
+from genrecls.models.plots import plot_confusion, plot_curves, plot_reliability, plot_selection
 from genrecls.models.selection import (
     HEAD_RULE,
     K_CANDIDATES,
@@ -93,6 +118,15 @@ from genrecls.models.transfer import (
     save_head,
     score_stored,
     shared_backbone,
+)
+from genrecls.models.vocabulary import (
+    EXAMPLE_VOCABULARIES,
+    Vocabulary,
+    VocabularyError,
+    example_vocabulary,
+    identity_vocabulary,
+    load_vocabulary,
+    normalise_name,
 )
 
 __all__ = [
@@ -170,6 +204,35 @@ __all__ = [
     "TAGGER_MODEL",
     "TAGGER_MODEL_ID",
     "tagger_run",
+    "plot_reliability",
+    "Calibration",
+    "ECE_BINS",
+    "LOG_T_PRIOR_SD",
+    "nll",
+    "ece",
+    "ece_floor",
+    "reliability",
+    "precision_threshold",
+    "precision_recall_at",
+    "VocabularyError",
+    "Vocabulary",
+    "load_vocabulary",
+    "identity_vocabulary",
+    "example_vocabulary",
+    "EXAMPLE_VOCABULARIES",
+    "normalise_name",
+    "AnswerRules",
+    "output_kind",
+    "choose_rules",
+    "evaluate_rules",
+    "track_scores_at_k",
+    "record_answers",
+    "rules_for_run",
+    "answer_metrics_for_run",
+    "run_vocabulary",
+    "VALIDATION_TRACKS",
+    "LABELS_FILE",
+    "format_answers",
     "BackboneEngine",
     "RunEngine",
     "Engine",

@@ -108,7 +108,8 @@ def split_metrics(prefix: str, vocab: Sequence[str], seg_tracks: Sequence[str], 
     return out
 
 
-def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str, Sequence[str]]) -> dict[str, Any]:
+def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str, Sequence[str]],
+                       keep: dict[str, tuple] | None = None) -> dict[str, Any]:
     """Metrics for each named group of tracks (``{"val": [...], "test": [...]}``).
 
     On the ``val`` group also: track accuracy when each track is scored on K evenly spaced
@@ -117,6 +118,9 @@ def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str,
     tracks, never on test tracks.  Once K is chosen, every later group also gets its track
     accuracy at that K (``test_track_accuracy_at_classify_k``: what ``genrecls classify``
     gives with the run's default K, beside ``test_track_accuracy`` on every segment).
+
+    ``keep``: a dict that receives, per group, what was scored (segment track ids, segment
+    indices, labels, probabilities), for the answers (:func:`genrecls.models.answers.record_answers`).
     """
     from genrecls.models.selection import accuracy_by_k, choose_k
 
@@ -124,6 +128,8 @@ def evaluate_predictor(predictor: Predictor, dataset: Dataset, splits: dict[str,
     for name, ids in splits.items():
         index: list[int] = []
         tids, labels, probs = score_segments(predictor, dataset, ids, segment_index=index)
+        if keep is not None:
+            keep[name] = (tids, index, labels, probs)
         metrics.update(split_metrics(name, predictor.labels, tids, labels, probs))
         if not tids:
             continue
@@ -200,10 +206,15 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     if not any(groups.values()):
         raise EvaluationError(f"no track of {ds.uri} can be scored ({scope['tracks']}): nothing matches the run's labels "
                               f"{sorted(vocab)}")
-    metrics = evaluate_predictor(predictor, ds, groups)
+    scored: dict[str, tuple] = {}
+    metrics = evaluate_predictor(predictor, ds, groups, keep=scored)
     metrics["scope"] = scope
     metrics["model_id"] = info.get("model_id")
     metrics["engine"] = predictor.describe()
+    if info.get("answers"):  # the run's answer rules, as classify applies them, on these test tracks
+        from genrecls.models.answers import answer_metrics_for_run
+
+        metrics.update(answer_metrics_for_run(loc, info, {"test": scored.get("test", ([],))}))
     return metrics
 
 
@@ -252,6 +263,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         lines.append(f"{s} per class (tracks):")
         lines.append(format_table([(l, v["tracks"], f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}")
                                    for l, v in per.items()], ("label", "tracks", "precision", "recall", "F1")))
+    if metrics.get("answers"):  # calibration, uncertain and per-genre thresholds (genrecls.models.answers)
+        from genrecls.models.answers import format_answers
+
+        lines.append("")
+        lines.append(format_answers(metrics["answers"]))
     scope = metrics.get("scope")
     lines.append("")
     lines.append(metrics.get("track_rule", TRACK_RULE))

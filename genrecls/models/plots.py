@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["plot_curves", "plot_confusion", "plot_selection"]
+__all__ = ["plot_curves", "plot_confusion", "plot_selection", "plot_reliability"]
 
 
 def _pyplot():
@@ -100,5 +100,32 @@ def plot_selection(records: Sequence[dict[str, Any]], location, name: str = "cur
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.suptitle(title or "head selection")
     fig.tight_layout()
+    _save(fig, location, name)
+    plt.close(fig)
+
+
+def plot_reliability(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]], location,
+                     name: str = "reliability.png", *, ece_before: float | None = None, ece_after: float | None = None,
+                     title: str = "") -> None:
+    """The reliability diagram: accuracy against confidence per bin, before and after calibration
+    (:func:`genrecls.models.calibration.reliability` data), marker area by tracks in the bin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    for data, label, style, e in ((before, "before", "o-", ece_before), (after, "after", "s-", ece_after)):
+        if not data:
+            continue
+        x = [b["confidence"] for b in data]
+        y = [b["accuracy"] for b in data]
+        ax.plot(x, y, style, ms=3, lw=1, label=f"{label} calibration" + (f" (ECE {e:.3f})" if e is not None else ""))
+        ax.scatter(x, y, s=[12 * b["tracks"] for b in data], alpha=0.25)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top genre's probability)")
+    ax.set_ylabel("accuracy of the tracks in the bin")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     _save(fig, location, name)
     plt.close(fig)

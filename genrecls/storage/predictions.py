@@ -13,13 +13,24 @@ Layout (local path or URI)::
       .watchdog/TRACK_ID.json  during a run: a file whose decoder got stuck and was stopped (cleared at the end)
 
 Prediction columns (:func:`prediction_schema`): ``path`` (POSIX, relative to the library
-root), ``track_id`` (as in ingest), ``genre`` (top-1), ``confidence`` (its probability),
-``prob_<genre>`` for every genre of the model, ``top_k`` (list of {genre, probability},
-best first), ``n_segments`` (segments scored), ``duration`` (seconds of the whole track),
-``size`` and ``mtime_ns`` of the file, ``model_id`` and ``classified_at`` (UTC); for a
+root), ``track_id`` (as in ingest), ``genre`` (the answer: the top genre, or the uncertain
+word below the run's threshold), ``confidence`` (the top genre's calibrated probability),
+``top_genre`` (what the model thought, even when uncertain), ``genres`` (list: every genre
+clearing its own threshold, best first), ``parent_genres`` (list: their ancestors in the
+user's vocabulary), ``prob_<label>`` for every label of the model (calibrated), ``top_k``
+(list of {genre, probability} in the model's labels, best first), ``n_segments`` (segments
+scored), ``duration`` (seconds of the whole track), ``size`` and ``mtime_ns`` of the file,
+``album`` and ``album_artist`` (the file's tags, null without), ``album_genre`` and
+``album_confidence`` (with ``classify.group_by``: the answer for the track's album or folder),
+``model_id``, ``answers_id`` (the rules that gave the answer columns:
+:class:`genrecls.models.answers.AnswerRules`) and ``classified_at`` (UTC); for a
 frozen-backbone ``musicnn`` run also ``embedding``: the track's embedding, the mean of its
 scored segments' pretrained-backbone layer named in the schema's ``genrecls.embedding`` metadata
-(the ``penultimate`` layer, 200 numbers, with the backbone's id).
+(the ``penultimate`` layer, 200 numbers, with the backbone's id).  The answer
+columns are the answers module's; this module stores them.
+
+Parts written before a column existed lack it: readers (:func:`read_predictions`,
+:meth:`PredictionStore.index`, the CSV) see it as null.
 
 A folder holds the predictions of one model and one row per path once :meth:`PredictionStore.reconcile`
 ran: parts appear only complete, and reconcile drops rows of other models, of older
@@ -42,8 +53,8 @@ from genrecls.core.provenance import TIMESTAMP_FORMAT, library_versions, utc_tim
 from genrecls.storage.location import Location, new_shard_name
 from genrecls.storage.records import Records
 
-__all__ = ["PARTS", "CSV_NAME", "INFO_NAME", "prediction_schema", "prediction_columns", "top_k_type",
-           "PredictionStore", "read_predictions"]
+__all__ = ["PARTS", "CSV_NAME", "INFO_NAME", "LIST_COLUMNS", "prediction_schema", "prediction_columns", "top_k_type",
+           "conform", "PredictionStore", "read_predictions"]
 
 PARTS = "parts"
 CSV_NAME = "predictions.csv"
@@ -57,6 +68,10 @@ EMBEDDING_KEY = b"genrecls.embedding"
 
 def top_k_type() -> pa.DataType:
     return pa.list_(pa.struct([pa.field("genre", pa.string()), pa.field("probability", pa.float32())]))
+
+
+#: columns a list of genres (written to the CSV as ``a;b``)
+LIST_COLUMNS = ("genres", "parent_genres")
 
 
 def prediction_schema(labels: list[str], model_id: str = "", embedding: dict[str, Any] | None = None) -> pa.Schema:
@@ -73,18 +88,33 @@ def prediction_schema(labels: list[str], model_id: str = "", embedding: dict[str
             pa.field("track_id", pa.string(), nullable=False),
             pa.field("genre", pa.string()),
             pa.field("confidence", pa.float32()),
+            pa.field("top_genre", pa.string()),
+            pa.field("genres", pa.list_(pa.string())),
+            pa.field("parent_genres", pa.list_(pa.string())),
             *[pa.field(f"prob_{g}", pa.float32()) for g in labels],
             pa.field("top_k", top_k_type()),
             pa.field("n_segments", pa.int32()),
             pa.field("duration", pa.float64()),
             pa.field("size", pa.int64()),
             pa.field("mtime_ns", pa.int64()),
+            pa.field("album", pa.string()),
+            pa.field("album_artist", pa.string()),
+            pa.field("album_genre", pa.string()),
+            pa.field("album_confidence", pa.float32()),
             pa.field("model_id", pa.string()),
+            pa.field("answers_id", pa.string()),
             pa.field("classified_at", pa.timestamp("ms", tz="UTC")),
             *extra,
         ],
         metadata={LABELS_KEY: json.dumps(list(labels)).encode(), MODEL_KEY: model_id.encode(), **meta},
     )
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns, in its order: columns it lacks (an older part) are null, others dropped."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def prediction_columns(probs: np.ndarray, labels: list[str], k: int) -> dict[str, Any]:
@@ -143,20 +173,44 @@ class PredictionStore:
     def part_names(self) -> list[str]:
         return self.loc.list(PARTS, suffix=".parquet")
 
-    def index(self, columns: Iterable[str] = ("path", "size", "mtime_ns", "model_id")) -> pa.Table:
-        """Chosen columns of every prediction plus ``part`` and ``row`` (its row in the part), oldest part first."""
+    def index(self, columns: Iterable[str] = ("path", "size", "mtime_ns", "model_id"),
+              types: dict[str, pa.DataType] | None = None) -> pa.Table:
+        """Chosen columns of every prediction plus ``part`` and ``row`` (its row in the part), oldest part first.
+
+        A column a part lacks (written before it existed) is null there, of type ``types[column]``
+        (default: a string; ``size`` and ``mtime_ns`` are integers, ``prob_*`` and ``*confidence`` floats).
+        """
         columns = list(columns)
-        types = {"size": pa.int64(), "mtime_ns": pa.int64()}
+        types = {"size": pa.int64(), "mtime_ns": pa.int64(), **(types or {})}
+
+        def kind(c: str) -> pa.DataType:
+            if c in types:
+                return types[c]
+            if c.startswith("prob_") or c.endswith("confidence"):
+                return pa.float32()
+            return pa.list_(pa.string()) if c in LIST_COLUMNS else pa.string()
+
+        schema = pa.schema([pa.field(c, kind(c)) for c in columns])
         tables = []
         for name in self.part_names():
             with self.loc.fs.open_input_file(self.loc.join(PARTS, name)) as f:
-                t = pq.read_table(f, columns=columns)
+                present = set(pq.read_schema(f).names)
+                t = pq.read_table(f, columns=[c for c in columns if c in present])
+            t = conform(t, schema)
             t = t.append_column("part", pa.array([name] * t.num_rows, pa.string()))
             tables.append(t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
         if not tables:
-            return pa.table({**{c: pa.array([], types.get(c, pa.string())) for c in columns},
+            return pa.table({**{c: pa.array([], kind(c)) for c in columns},
                              "part": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
-        return pa.concat_tables(tables, promote_options="permissive")
+        return pa.concat_tables(tables)
+
+    def read_part(self, name: str) -> pa.Table:
+        with self.loc.fs.open_input_file(self.loc.join(PARTS, name)) as f:
+            return pq.read_table(f)
+
+    def replace_part(self, name: str, table: pa.Table) -> None:
+        """Write ``table`` over the part ``name`` (atomic replace; the caller holds the folder's lock)."""
+        self.loc.write_atomic(f"{PARTS}/{name}", lambda out: pq.write_table(table, out, compression="zstd"))
 
     def write_part(self, tables: list[pa.Table], schema: pa.Schema) -> str:
         """Write ``tables`` (rows of :func:`prediction_schema` ``schema``, extra columns dropped) as one new part."""
@@ -203,18 +257,33 @@ class PredictionStore:
         kept = table.filter(pa.array(mask))
         self.loc.write_atomic(f"{PARTS}/{part}", lambda out: pq.write_table(kept, out, compression="zstd"))
 
+    def schema(self) -> pa.Schema | None:
+        """The schema of every part together (columns of newer parts included; None without parts)."""
+        schemas = []
+        for name in self.part_names():
+            with self.loc.fs.open_input_file(self.loc.join(PARTS, name)) as f:
+                schemas.append(pq.read_schema(f))
+        return _unify(schemas) if schemas else None
+
     def write_csv(self) -> None:
-        """All parts as one CSV (top_k as ``genre:probability;...``; without ``embedding``), streamed part by part."""
+        """All parts as one CSV (top_k as ``genre:probability;...``, genre lists as ``a;b``; without ``embedding``),
+        streamed part by part."""
         import pyarrow.csv as pacsv
 
         names = self.part_names()
+        unified = self.schema()
 
         def flat(table: pa.Table) -> pa.Table:
+            table = conform(table, unified)
             tk = table.column("top_k").to_pylist()
             text = [None if v is None else ";".join(f"{e['genre']}:{e['probability']:.6f}" for e in v) for v in tk]
             table = table.set_column(table.schema.get_field_index("top_k"), "top_k", pa.array(text, pa.string()))
             if "embedding" in table.column_names:  # a track's embedding stays in the Parquet parts
                 table = table.drop_columns(["embedding"])
+            for col in LIST_COLUMNS:
+                if col in table.column_names:
+                    joined = [None if v is None else ";".join(v) for v in table.column(col).to_pylist()]
+                    table = table.set_column(table.schema.get_field_index(col), col, pa.array(joined, pa.string()))
             return table.set_column(table.schema.get_field_index("classified_at"), "classified_at",
                                     pc.strftime(table.column("classified_at"), format=TIMESTAMP_FORMAT))
 
@@ -269,11 +338,12 @@ class PredictionStore:
         return live
 
     def write_info(self, *, run: str, model_id: str, labels: list[str], features: dict[str, Any], library: str,
-                   last_run: dict[str, Any]) -> None:
-        """``classify.json``: the model the folder's predictions come from, the library, the last run's summary."""
+                   last_run: dict[str, Any], **extra: Any) -> None:
+        """``classify.json``: the model the folder's predictions come from, the library, the last run's summary
+        (and ``extra`` entries, e.g. the answer rules)."""
         self.loc.write_json(INFO_NAME, {
             "format": FORMAT, "run": run, "model_id": model_id, "labels": labels, "features": features,
-            "library": library, "updated": utc_timestamp(), "last_run": last_run, "versions": library_versions()})
+            "library": library, "updated": utc_timestamp(), "last_run": last_run, "versions": library_versions(), **extra})
 
     def csv_uri(self) -> str:
         return self.loc.join(CSV_NAME) if self.loc.is_local else self.loc.child(CSV_NAME).uri
@@ -287,5 +357,19 @@ def read_predictions(out: str | os.PathLike | Location, columns: Iterable[str] |
     names = loc.list(PARTS, suffix=".parquet")
     if not names:
         raise FileNotFoundError(f"{loc.uri} holds no predictions (no {PARTS}/*.parquet)")
-    ds = pads.dataset([loc.join(PARTS, n) for n in names], filesystem=loc.fs, format="parquet")
+    schema = PredictionStore(loc).schema()  # parts of an older version lack newer columns: null there
+    ds = pads.dataset([loc.join(PARTS, n) for n in names], filesystem=loc.fs, format="parquet", schema=schema)
     return ds.to_table(columns=list(columns) if columns is not None else None)
+
+
+def _unify(schemas: list[pa.Schema]) -> pa.Schema:
+    """The parts' schemas as one: every column of any part, in the newest part's order first."""
+    newest = max(schemas, key=len)
+    fields = list(newest)
+    names = set(newest.names)
+    for s in schemas:
+        for f in s:
+            if f.name not in names:
+                fields.append(f)
+                names.add(f.name)
+    return pa.schema(fields, metadata=newest.metadata)

@@ -256,6 +256,7 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
     check_model_input(cfg.train.model, check)
     # a first plan without Ray: every data error surfaces before anything starts
     plan, table = plan_training(check, cfg, splits=splits, labels=labels)
+    _check_vocabulary(cfg, plan.labels)  # a wrong classify.labels file too
     run.makedirs()
     with folder_lock(run, "genrecls train"):
         with ray_session(address, None, verbose=verbose):
@@ -361,12 +362,15 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     predictor = Predictor(run, engine=cfg.inference.engine, precision=cfg.inference.precision)
     assignment = as_mapping(table)
     groups = {s: [t for t, v in assignment.items() if v == s] for s in ("val", "test")}
-    metrics = evaluate_predictor(predictor, check.dataset, groups)
+    scored: dict[str, tuple] = {}
+    metrics = evaluate_predictor(predictor, check.dataset, groups, keep=scored)
     metrics["engine"] = predictor.describe()  # what scored: the runtime classify uses with the same settings
     if "classify_max_segments" in metrics:  # classify's K, chosen on the validation tracks (genrecls.models.selection)
         info["classify"] = {"max_segments": metrics["classify_max_segments"], "chosen_on": "validation tracks",
                             "val_track_accuracy_by_k": metrics["val_track_accuracy_by_k"]}
         run.write_json("run.json", info)
+    # calibration, 'uncertain' and per-genre thresholds, chosen on the validation tracks (genrecls.models.answers)
+    metrics.update(_answers(run, info, scored, cfg))
     metrics.update({
         "model_id": info["model_id"], "model": plan.model, "dataset": check.dataset.uri,
         "tracks_per_split": plan.tracks_per_split, "segments_per_split": plan.segments_per_split,
@@ -384,6 +388,24 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
                "versions": versions, "notes": plan.notes}
     run.write_text("report.md", format_report(summary, plan, cfg, info))
     return summary
+
+
+def _check_vocabulary(cfg: Config, labels: list[str]) -> None:
+    """Refuse a wrong vocabulary file (classify.labels) before training rather than after."""
+    if cfg.classify.labels is not None and str(cfg.classify.labels).lower() != "none":
+        from genrecls.models.answers import vocabulary_path
+        from genrecls.models.vocabulary import load_vocabulary
+
+        load_vocabulary(vocabulary_path(cfg.classify.labels), labels, reserved=(cfg.classify.uncertain_label,))
+
+
+def _answers(run: Location, info: dict[str, Any], scored: dict[str, tuple], cfg: Config) -> dict[str, Any]:
+    """Choose the answer rules on the validation tracks, record them in run.json, measure them on the test tracks."""
+    from genrecls.models.answers import record_answers
+
+    out = record_answers(run, info, scored, cfg.classify)
+    run.write_json("run.json", info)
+    return out
 
 
 def _max_batch() -> int:

@@ -377,7 +377,10 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     head = LinearHead(labels=tuple(labels), layers=layers, mean=mean, std=std, weights=w, bias=b,
                       info={"candidate": chosen["candidate"], "c": chosen["c"], "backbone": emb["backbone"],
                             "fit_on": refit["on"], "dataset": check.dataset.uri})
-    info, summary_extra = _export(run, check, cfg, plan, head, metrics, selection, refit, emb, splits, timings)
+    # classify's answer rules (calibration, 'uncertain', thresholds: genrecls.models.answers) are chosen on the
+    # validation tracks' scores of the head fit without them, and measured on the test tracks with the final head
+    scored = {"val": (vt, val.segment_index.tolist(), vl, val_probs), "test": (tt, test.segment_index.tolist(), tl, test_probs)}
+    info, summary_extra = _export(run, check, cfg, plan, head, metrics, selection, refit, emb, splits, timings, scored)
     timings["export"] = time.monotonic() - t3
     metrics.update({
         "model_id": info["model_id"], "model": plan.model, "dataset": check.dataset.uri,
@@ -429,8 +432,9 @@ def _public(r: dict[str, Any]) -> dict[str, Any]:
 
 def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, head, metrics: dict[str, Any],
             selection: dict[str, Any], refit: dict[str, Any], emb: dict[str, Any], splits: dict[str, HeadSplit],
-            timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """RUN/model, model.keras, head.npz, run.json, normalisation.json, history.json; the export check."""
+            timings: dict[str, float], scored: dict[str, tuple]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """RUN/model, model.keras, model.onnx, head.npz, run.json (with the answer rules), normalisation.json,
+    history.json; the export check.  Adds the answer rules' figures to ``metrics``."""
     from dataclasses import replace
 
     from genrecls.core.provenance import library_versions
@@ -491,5 +495,8 @@ def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, he
             log.warning("the exported model and the head on stored embeddings differ by %.3f", diff)
     timings["export_check"] = time.monotonic() - t
     info["export_check"] = check_record
+    from genrecls.models.answers import record_answers
+
+    metrics.update(record_answers(run, info, scored, cfg.classify))
     run.write_json("run.json", info)
     return info, {"export_check": check_record}

@@ -64,6 +64,8 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
           f"{r.get('val_track_accuracy', float('nan')):.3f}", f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
         ("epoch", "loss", "acc", "val loss", "val acc", "val track acc", "lr", "seconds")), "```", ""]
     lines += ["![learning curves](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
+    if (m.get("answers") or {}).get("test", {}).get("reliability_after") is not None:
+        lines += ["![reliability diagram (test tracks, before and after calibration)](reliability.png)", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
     return "\n".join(lines)
 
