@@ -99,7 +99,9 @@ def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, in
                      f"after (gain of the refit alone {refit['gain']:+.3f})")
     else:
         lines.append(f"- refit: off (train.refit=false): the head is the one fit on the training tracks")
-    lines.append(f"- classify's K: {m['classify_max_segments']} segments per track (0 = all), chosen on the validation tracks")
+    lines.append(f"- classify's K: {m['classify_max_segments']} segments per track (0 = all), and the answer rules "
+                 "(calibration, 'uncertain', thresholds), chosen on the validation tracks' scores of the head fit on the "
+                 "training tracks")
     lines.append("- validation figures below are those of the head fit on the training tracks alone (the selection); "
                  "test figures are the final head's")
     t = summary["timings"]
@@ -126,5 +128,7 @@ def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, in
         ("embedding", "dims", "C", "val track acc", "val seg acc", "val loss", "iterations", "seconds", "")), "```", ""]
     lines += ["## Metrics", "", "```", format_metrics(m), "```", ""]
     lines += ["![head selection](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
+    if (m.get("answers") or {}).get("test", {}).get("reliability_after") is not None:
+        lines += ["![reliability diagram (test tracks, before and after calibration)](reliability.png)", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
     return "\n".join(lines)
