@@ -56,6 +56,11 @@ def test_overrides_parse_values_by_type():
     ("ingest.inflight_per_cpu=0", "ingest.inflight_per_cpu"),
     ("ingest.max_task_retries=-1", "ingest.max_task_retries"),
     ("ingest.strict=maybe", "ingest.strict: expected true or false"),
+    ("ingest.embeddings=on", "ingest.embeddings: 'on' is not one of"),
+    ("train.head_candidates=mean_pool+vibes", "train.head_candidates: unknown layer 'vibes' in 'mean_pool+vibes'"),
+    ("train.head_candidates=bands+band_std", "train.head_candidates: 'bands+band_std' names a layer twice"),
+    ("train.head_c=[0.1,0]", "train.head_c: must be one or more numbers > 0"),
+    ("train.head_max_rows=-1", "train.head_max_rows"),
     ("classify.target_precision=0", "classify.target_precision: must be in (0, 1]"),
     ("classify.min_confidence=1.5", "classify.min_confidence: must be in [0, 1] or null"),
     ("classify.max_genres=0", "classify.max_genres: must be >= 1"),
@@ -165,3 +170,15 @@ def test_model_and_retrain_metric_are_checked_against_the_names_that_exist():
         Config().override(["train.shuffle=random"])
     with pytest.raises(ConfigError, match="train.threads: must be >= 0"):
         Config().override(["train.threads=-1"])
+
+
+def test_head_layer_names_are_the_backbones():
+    """What train.head_candidates accepts is what genrecls.models.engine's backbone gives."""
+    from genrecls.core.config import HEAD_LAYERS, head_candidate_layers
+    from genrecls.models.engine import BACKBONE_OUTPUTS
+
+    assert HEAD_LAYERS == BACKBONE_OUTPUTS
+    assert head_candidate_layers("penultimate+mean_pool+bands") == ("penultimate", "mean_pool", "band_mean", "band_std")
+    cfg = Config().override(["train.head_candidates=taggram, mean_pool+bands", "train.head_c=0.5"])
+    assert cfg.train.head_candidates == ("taggram", "mean_pool+bands") and cfg.train.head_c == (0.5,)
+    assert Config.from_dict(json.loads(cfg.to_json())) == cfg  # lists in a config file or a run's config.json

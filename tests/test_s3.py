@@ -344,3 +344,45 @@ def test_ray_job_submit_of_jobs_ingest_writes_to_the_bucket(two_node_cluster, s3
     assert "succeeded" in submit.stdout.lower() and "0 failed" in submit.stdout, submit.stdout[-3000:]
     assert len(Dataset(out).tracks()) == 12
     assert not _temporaries(s3_server, bucket, "job/")
+
+
+def test_the_embedding_store_on_s3(s3_server, bucket, tmp_path, ray_local):
+    """ingest fills DATASET/embeddings/ in the bucket (whole objects only), a changed and a pruned file update it,
+    the default model trains from it (no backbone pass) and classify writes each track's embedding."""
+    from genrecls.audio.sample_data import make_sample_collection, synthesize, write_audio
+    from genrecls.core.config import Config
+    from genrecls.jobs.classify import classify
+    from genrecls.jobs.ingest import ingest
+    from genrecls.jobs.training import train
+    from genrecls.storage.embeddings import EmbeddingStore
+    from genrecls.storage.predictions import read_predictions
+
+    lib = tmp_path / "lib"
+    make_sample_collection(str(lib), genres=3, tracks_per_genre=4, seconds=7.0, sr=16000, formats=("wav",), seed=21)
+    uri = lambda path: s3_server.uri(bucket, f"store/{path}")
+    cfg = Config().override(["ingest.tracks_per_task=3", "train.head_candidates=penultimate,mean_pool+bands",
+                             "train.head_c=0.1"])
+    s = ingest(str(lib), uri("ds"), cfg, progress=False)
+    assert (s.added, s.embedded_tracks) == (12, 12)
+    parts = [k for k in s3_server.keys(bucket, "store/ds/embeddings/") if not k.endswith("/")]
+    shards = [k for k in s3_server.keys(bucket, "store/ds/shards/") if not k.endswith("/")]
+    assert [k.rsplit("/", 1)[1] for k in parts] == [k.rsplit("/", 1)[1] for k in shards]  # a part per shard
+    genre = sorted(os.listdir(lib))[0]
+    changed, gone = sorted(os.listdir(lib / genre))[:2]
+    write_audio(str(lib / genre / changed), synthesize(genre, 10.0, sr=16000, seed=5), 16000)
+    os.remove(lib / genre / gone)
+    s = ingest(str(lib), uri("ds"), cfg, prune=True, progress=False)
+    assert (s.added, s.pruned, s.embedded_tracks) == (1, 1, 1)
+    ds = Dataset(uri("ds"))
+    tracks = ds.tracks()
+    index = EmbeddingStore(uri("ds")).index()
+    assert {t: (e.fingerprint, e.n_segments) for t, e in index.items()} == {
+        t: (e.fingerprint, e.n_segments) for t, e in tracks.items()}
+    assert not _temporaries(s3_server, bucket, "store/")
+    summary = train(uri("ds"), uri("run"), cfg, progress=False)
+    info = Location.parse(uri("run")).read_json("run.json")
+    assert info["embeddings"]["from_store"] == 11 and info["embeddings"]["computed"] == 0
+    assert Location.parse(uri("run")).exists("head.npz") and summary["metrics"]["test_tracks"] > 0
+    out = classify(str(lib), uri("run"), uri("preds"), Config(), progress=False)
+    assert out["classified"] == 11
+    assert all(len(v) == 200 for v in read_predictions(uri("preds")).column("embedding").to_pylist())

@@ -1,4 +1,4 @@
-"""The musicnn model: feature preset check, a frozen-backbone run (embeddings computed once), the export.
+"""The musicnn model: feature preset check, a frozen-backbone run (embeddings from the dataset's store), the export.
 
 Real local Ray, real Parquet shards, the real pretrained network with its shipped weights.
 """
@@ -50,49 +50,116 @@ def test_musicnn_on_another_preset_stops_before_any_worker_with_the_ingest_comma
     assert not (run / "plan.json").exists()  # nothing planned, no worker started
 
 
-def test_frozen_backbone_run_trains_the_head_on_embeddings_and_exports_the_whole_network(musicnn_dataset, musicnn_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def frozen_run(musicnn_dataset, musicnn_cfg, tmp_path_factory):
+    """The default model (frozen backbone, a linear head chosen on validation tracks; a 2-C grid) on the dataset."""
     from genrecls.jobs.training import train
-    from genrecls.models.inference import Predictor
-    from genrecls.models.networks import import_tensorflow
-    from genrecls.models.transfer import build_backbone
 
-    run = tmp_path / "run"
-    summary = train(musicnn_dataset, str(run), musicnn_cfg, workers=1, progress=False)
+    run = tmp_path_factory.mktemp("frozen") / "run"
+    summary = train(musicnn_dataset, str(run), musicnn_cfg.override(["train.head_c=[0.01,0.1]"]), workers=1,
+                    progress=False)
+    return run, summary
+
+
+def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_whole_network(musicnn_dataset, frozen_run):
+    from genrecls.models.engine import BackboneEngine, backbone_id
+    from genrecls.models.inference import Predictor
+    from genrecls.models.networks import load_keras_model
+    from genrecls.models.transfer import head_probabilities, load_head
+
+    run, summary = frozen_run
     plan = json.load(open(run / "plan.json"))
-    assert plan["input"] == "embedding" and plan["cache"] is True
+    assert plan["input"] == "embedding"
     info = json.load(open(run / "run.json"))
     assert info["model_name"] == "musicnn" and info["input"]["shape"] == [None, 96, 187]
-    assert info["model"]["parameters"] > 450_000  # the backbone (to its mid-end features) is inside the exported model
-    history = summary["history"]
-    assert len(history) == 10 and all(h["val_track_accuracy"] is not None for h in history)
-    best = max(h["val_track_accuracy"] for h in history)
-    assert history[summary["best_epoch"] - 1]["val_track_accuracy"] == best  # selected on validation tracks
-    # the export scores raw stored segments, and its embedding part is the pretrained network unchanged
+    # every embedding came from the store ingest filled: no backbone pass in training
+    assert info["embeddings"]["from_store"] == 36 and info["embeddings"]["computed"] == 0
+    assert info["embeddings"]["backbone"] == backbone_id() == info["head"]["backbone"]
+    assert info["embeddings"]["store_engines"][0]["engine"] in ("openvino", "onnxruntime", "tensorflow")
+    chosen = info["selection"]["chosen"]
+    assert len(info["selection"]["candidates"]) == 9 * 2 and info["head"]["candidate"] == chosen["candidate"]
+    best = max(r["val_track_accuracy"] for r in info["selection"]["candidates"])
+    assert info["selection"]["val_track_accuracy"] == best  # chosen on validation tracks
+    assert info["model"]["parameters"] > 450_000  # the backbone is inside the exported model
+    # the export scores raw stored segments: the same as the head on the backbone's layers (TensorFlow, fp32)
     ds = Dataset(musicnn_dataset)
     table = ds.read_segments(columns=["track_id", "mel"])
     mels = mel_array(table.column("mel"), (96, 187))[:6]
-    probs = Predictor(str(run)).predict(mels)
+    probs = Predictor(str(run), engine="tensorflow").predict(mels)  # the SavedModel, fp32
     assert probs.shape == (6, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
-    import_tensorflow()
-    from genrecls.models.musicnn import load_musicnn, predict
-
-    ref = predict(load_musicnn(), np.transpose(mels, (0, 2, 1)))["mean_pool"]
-    ours = build_backbone()(mels, training=False).numpy()
-    assert ours.shape == (6, 753 + 192)
-    np.testing.assert_allclose(ours[:, :753], ref, atol=1e-4)  # the pretrained network's pooled features
-    np.testing.assert_allclose(ours[:, 753:849], mels.mean(axis=2), atol=1e-4)  # then each band's mean and std
-    np.testing.assert_allclose(ours[:, 849:], mels.std(axis=2), atol=1e-3)
-    # the workers' per-track validation tally and the exported model's evaluation agree (within one track:
-    # the export runs the backbone in float32 on the stored segments, the head saw float16 embeddings)
-    m = summary["metrics"]
-    assert abs(m["val_track_accuracy"] - best) <= 1 / m["val_tracks"] + 1e-9
+    head = load_head(str(run))
+    assert head.layers == tuple(chosen["layers"]) and head.labels == tuple(info["labels"])
+    np.testing.assert_allclose(probs, head_probabilities(BackboneEngine("tensorflow")(mels), head), atol=1e-4)
+    np.testing.assert_allclose(load_keras_model(str(run / "model.keras"))(mels).numpy(), probs, atol=1e-5)
+    assert info["export_check"]["segments"] > 0 and info["export_check"]["max_abs_difference"] < 0.1
     # the synthetic genres are distinct: the pretrained embedding separates them on held-out tracks
-    held_out = (m["val_track_accuracy"] * m["val_tracks"] + m["test_track_accuracy"] * m["test_tracks"]) / (m["val_tracks"] + m["test_tracks"])
-    assert held_out >= 0.7, m
+    m = summary["metrics"]
+    assert m["test_track_accuracy"] >= 0.7 and m["val_track_accuracy"] == best, m
     by_k = {r["k"]: r["track_accuracy"] for r in m["val_track_accuracy_by_k"]}  # K chosen on the validation tracks
     assert by_k[m["classify_max_segments"]] == max(by_k.values())
-    assert json.load(open(run / "run.json"))["classify"]["max_segments"] == m["classify_max_segments"]
-    assert os.path.exists(run / "report.md")
+    assert info["classify"]["max_segments"] == m["classify_max_segments"]
+    assert np.abs(Predictor(str(run)).predict(mels) - probs).max() < 0.05  # model.onnx on the engine (bf16 here)
+    for name in ("report.md", "head.npz", "model.onnx", "normalisation.json", "history.json", "curves.png", "confusion_matrix.png",
+                 "metrics.json", "splits.parquet", "config.json", "model.keras", "model"):
+        assert os.path.exists(run / name), name
+    assert not os.path.exists(run / "checkpoints")  # no epochs: nothing to resume from
+
+
+def test_classify_with_a_frozen_head_runs_the_backbone_and_writes_each_tracks_embedding(musicnn_dataset, frozen_run,
+                                                                                       tmp_path, ray_local):
+    """classify on a frozen-head run: the backbone on the engine, the head in NumPy; each track's embedding (the
+    mean of its scored segments' penultimate layer) in the predictions, named with the backbone's id."""
+    import pyarrow.parquet as pq
+
+    from genrecls.jobs.classify import classify
+    from genrecls.models.engine import backbone_id
+    from genrecls.storage.predictions import read_predictions
+
+    run, summary = frozen_run
+    lib = os.path.join(os.path.dirname(musicnn_dataset), "lib")
+    out = tmp_path / "pred"
+    s = classify(lib, str(run), str(out), Config().override(["classify.max_segments=0"]), progress=False)
+    assert s["classified"] == 36 and s["failed"] == 0
+    assert s["engine"]["head"] == "numpy (head.npz)" and s["embedding"]["backbone"] == backbone_id()
+    table = read_predictions(str(out))
+    emb = table.column("embedding").to_pylist()
+    assert all(len(v) == 200 for v in emb)
+    meta = json.loads(pq.read_schema(os.path.join(out, "parts", os.listdir(out / "parts")[0])).metadata[b"genrecls.embedding"])
+    assert meta["layer"] == "penultimate" and meta["backbone"] == backbone_id()
+    # the same tracks' mean stored penultimate (the store's engine, the same stored segments: bf16 noise apart)
+    from genrecls.storage.embeddings import EmbeddingStore, layer_array
+
+    store = EmbeddingStore(musicnn_dataset)
+    stored = store.read(store.index().values(), ["penultimate"])
+    ids = np.array(stored.column("track_id").to_pylist())
+    x = layer_array(stored.column("penultimate"))
+    by_id = dict(zip(table.column("track_id").to_pylist(), emb))
+    for tid in sorted(set(ids))[:5]:
+        ref = x[ids == tid].mean(axis=0)
+        assert np.abs(np.array(by_id[tid]) - ref).max() <= 0.05 * np.abs(ref).max() + 1e-3
+    acc = np.mean([g == p.split("/")[0] for g, p in zip(table.column("top_genre").to_pylist(), table.column("path").to_pylist())])
+    assert acc >= 0.8  # most of these tracks were seen in training; the head scores them as it should
+
+
+def test_train_without_a_store_computes_the_embeddings_and_never_writes_the_dataset(musicnn_dataset, musicnn_cfg,
+                                                                                    tmp_path):
+    """A dataset ingested with ingest.embeddings=off: train embeds its segments itself (Ray tasks on the engine)
+    and leaves the dataset folder as it was (it holds the run's lock, not the dataset's)."""
+    import shutil
+
+    from genrecls.jobs.training import train
+
+    ds = tmp_path / "ds"
+    shutil.copytree(musicnn_dataset, ds)
+    shutil.rmtree(ds / "embeddings")
+    before = sorted(os.listdir(ds))
+    cfg = musicnn_cfg.override(["train.head_candidates=penultimate,mean_pool+bands", "train.head_c=0.1"])
+    summary = train(str(ds), str(tmp_path / "run"), cfg, workers=1, progress=False)
+    info = json.load(open(tmp_path / "run" / "run.json"))
+    assert info["embeddings"]["computed"] == 36 and info["embeddings"]["from_store"] == 0
+    assert info["embeddings"]["computed_engines"][0]["threads"] == 1  # one CPU per Ray task, set on the runtime
+    assert sorted(os.listdir(ds)) == before and not (ds / "embeddings").exists()
+    assert summary["metrics"]["test_track_accuracy"] >= 0.7
 
 
 def test_classify_with_the_pretrained_tagger_needs_no_training(musicnn_dataset, tmp_path, ray_local):
@@ -133,3 +200,29 @@ def test_fine_tuning_trains_the_backbone_too(musicnn_dataset, musicnn_cfg, tmp_p
     tuned = model.get_layer("musicnn_embedding").get_layer("musicnn_backbone").get_layer("timbral_74").get_weights()[0]
     pretrained = load_musicnn().get_layer("timbral_74").get_weights()[0]
     assert tuned.shape == pretrained.shape and not np.allclose(tuned, pretrained)
+
+
+def test_a_scheduled_retrain_embeds_only_the_new_tracks_and_scores_from_the_store(musicnn_dataset, musicnn_cfg, tmp_path):
+    """retrain on the musicnn library: the first cycle embeds every track; after 3 new tracks the second embeds
+    those 3 only, and champion and challenger are scored from the stored embeddings with their heads."""
+    import shutil
+
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.jobs.retrain import PROMOTED, retrain
+
+    lib = tmp_path / "lib"
+    shutil.copytree(os.path.join(os.path.dirname(musicnn_dataset), "lib"), lib)
+    cfg = musicnn_cfg.override(["train.head_candidates=penultimate,mean_pool+bands", "train.head_c=0.1"])
+    ds, reg = str(tmp_path / "ds"), str(tmp_path / "reg")
+    first = retrain(str(lib), ds, reg, cfg, progress=False)
+    assert first["decision"] == PROMOTED and first["ingest"]["embedded_tracks"] == 36
+    extra = tmp_path / "extra"
+    make_sample_collection(str(extra), genres=3, tracks_per_genre=1, seconds=7.0, sr=16000, formats=("wav",), seed=77)
+    for genre in os.listdir(extra):
+        for f in os.listdir(extra / genre):
+            shutil.copy(extra / genre / f, lib / genre / f"new-{f}")
+    second = retrain(str(lib), ds, reg, cfg, progress=False)
+    assert second["ingest"]["added"] == 3 and second["ingest"]["embedded_tracks"] == 3
+    for who in ("challenger_metrics", "champion_metrics"):
+        assert second[who]["scored_by"]["how"].startswith("the run's head"), second[who]["scored_by"]
+    assert second["challenger_metrics"]["holdout_tracks"] == second["champion_metrics"]["holdout_tracks"] > 0

@@ -4,7 +4,11 @@ It imports nothing else of genrecls; every other layer may import it.
 """
 
 from genrecls.core.config import (
+    DEFAULT_HEAD_C,
+    DEFAULT_HEAD_CANDIDATES,
     DEFAULT_PRESET,
+    HEAD_LAYER_GROUPS,
+    HEAD_LAYERS,
     FEATURE_PRESETS,
     MODEL_PRESETS,
     ClassifyConfig,
@@ -16,6 +20,7 @@ from genrecls.core.config import (
     RetrainConfig,
     TrainConfig,
     feature_preset,
+    head_candidate_layers,
     load_config,
 )
 from genrecls.core.errors import FAILURE_KINDS, WARNING_KINDS, AudioError, failure_of, not_regular_reason
@@ -61,6 +66,11 @@ __all__ = [
     "RetrainConfig",
     "Config",
     "load_config",
+    "HEAD_LAYERS",
+    "HEAD_LAYER_GROUPS",
+    "DEFAULT_HEAD_CANDIDATES",
+    "DEFAULT_HEAD_C",
+    "head_candidate_layers",
     "Progress",
     "format_duration",
     "format_table",

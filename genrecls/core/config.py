@@ -24,6 +24,11 @@ from typing import Any, Literal
 
 __all__ = [
     "ConfigError",
+    "HEAD_LAYERS",
+    "HEAD_LAYER_GROUPS",
+    "DEFAULT_HEAD_CANDIDATES",
+    "DEFAULT_HEAD_C",
+    "head_candidate_layers",
     "FeatureConfig",
     "DecodeConfig",
     "FEATURE_PRESETS",
@@ -89,6 +94,42 @@ SHUFFLE_MODES = ("auto", "shards", "files", "global", "local")
 #: the preset `genrecls ingest` writes when none is asked for: the input of train's default model
 #: (musicnn, chosen on measurement: bench/results/train.json)
 DEFAULT_PRESET = "musicnn"
+#: the pretrained backbone's outputs a frozen-backbone head may be fit on, and their widths
+#: (genrecls.models.engine.BACKBONE_OUTPUTS; a test checks both agree): the 50 tags, the
+#: penultimate dense layer, the max and mean over time of the 753 mid-end features, and the mean
+#: and standard deviation over time of each of the 96 input bands
+HEAD_LAYERS: dict[str, int] = {"taggram": 50, "penultimate": 200, "max_pool": 753, "mean_pool": 753,
+                               "band_mean": 96, "band_std": 96}
+#: names that stand for several layers in a head candidate
+HEAD_LAYER_GROUPS: dict[str, tuple[str, ...]] = {"bands": ("band_mean", "band_std")}
+#: the embeddings a frozen-backbone head is chosen from on validation tracks (train.head_candidates): each a
+#: layer or "+"-joined layers (issue 20: no one embedding is right for every library)
+DEFAULT_HEAD_CANDIDATES = ("taggram", "bands", "penultimate", "penultimate+bands", "mean_pool", "max_pool",
+                           "mean_pool+bands", "penultimate+mean_pool+bands", "mean_pool+max_pool")
+#: inverse L2 strengths tried for the linear head (scikit-learn's C: smaller is stronger)
+DEFAULT_HEAD_C = (0.01, 0.1, 1.0)
+
+
+def head_candidate_layers(candidate: str) -> tuple[str, ...]:
+    """The backbone layers of a head candidate, in order (``"mean_pool+bands"`` -> mean_pool, band_mean, band_std).
+
+    Raises :class:`ConfigError` for an unknown name or a layer given twice.
+    """
+    layers: list[str] = []
+    for part in str(candidate).split("+"):
+        part = part.strip()
+        if part in HEAD_LAYER_GROUPS:
+            layers.extend(HEAD_LAYER_GROUPS[part])
+        elif part in HEAD_LAYERS:
+            layers.append(part)
+        else:
+            raise ConfigError(f"train.head_candidates: unknown layer {part!r} in {candidate!r}; known: "
+                              f"{', '.join([*HEAD_LAYERS, *HEAD_LAYER_GROUPS])}")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"train.head_candidates: {candidate!r} names a layer twice")
+    return tuple(layers)
+
+
 #: the values that define a preset's model input (segment_hop only changes how many segments a track gives)
 _RECIPE_KEYS = ("sample_rate", "segment_samples", "n_fft", "hop_length", "n_mels", "fmin", "fmax", "log_scale", "top_db")
 
@@ -257,12 +298,18 @@ class IngestConfig:
     retry_failed: bool = False
     #: any failed track makes the run exit non-zero
     strict: bool = False
+    #: the embedding store (DATASET/embeddings/): "auto" computes every segment's pretrained-backbone embeddings
+    #: (every candidate layer) when the dataset's preset feeds the backbone (musicnn), so that training a
+    #: frozen-backbone head runs no backbone pass; "off" never computes them.  The runtime and precision
+    #: are [inference]'s
+    embeddings: Literal["auto", "off"] = "auto"
 
     def validate(self) -> "IngestConfig":
         _check(self.tracks_per_task >= 1, "ingest.tracks_per_task", "must be >= 1")
         _check(self.inflight_per_cpu >= 1, "ingest.inflight_per_cpu", "must be >= 1")
         _check(self.in_process_mb >= 0, "ingest.in_process_mb", "must be >= 0 (0 = always use Ray)")
         _check(self.max_task_retries >= 0, "ingest.max_task_retries", "must be >= 0")
+        _check(self.embeddings in ("auto", "off"), "ingest.embeddings", "must be 'auto' or 'off'")
         return self
 
 
@@ -307,6 +354,17 @@ class TrainConfig:
     #: keep the decoded train/val segments in Ray's object store after the first read ("auto": when
     #: they take under a quarter of it); "off" re-reads the Parquet shards every epoch
     cache: Literal["auto", "on", "off"] = "auto"
+    #: frozen musicnn backbone: the embeddings the linear head is chosen from on validation tracks ("+" joins
+    #: layers; "bands" = band_mean + band_std); see DEFAULT_HEAD_CANDIDATES
+    head_candidates: tuple[str, ...] = DEFAULT_HEAD_CANDIDATES
+    #: frozen musicnn backbone: the head's inverse L2 strengths tried (scikit-learn's C), chosen on validation tracks
+    head_c: tuple[float, ...] = DEFAULT_HEAD_C
+    #: frozen musicnn backbone: after the choice, fit the head again on training AND validation tracks (test
+    #: tracks stay untouched)
+    refit: bool = True
+    #: frozen musicnn backbone: at most this many segments of a split go into the head's fit (each track then
+    #: gives evenly spaced segments, all tracks alike; 0 = every segment): bounds the driver's memory
+    head_max_rows: int = 100_000
 
     def validate(self) -> "TrainConfig":
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -323,6 +381,12 @@ class TrainConfig:
         _check(self.cache in ("auto", "on", "off"), "train.cache", "must be 'auto', 'on' or 'off'")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0")
         _check(self.model in MODEL_PRESETS, "train.model", f"unknown model {self.model!r}; known: {', '.join(MODEL_PRESETS)}")
+        _check(len(self.head_candidates) >= 1, "train.head_candidates", "must name at least one embedding")
+        _check(len(set(self.head_candidates)) == len(self.head_candidates), "train.head_candidates", "names a candidate twice")
+        for candidate in self.head_candidates:
+            head_candidate_layers(candidate)
+        _check(len(self.head_c) >= 1 and all(c > 0 for c in self.head_c), "train.head_c", "must be one or more numbers > 0")
+        _check(self.head_max_rows >= 0, "train.head_max_rows", "must be >= 0 (0 = every segment)")
         return self
 
 
@@ -551,6 +615,12 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if isinstance(value, str):  # --set train.head_c=0.1 or a comma-separated list
+            value = [v for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], name) for v in value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")

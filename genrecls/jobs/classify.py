@@ -71,7 +71,7 @@ from genrecls.core.config import FALLBACK_MAX_SEGMENTS, Config, FeatureConfig
 from genrecls.core.hooks import pause_point
 from genrecls.core.progress import Progress, format_duration, format_table
 from genrecls.core.runtime import as_interrupted, log, ray_session
-from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream
+from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream, track_embedding_info
 from genrecls.models.answers import AnswerRules, rules_for_run
 from genrecls.models.inference import RUN_FILE, read_run_info
 from genrecls.models.tagger import TAGGER_MODEL
@@ -290,7 +290,8 @@ def album_key(path: str, album: str | None, album_artist: str | None, group_by: 
     return f"folder\x1f{folder}"
 
 
-def _answer_pass(store: PredictionStore, rules: AnswerRules, labels: list[str], model_id: str, group_by: str) -> dict[str, Any]:
+def _answer_pass(store: PredictionStore, rules: AnswerRules, labels: list[str], model_id: str, group_by: str,
+                 embedding: dict[str, Any] | None = None) -> dict[str, Any]:
     """Answer again, from their stored probabilities, the rows answered under other rules; with ``group_by``,
     give every row its album's answer.  Parts are rewritten (atomically) only where something changed.
 
@@ -336,7 +337,7 @@ def _answer_pass(store: PredictionStore, rules: AnswerRules, labels: list[str], 
     by_part: dict[str, list[int]] = {}
     for i, part in enumerate(parts):
         by_part.setdefault(part, []).append(i)
-    schema = prediction_schema(labels, model_id)
+    schema = prediction_schema(labels, model_id, embedding=embedding)  # a frozen head's track embeddings are kept
     for part, members in by_part.items():
         if not (stale[members].any() or album_changed[members].any()):
             continue
@@ -366,6 +367,8 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
                      rules: AnswerRules) -> None:
     """The body of a classify run, under the output folder's lock: plan, stream, record, reconcile."""
     ccfg, labels, model_id = cfg.classify, list(info["labels"]), str(info["model_id"])
+    if track_embedding_info(info):  # what the predictions' embedding column holds (classify.json's last_run)
+        summary["embedding"] = track_embedding_info(info)
     removed = store.remove_temporaries()
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
@@ -377,8 +380,8 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     if todo.num_rows:
         with ray_session(address, workers, verbose=verbose):
             bar = Progress(todo.num_rows, "tracks", enabled=progress)
-            writer = _Writer(store, prediction_schema(labels, model_id), ccfg.part_rows, summary, bar,
-                             rules.uncertain_label)
+            writer = _Writer(store, prediction_schema(labels, model_id, embedding=track_embedding_info(info)),
+                             ccfg.part_rows, summary, bar, rules.uncertain_label)
             try:
                 for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose,
                                     store.watchdog(), cfg.inference, rules=rules):
@@ -406,7 +409,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     summary["failed"] += len(problems)
     summary["failures_by_kind"] = dict(kinds)
     summary["rows_superseded"] = store.reconcile(model_id, tracks, drop_missing=prune)
-    summary.update(_answer_pass(store, rules, labels, model_id, ccfg.group_by))
+    summary.update(_answer_pass(store, rules, labels, model_id, ccfg.group_by, track_embedding_info(info)))
     final = store.compact_records(set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
     summary["tracks_total"] = final.num_rows
     summary["failures_total"] = store.records.failures().num_rows

@@ -10,6 +10,19 @@ killing its worker is split so that only the poisonous file is recorded as faile
 Re-running the same command is safe at any point: tracks land in a shard only whole,
 shards appear only complete, and a reconcile step keeps each track in exactly one shard.
 
+The embedding store (``DATASET/embeddings/``, :mod:`genrecls.storage.embeddings`).  When the
+dataset's preset feeds the pretrained backbone (``musicnn``) and ``ingest.embeddings`` is
+``auto``, each task also runs the backbone on the segments it has just computed (one
+:class:`~genrecls.models.engine.BackboneEngine` per worker process, kept between tasks, its
+threads set to the CPUs Ray gave the task: 1) and writes an embeddings part named as its
+shard, right after the shard: every layer a head may be fit on, for each segment.  Tracks
+already in the dataset that the store lacks (a dataset ingested before the store existed,
+with ``embeddings = "off"``, or a run killed between a shard and its part) are embedded from
+their stored segments by further tasks (no decoding).  The store is reconciled with the
+dataset under its lock, before and after: entries of changed and pruned tracks leave it, a
+track is in exactly one part.  A store computed by another backbone (other weights) or from
+other features is refused before anything is done, both named.
+
 A bad file never stops the run (it becomes a row of the failures table, with a reason);
 a dataset that cannot be written (read-only, disk full) stops it with
 :class:`~genrecls.storage.dataset.OutputError` after removing partial files.  A worker's memory
@@ -27,6 +40,9 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from genrecls.audio.discovery import Discovery, discover
 from genrecls.audio.features import check_same_features
@@ -51,11 +67,51 @@ from genrecls.storage.dataset import (
     ShardWriter,
     TrackBuffer,
 )
+from genrecls.storage.embeddings import EmbeddingStore, EmbeddingWriter, embedding_schema
 from genrecls.storage.location import Location, new_shard_name
 from genrecls.storage.locks import folder_lock
 from genrecls.storage.records import problem_rows, record_row, warning_row
 
-__all__ = ["TrackTask", "IngestSummary", "process_batch", "ingest", "format_summary"]
+__all__ = ["TrackTask", "EmbedSpec", "IngestSummary", "process_batch", "embed_stored", "embeddings_wanted", "ingest",
+           "format_summary"]
+
+#: tracks already in the dataset whose embeddings are computed in this process rather than by Ray tasks, at
+#: most this many segments (about 12 s of the backbone on one core)
+BACKFILL_IN_PROCESS_SEGMENTS = 1000
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What an ingest task needs to compute the store's embeddings: the runtime, its precision, the backbone's id."""
+
+    engine: str
+    precision: str
+    backbone: str
+
+
+def embeddings_wanted(cfg: Config) -> bool:
+    """True when ingest computes the embedding store: ``ingest.embeddings="auto"`` and the dataset's preset is
+    the one the pretrained backbone takes (``musicnn``)."""
+    from genrecls.core.config import MODEL_PRESETS
+
+    return cfg.ingest.embeddings == "auto" and cfg.features.preset == MODEL_PRESETS["musicnn"]
+
+
+def _embed_schema(cfg: FeatureConfig, spec: EmbedSpec, backbone) -> Any:
+    from genrecls.models.engine import BACKBONE_OUTPUTS
+
+    return embedding_schema(BACKBONE_OUTPUTS, backbone=spec.backbone, features=cfg, engine=backbone.describe())
+
+
+def _backbone_for(spec: EmbedSpec):
+    """This process's backbone engine (kept between tasks); refuses weights other than the run's."""
+    from genrecls.models.transfer import shared_backbone
+
+    backbone = shared_backbone(spec.engine, spec.precision)
+    if backbone.backbone_id() != spec.backbone:  # a cluster node with other weights installed
+        raise DatasetError(f"this worker's musicnn weights are {backbone.backbone_id()}, the run's {spec.backbone}: "
+                           "install the same genrecls on every node")
+    return backbone
 
 
 @dataclass(frozen=True)
@@ -75,8 +131,9 @@ class TrackTask:
 
 
 def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str,
-                  decode: DecodeConfig | None = None) -> dict[str, Any]:
-    """Featurise a batch of tracks into one shard.  Runs inside a Ray task.
+                  decode: DecodeConfig | None = None, embed: EmbedSpec | None = None) -> dict[str, Any]:
+    """Featurise a batch of tracks into one shard (and, with ``embed``, their embeddings into the part of the
+    same name).  Runs inside a Ray task.
 
     Never raises for a bad file (each is returned as a failure row and written to the
     failures table; a file kept with a warning gets a row in the warnings table); raises :class:`~genrecls.storage.dataset.OutputError` if the dataset cannot be
@@ -85,15 +142,20 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
     tune_allocator()
     pause_point("ingest-task")
     with one_thread():
-        return _process_batch(tasks, cfg, dataset_uri, shard_name, decode)
+        backbone = _backbone_for(embed) if embed is not None else None  # before any file: a runtime error stops the run
+        return _process_batch(tasks, cfg, dataset_uri, shard_name, decode, embed, backbone)
 
 
 def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str,
-                   decode: DecodeConfig | None) -> dict[str, Any]:
+                   decode: DecodeConfig | None, embed: EmbedSpec | None = None, backbone=None) -> dict[str, Any]:
+    from genrecls.models.transfer import embed_segments
+
     loc = Location.parse(dataset_uri)
     writer = ShardWriter(loc, shard_name, cfg)
+    embedder = EmbeddingWriter(loc, shard_name, _embed_schema(cfg, embed, backbone)) if backbone is not None else None
     failures, warnings, unchanged = [], [], []
-    audio_seconds = 0.0
+    audio_seconds = embed_seconds = 0.0
+    embed_bytes = 0
     try:
         for t in tasks:
             buf = TrackBuffer(cfg)
@@ -111,8 +173,14 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
                 except Exception as exc:  # noqa: BLE001 - every problem with one file is recorded, never raised
                     failures.append(record_row(t.rel_path, t.label, *failure_of(exc), t.size, t.mtime_ns))
                     continue
+                if embedder is not None:  # the stored (rounded) values, as training reads them
+                    t_embed = time.perf_counter()
+                    layers = embed_segments(backbone, buf.chunks(256), cfg.mel_shape)
+                    embed_seconds += time.perf_counter() - t_embed
                 writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
                                  size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf)
+                if embedder is not None:
+                    embedder.add_track(t.track_id, fingerprint, layers)
                 warned = warning_row(t.rel_path, t.label, stream.warnings, t.size, t.mtime_ns)
                 if warned:
                     warnings.append(warned)
@@ -120,10 +188,15 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
             finally:
                 buf.close()
         shard_bytes = writer.close()
+        if embedder is not None:  # after its shard: a run killed in between leaves tracks the next run embeds
+            pause_point("ingest-embeddings")
+            embed_bytes = embedder.close()
         Dataset(loc).write_failures(failures, name=shard_name)
         Dataset(loc).write_warnings(warnings, name=shard_name)
     except BaseException:
         writer.abort()
+        if embedder is not None:
+            embedder.abort()
         raise
     node = None
     ray = sys.modules.get("ray")  # in a Ray task; not imported for a run in the command's own process
@@ -131,7 +204,51 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
         node = ray.get_runtime_context().get_node_id()
     return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": writer.segments,
             "audio_seconds": audio_seconds, "failures": failures, "warnings": warnings, "unchanged": unchanged,
-            "shard_bytes": shard_bytes, "node": node, "pid": os.getpid()}
+            "shard_bytes": shard_bytes, "node": node, "pid": os.getpid(),
+            "embedded_tracks": embedder.n_tracks if embedder is not None else 0,
+            "embedded_segments": embedder.segments if embedder is not None else 0,
+            "embed_seconds": embed_seconds, "embedding_bytes": embed_bytes,
+            "engine": backbone.describe() if backbone is not None else None}
+
+
+def embed_stored(dataset_uri: str, shard: str, tracks: list[tuple[str, str]], part_name: str, cfg: FeatureConfig,
+                 embed: EmbedSpec) -> dict[str, Any]:
+    """Embed tracks already in the dataset from their stored segments (no decoding): ``tracks`` are
+    (track_id, fingerprint) pairs of one shard; their embeddings go to a new part.  Runs inside a Ray task."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from genrecls.models.transfer import embed_segments
+    from genrecls.storage.dataset import mel_array
+
+    with one_thread():
+        backbone = _backbone_for(embed)
+        loc = Location.parse(dataset_uri)
+        writer = EmbeddingWriter(loc, part_name, _embed_schema(cfg, embed, backbone))
+        t0 = time.perf_counter()
+        try:
+            fingerprints = dict(tracks)
+            pds = pads.dataset([loc.join("shards", shard)], filesystem=loc.fs, format="parquet")
+            table = pds.to_table(columns=["track_id", "fingerprint", "segment_index", "mel"],
+                                 filter=pc.field("track_id").isin(sorted(fingerprints)))
+            ids = table.column("track_id").to_numpy(zero_copy_only=False)
+            order = np.lexsort((table.column("segment_index").to_numpy(), ids))
+            table = table.take(pa.array(order))
+            ids = ids[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
+            for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
+                tid = str(ids[a])
+                rows = table.slice(int(a), int(b - a))
+                if rows.column("fingerprint")[0].as_py() != fingerprints[tid]:
+                    continue  # the track changed since it was planned: the next run embeds it
+                mels = mel_array(rows.column("mel"), cfg.mel_shape, dtype=np.float16)
+                writer.add_track(tid, fingerprints[tid], embed_segments(backbone, [mels], cfg.mel_shape))
+            part_bytes = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return {"tracks": writer.n_tracks, "segments": writer.segments, "bytes": part_bytes,
+            "embed_seconds": time.perf_counter() - t0, "engine": backbone.describe()}
 
 
 @dataclass
@@ -157,6 +274,19 @@ class IngestSummary:
     warnings_by_kind: dict[str, int] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
     worker_pids: list[int] = field(default_factory=list)
+    #: the embedding store: "computed" (ingest.embeddings=auto on a musicnn dataset), "off", or why not
+    embeddings: str = "off"
+    #: tracks and segments embedded by this run (with the new tracks, and from stored segments)
+    embedded_tracks: int = 0
+    embedded_segments: int = 0
+    #: of which tracks already in the dataset, embedded from their stored segments
+    backfilled_tracks: int = 0
+    #: seconds the backbone ran, summed over every task
+    embed_seconds: float = 0.0
+    #: bytes of embedding parts written
+    embedding_bytes: int = 0
+    #: what computed them (genrecls.models.engine.BackboneEngine.describe, of the first task)
+    engine: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,7 +312,8 @@ def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[Track
     return todo, unchanged, known_failed
 
 
-def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, str]) -> None:
+def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, str],
+                    engine: dict[str, Any] | None = None) -> None:
     tracks = ds.tracks()
     per_label: dict[str, dict[str, float]] = defaultdict(lambda: {"tracks": 0, "segments": 0, "audio_seconds": 0.0})
     for e in tracks.values():
@@ -210,8 +341,21 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, s
             "per_label": {k: dict(v) for k, v in sorted(per_label.items())},
         },
         "versions": versions,
+        "embeddings": _store_record(ds, previous.get("embeddings"), engine),
     }
     ds.location.write_json("manifest.json", manifest)
+
+
+def _store_record(ds: Dataset, previous: dict[str, Any] | None, engine: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest's record of the embedding store: what it holds and what computed it (None: no store)."""
+    try:
+        d = EmbeddingStore(ds.location).describe()
+    except DatasetError:  # a store another backbone wrote: refused before, recorded as it was
+        return previous
+    if d is None:
+        return None
+    d.pop("features", None)  # the dataset's own (checked per part)
+    return {"folder": "embeddings", **d, "last_engine": engine or (previous or {}).get("last_engine")}
 
 
 def check_features_match(ds: Dataset, cfg: FeatureConfig) -> None:
@@ -263,23 +407,36 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     loc = ds.location
     source_abs = os.path.abspath(source) if "://" not in source else source
     check_features_match(ds, cfg.features)
+    store = EmbeddingStore(loc)
+    embed = _embed_spec(cfg, store, summary)  # refuses a store of another backbone before anything is done
     repaired = ds.reconcile()
-    if repaired["temporaries_removed"] or repaired["rows_superseded"]:
+    repaired.update(_reconcile_store(ds, store))
+    if repaired["temporaries_removed"] or repaired["rows_superseded"] or repaired["entries_dropped"]:
         log.info("repaired an interrupted run: %s", repaired)
     if not ds.exists():
         _write_manifest(ds, cfg, source_abs, versions)
     loc.write_text("config.json", cfg.to_json() + "\n")
     todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
+    vanished: set[str] = set()
+    if prune:
+        present = {t.track_id for t in found.tracks}
+        vanished = {tid for tid in ds.tracks() if tid not in present}
+    backfill = _backfill_plan(ds, store, todo, vanished) if embed is not None else []
     try:
-        if todo and runs_in_process(todo, cfg, address):
-            _run_in_process(todo, cfg, loc, summary, progress)
-        elif todo:
+        if (todo or backfill) and runs_in_process(todo, cfg, address) and _backfill_segments(backfill) <= BACKFILL_IN_PROCESS_SEGMENTS:
+            _run_in_process(todo, cfg, loc, summary, progress, embed)
+            _backfill_in_process(backfill, cfg, loc, summary, progress, embed)
+        elif todo or backfill:
+            _prepare_backbone(embed)
             with ray_session(address, workers, verbose=verbose, data=False):
-                _run_tasks(todo, cfg, loc, summary, workers, progress)
+                if todo:
+                    _run_tasks(todo, cfg, loc, summary, workers, progress, embed)
+                _backfill_tasks(backfill, cfg, loc, summary, workers, progress, embed)
     except BaseException:
         try:  # leave the dataset as readers expect it: no temporaries, manifest matching the shards
             ds.reconcile()
-            _write_manifest(ds, cfg, source_abs, versions)
+            _reconcile_store(ds, store)
+            _write_manifest(ds, cfg, source_abs, versions, summary.engine)
         except Exception:
             pass
         raise
@@ -288,18 +445,143 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     for p in found.problems:
         summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
     summary.failed += len(problems)
-    vanished: set[str] = set()
-    if prune:
-        present = {t.track_id for t in found.tracks}
-        vanished = {tid for tid in ds.tracks() if tid not in present}
-        summary.pruned = len(vanished)
+    summary.pruned = len(vanished)
     ds.reconcile(drop_track_ids=vanished)
+    _reconcile_store(ds, store)
     if ds.location.exists("touched"):
         ds.record_touched({})  # forget entries of tracks re-processed or pruned since
     live = {e.path for e in ds.tracks().values()}
     ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
     ds.compact_warnings()
-    _write_manifest(ds, cfg, source_abs, versions)
+    _write_manifest(ds, cfg, source_abs, versions, summary.engine)
+
+
+def _embed_spec(cfg: Config, store: EmbeddingStore, summary: IngestSummary) -> EmbedSpec | None:
+    """What the tasks need to fill the embedding store, or None (not wanted: ``summary.embeddings`` says why).
+
+    Raises :class:`~genrecls.storage.embeddings.EmbeddingStoreError` when the store was computed by another
+    backbone or from other features (both named): they are never mixed.
+    """
+    if cfg.ingest.embeddings == "off":
+        summary.embeddings = "off"
+        return None
+    if not embeddings_wanted(cfg):
+        summary.embeddings = f"not computed: the {cfg.features.preset!r} preset does not feed the musicnn backbone"
+        return None
+    from genrecls.models.engine import BACKBONE_OUTPUTS, backbone_id
+
+    spec = EmbedSpec(cfg.inference.engine, cfg.inference.precision, backbone_id())
+    store.check(spec.backbone, cfg.features, BACKBONE_OUTPUTS)
+    summary.embeddings = "computed"
+    return spec
+
+
+def _prepare_backbone(embed: EmbedSpec | None) -> None:
+    """Convert the backbone for the inference runtimes once, here, rather than in every worker at once
+    (cached: a file check after the first time on this machine)."""
+    if embed is None or embed.engine == "tensorflow":
+        return
+    try:
+        from genrecls.models.engine import backbone_onnx
+
+        backbone_onnx()
+    except Exception as exc:  # noqa: BLE001  (the workers try again, and fall back to TensorFlow, recorded)
+        log.warning("could not convert the backbone for the inference runtimes: %s", exc)
+
+
+def _live(ds: Dataset) -> dict[str, tuple[str, int]]:
+    return {tid: (e.fingerprint, e.n_segments) for tid, e in ds.tracks().items()}
+
+
+def _reconcile_store(ds: Dataset, store: EmbeddingStore) -> dict[str, int]:
+    """The store's entries of tracks no longer in the dataset (or changed since) leave it; one part per track."""
+    if not store.location.exists("embeddings"):
+        return {"entries_dropped": 0}
+    done = store.reconcile(_live(ds))
+    return {"entries_dropped": done["entries_dropped"], "store_temporaries_removed": done["temporaries_removed"]}
+
+
+def _backfill_plan(ds: Dataset, store: EmbeddingStore, todo: list[TrackTask],
+                   vanished: set[str]) -> list[tuple[str, list[tuple[str, str]], int]]:
+    """Tracks in the dataset that stay (not re-processed, not pruned) and that the store lacks, by shard:
+    (shard, [(track_id, fingerprint)], segments)."""
+    index = ds.tracks()
+    redo = {t.track_id for t in todo}
+    wanted = {tid: (e.fingerprint, e.n_segments) for tid, e in index.items() if tid not in redo and tid not in vanished}
+    have = store.valid_for(wanted)
+    by_shard: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    segments: dict[str, int] = defaultdict(int)
+    for tid in sorted(set(wanted) - set(have)):
+        e = index[tid]
+        by_shard[e.shard].append((tid, e.fingerprint))
+        segments[e.shard] += e.n_segments
+    return [(shard, tracks, segments[shard]) for shard, tracks in sorted(by_shard.items())]
+
+
+def _backfill_segments(plan) -> int:
+    return sum(n for _, _, n in plan)
+
+
+def _backfill_batches(plan, per_task: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    return [(shard, tracks[i:i + per_task]) for shard, tracks, _ in plan for i in range(0, len(tracks), per_task)]
+
+
+def _add_backfill(summary: IngestSummary, res: dict[str, Any]) -> None:
+    summary.backfilled_tracks += res["tracks"]
+    summary.embedded_tracks += res["tracks"]
+    summary.embedded_segments += res["segments"]
+    summary.embed_seconds += res["embed_seconds"]
+    summary.embedding_bytes += res["bytes"]
+    summary.engine = summary.engine or res["engine"]
+
+
+def _backfill_in_process(plan, cfg: Config, loc: Location, summary: IngestSummary, show_progress: bool,
+                         embed: EmbedSpec | None) -> None:
+    if not plan:
+        return
+    bar = Progress(len(plan), "shards embedded", enabled=show_progress)
+    try:
+        for shard, tracks in _backfill_batches(plan, cfg.ingest.tracks_per_task):
+            _add_backfill(summary, embed_stored(loc.uri, shard, tracks, new_shard_name(), cfg.features, embed))
+            bar.update(done=1)
+    finally:
+        bar.close()
+
+
+def _backfill_tasks(plan, cfg: Config, loc: Location, summary: IngestSummary, workers: int | None,
+                    show_progress: bool, embed: EmbedSpec | None) -> None:
+    """Embed stored segments of tracks the store lacks, one Ray task per batch of a shard's tracks."""
+    if not plan:
+        return
+    import ray
+    from ray.exceptions import RayTaskError
+
+    batches = _backfill_batches(plan, cfg.ingest.tracks_per_task)
+    log.info("embedding %d track(s) already in the dataset from their stored segments", sum(len(t) for _, t in batches))
+    n_slots, max_inflight = slots(workers, cfg.ingest.inflight_per_cpu)
+    remote = ray.remote(embed_stored).options(num_cpus=1, max_retries=cfg.ingest.max_task_retries,
+                                              retry_exceptions=False, scheduling_strategy="SPREAD")
+    cfg_ref, spec_ref = ray.put(cfg.features), ray.put(embed)
+    bar = Progress(len(batches), "batches embedded", enabled=show_progress)
+    queue = list(reversed(batches))
+    inflight: set[Any] = set()
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < max_inflight:
+                shard, tracks = queue.pop()
+                inflight.add(remote.remote(loc.uri, shard, tracks, new_shard_name(), cfg_ref, spec_ref))
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                inflight.discard(ref)
+                try:
+                    res = ray.get(ref)
+                except RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    raise (cause if isinstance(cause, DatasetError) else exc) from None
+                _add_backfill(summary, res)
+                bar.update(done=1)
+    finally:
+        bar.close()
 
 
 class _Tally:
@@ -325,6 +607,11 @@ class _Tally:
         s.audio_seconds += res["audio_seconds"]
         s.shard_bytes += res["shard_bytes"]
         s.shards_written += 1 if res["shard"] else 0
+        s.embedded_tracks += res.get("embedded_tracks", 0)
+        s.embedded_segments += res.get("embedded_segments", 0)
+        s.embed_seconds += res.get("embed_seconds", 0.0)
+        s.embedding_bytes += res.get("embedding_bytes", 0)
+        s.engine = s.engine or res.get("engine")
         self.kinds.update(f["kind"] for f in res["failures"])
         self.warned.update(w["kind"] for w in res["warnings"])
         s.warned += len(res["warnings"])
@@ -364,20 +651,22 @@ def runs_in_process(todo: list[TrackTask], cfg: Config, address: str | None) -> 
 
 
 def _run_in_process(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
-                    show_progress: bool) -> None:
+                    show_progress: bool, embed: EmbedSpec | None = None) -> None:
     """The same batches and shards as the Ray tasks, one after another in this process."""
+    if not todo:
+        return
     tally = _Tally(todo, summary, show_progress)
     try:
         size = cfg.ingest.tracks_per_task
         for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
-            tally.add(batch, process_batch(batch, cfg.features, loc.uri, new_shard_name(), cfg.decode))
+            tally.add(batch, process_batch(batch, cfg.features, loc.uri, new_shard_name(), cfg.decode, embed))
         tally.finish(loc)
     finally:
         tally.close()
 
 
 def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
-               workers: int | None, show_progress: bool) -> None:
+               workers: int | None, show_progress: bool, embed: EmbedSpec | None = None) -> None:
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -387,7 +676,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
     single = _remote_process_batch().options(num_cpus=1, max_retries=1, retry_exceptions=False)
     inflight: dict[Any, list[TrackTask]] = {}
     tally = _Tally(todo, summary, show_progress)
-    cfg_ref, decode_ref = ray.put(cfg.features), ray.put(cfg.decode)
+    cfg_ref, decode_ref, embed_ref = ray.put(cfg.features), ray.put(cfg.decode), ray.put(embed)
     uri = loc.uri
     queue = [todo[a:b] for a, b in reversed(task_bounds(len(todo), cfg.ingest.tracks_per_task, n_slots))]
     # the watchdog: a task still running long past its files' decoding deadlines is stuck in native code
@@ -399,7 +688,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
             while queue and len(inflight) < max_inflight:
                 batch = queue.pop()
                 fn = single if isinstance(batch, _Isolated) else remote
-                ref = fn.remote(batch, cfg_ref, uri, new_shard_name(), decode_ref)
+                ref = fn.remote(batch, cfg_ref, uri, new_shard_name(), decode_ref, embed_ref)
                 inflight[ref] = batch
                 due[ref] = time.monotonic() + task_budget(batch, cfg.decode)
             wait = max(0.0, min(due.values()) - time.monotonic())
@@ -498,6 +787,15 @@ def format_summary(summary: IngestSummary, ds: Dataset | None = None) -> str:
                      f"({summary.audio_seconds / max(summary.wall_seconds, 1e-9):.0f}x real time), "
                      f"{summary.segments_added} segments, {summary.shards_written} shards, "
                      f"{summary.shard_bytes / max(summary.segments_added, 1) / 1024:.1f} KiB per segment")
+    if summary.embedded_segments:
+        e = summary.engine or {}
+        lines.append(f"embeddings: {summary.embedded_tracks} tracks ({summary.embedded_segments} segments"
+                     + (f", {summary.backfilled_tracks} tracks from their stored segments" if summary.backfilled_tracks else "")
+                     + f") by {e.get('engine', '?')} {e.get('precision', '?')}, "
+                     f"{1000 * summary.embed_seconds / summary.embedded_segments:.1f} ms per segment per task, "
+                     f"{summary.embedding_bytes / summary.embedded_segments / 1024:.1f} KiB per segment")
+    elif summary.embeddings != "computed":
+        lines.append(f"embeddings: {summary.embeddings}")
     lines.append("")
     lines.append(describe(ds))
     return "\n".join(lines)

@@ -41,6 +41,15 @@ def describe(ds: Dataset) -> str:
                f"({f['segment_samples'] / f['sample_rate']:.2f} s, hop {f['segment_hop']}), "
                f"log-mel {m['mel_shape'][0]}x{m['mel_shape'][1]} (n_fft {f['n_fft']}, hop {f['hop_length']}), "
                f"stored as {f['dtype']}; {m['counts']['shards']} shards")
+    e = m.get("embeddings")
+    if e:
+        engine = e.get("last_engine") or (e.get("engines") or [{}])[-1]
+        tracks = m["counts"]["tracks"]
+        out.append(f"embeddings: {e['tracks']} of {tracks} tracks ({e['segments']} segments) in {ds.uri}/embeddings/, "
+                   f"backbone {e['backbone']}, layers " + ", ".join(f"{k} {v}" for k, v in e["layers"].items())
+                   + f", {e.get('dtype', 'float16')}; computed by {engine.get('engine', '?')} {engine.get('precision', '?')}")
+    else:
+        out.append("embeddings: none stored (genrecls train computes the frozen backbone's itself)")
     return "\n".join(out)
 
 

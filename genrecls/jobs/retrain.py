@@ -3,11 +3,14 @@
 ``retrain(source, dataset, registry)`` is safe to run from cron or any scheduler:
 
 1. takes the registry's lock (a second retrain stops at once with a clear message);
-2. ingests new and changed tracks incrementally and prunes vanished ones from the dataset;
+2. ingests new and changed tracks incrementally and prunes vanished ones from the dataset (its
+   embedding store too: only the new and changed tracks are embedded);
 3. if the dataset is unchanged since the champion was trained, stops (``unchanged``);
 4. trains a challenger into a temporary folder, holding every known track to the split it
    had (the registry's ``splits.parquet``), so the holdout stays fixed as the library grows;
-5. scores the champion and the challenger on the same holdout and promotes the challenger
+5. scores the champion and the challenger on the same holdout (from the dataset's stored embeddings and
+   each run's head when both are frozen-backbone heads, so no backbone runs; else each exported
+   model on the stored segments) and promotes the challenger
    only if it is **strictly** better: ``challenger > champion + retrain.min_improvement`` on
    ``retrain.metric`` (margin 0.0 by default: a tie keeps the champion);
 6. records the decision.  A run that dies before the end leaves the registry unchanged.
@@ -99,8 +102,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
             holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
             champion_run = reg.version_location(champion).uri if champion else None
             scored, left_out = _common_holdout(ds, holdout, [run_dir] + ([champion_run] if champion_run else []))
-            challenger_metrics = _score(run_dir, ds, scored, cfg)
-            champion_metrics = _score(champion_run, ds, scored, cfg) if champion_run else None
+            challenger_metrics, champion_metrics = _score_both(run_dir, champion_run, ds, scored, cfg)
             metric = cfg.retrain.metric
             margin = cfg.retrain.min_improvement
             new = float(challenger_metrics[metric])
@@ -180,6 +182,29 @@ def _common_holdout(ds: Dataset, holdout: list[str], runs: list[str]) -> tuple[l
     return scored, dict(sorted(left_out.items()))
 
 
+def _score_both(challenger: str, champion: str | None, ds: Dataset, holdout: list[str],
+                cfg: Config) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Both models' metrics on the holdout, scored the same way: from the dataset's stored embeddings and each
+    run's head (no backbone pass) when both are frozen-backbone heads on the store's backbone, else each
+    exported model on the stored segments."""
+    from genrecls.models.transfer import score_stored
+
+    runs = [challenger] + ([champion] if champion else [])
+    stored = [score_stored(r, ds, holdout) for r in runs]
+    if all(m is not None for m in stored):
+        for r, m in zip(runs, stored):
+            m["model_id"] = _model_id(r)
+            m["holdout_tracks"] = len(holdout)
+        return stored[0], (stored[1] if champion else None)
+    return _score(challenger, ds, holdout, cfg), (_score(champion, ds, holdout, cfg) if champion else None)
+
+
+def _model_id(run: str) -> str | None:
+    from genrecls.models.inference import read_run_info
+
+    return read_run_info(run).get("model_id")
+
+
 def _score(run: str, ds: Dataset, holdout: list[str], cfg: Config) -> dict[str, Any]:
     """Metrics of a run's model on the holdout (every track's label is one the model knows)."""
     from genrecls.models.evaluation import evaluate_predictor
@@ -189,4 +214,5 @@ def _score(run: str, ds: Dataset, holdout: list[str], cfg: Config) -> dict[str, 
     metrics = evaluate_predictor(predictor, ds, {"test": holdout})
     metrics["model_id"] = predictor.model_id
     metrics["holdout_tracks"] = len(holdout)
+    metrics["scored_by"] = {"how": "the run's exported model on the stored segments", "engine": predictor.describe()}
     return metrics

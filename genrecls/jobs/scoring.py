@@ -33,7 +33,7 @@ from genrecls.models.inference import aggregate_tracks
 from genrecls.storage.location import Location
 from genrecls.storage.predictions import prediction_columns, prediction_schema
 
-__all__ = ["featurise_batch", "Scorer", "stream", "DECODE_MAX_RETRIES"]
+__all__ = ["featurise_batch", "Scorer", "stream", "DECODE_MAX_RETRIES", "TRACK_EMBEDDING_LAYER", "track_embedding_info"]
 
 #: columns of the stream between the CPU stage and the model actors, besides the predictions
 _ERROR_COLUMNS = [pa.field(name, pa.string()) for name in ("error_kind", "error_reason", "warning_kind", "warning_reason")]
@@ -49,9 +49,24 @@ DECODE_MAX_CALLS = 100
 DECODE_MAX_RETRIES = 2
 
 
-def _stream_schema(labels: list[str]) -> pa.Schema:
+def _stream_schema(labels: list[str], embedding: dict | None = None) -> pa.Schema:
     """The model actors' output: the prediction columns, the errors, and the engine that scored (JSON)."""
-    return pa.schema(list(prediction_schema(labels)) + _ERROR_COLUMNS + [pa.field("engine", pa.string())])
+    return pa.schema(list(prediction_schema(labels, embedding=embedding)) + _ERROR_COLUMNS
+                     + [pa.field("engine", pa.string())])
+
+
+#: the layer whose mean over a track's scored segments is its ``embedding`` column (frozen-backbone runs):
+#: musicnn's 200-d penultimate layer, the same whichever embedding the run's head was fit on
+TRACK_EMBEDDING_LAYER = "penultimate"
+
+
+def track_embedding_info(info: dict) -> dict | None:
+    """What a run's predictions hold in their ``embedding`` column (None: the run has no frozen-backbone head)."""
+    head = info.get("head")
+    if not head or not head.get("file"):
+        return None
+    return {"layer": TRACK_EMBEDDING_LAYER, "backbone": head.get("backbone"),
+            "rule": "mean of the track's scored segments' embeddings", "dtype": "float32"}
 
 
 # -- stage 1: decode and featurise (CPU tasks) ---------------------------------------
@@ -185,6 +200,12 @@ class Scorer:
     track scores (mean of the segments' probabilities) are calibrated and answered by
     ``rules`` (:class:`genrecls.models.answers.AnswerRules`, chosen by the driver; None: the
     run's own rules with the default settings).
+
+    A frozen-backbone ``musicnn`` run (``RUN/head.npz``) runs the backbone on the engine
+    (:class:`~genrecls.models.engine.BackboneEngine`, once per segment), its head in NumPy
+    (:func:`~genrecls.models.transfer.head_probabilities`), and also returns each track's
+    ``embedding`` (:func:`track_embedding_info`); any other run is its ``model.onnx``
+    (:class:`~genrecls.models.inference.Predictor`).
     """
 
     def __init__(self, run_uri: str, batch_size: int, top_k: int, threads: int = 0, engine: str = "auto",
@@ -192,25 +213,58 @@ class Scorer:
         import json
 
         from genrecls.core.runtime import quiet_environment
-        from genrecls.models.inference import Predictor
+        from genrecls.models.inference import read_run_info
 
         quiet_environment()
-        # one engine per actor, its threads set explicitly (0: the CPUs Ray gave this actor)
-        self.predictor = Predictor(run_uri, engine=engine, precision=precision, threads=threads)
-        self.engine = json.dumps(self.predictor.describe(), sort_keys=True)
-        self.labels = self.predictor.labels
-        self.model_id = self.predictor.model_id
-        self.shape = self.predictor.features.mel_shape
-        self.dtype = np.float16 if self.predictor.features.dtype == "float16" else np.float32
+        info = read_run_info(run_uri)
+        self.embedding = track_embedding_info(info)
+        self.head = self.backbone = self.predictor = None
+        if self.embedding is not None:
+            from genrecls.models.transfer import load_head, shared_backbone
+
+            self.head = load_head(run_uri)
+            # one engine per actor, its threads set explicitly (0: the CPUs Ray gave this actor)
+            self.backbone = shared_backbone(engine, precision, threads)
+            if self.backbone.backbone_id() != self.embedding["backbone"]:
+                raise ValueError(f"{run_uri}'s head was fit on the backbone {self.embedding['backbone']}, this genrecls "
+                                 f"has {self.backbone.backbone_id()}: classify with the genrecls that trained it")
+            self.engine = json.dumps({**self.backbone.describe(), "head": "numpy (head.npz)"}, sort_keys=True)
+        else:
+            from genrecls.models.inference import Predictor
+
+            self.predictor = Predictor(run_uri, engine=engine, precision=precision, threads=threads)
+            self.engine = json.dumps(self.predictor.describe(), sort_keys=True)
+        from genrecls.core.config import FeatureConfig
+
+        features = FeatureConfig(**info["features"])
+        self.labels = list(info["labels"])
+        self.model_id = info["model_id"]
+        self.max_batch = int(info.get("max_batch") or 0)
+        self.shape = features.mel_shape
+        self.dtype = np.float16 if features.dtype == "float16" else np.float32
         self.batch_size = batch_size
         self.top_k = top_k
-        self.schema = _stream_schema(self.labels)
+        self.schema = _stream_schema(self.labels, self.embedding)
         if rules is None:
             from genrecls.core.config import ClassifyConfig
             from genrecls.models.answers import rules_for_run
 
-            rules = rules_for_run(Location.parse(run_uri), self.predictor.info, ClassifyConfig())
+            rules = rules_for_run(Location.parse(run_uri), info, ClassifyConfig())
         self.rules = rules
+
+    def _score(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment probabilities, and with a head the segments' track-embedding layer."""
+        if self.head is None:
+            return self.predictor.predict(mels, batch_size=self.batch_size), None
+        from genrecls.models.transfer import head_probabilities
+
+        step = min(self.batch_size, self.max_batch or self.batch_size)
+        probs, emb = [], []
+        for i in range(0, len(mels), step):
+            out = self.backbone(mels[i:i + step])
+            probs.append(head_probabilities(out, self.head))
+            emb.append(out[self.embedding["layer"]])
+        return np.concatenate(probs), np.concatenate(emb)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -222,10 +276,15 @@ class Scorer:
             counts = batch.column("n_segments").to_pylist()
             mels = np.concatenate([np.frombuffer(blobs[i], dtype=self.dtype) for i in ok])
             mels = mels.reshape(-1, *self.shape).astype(np.float32)
-            seg_probs = self.predictor.predict(mels, batch_size=self.batch_size)
+            seg_probs, seg_emb = self._score(mels)
             owners = [str(i) for i in ok for _ in range(counts[i])]
             ids, track_probs = aggregate_tracks(owners, seg_probs)
             probs[[int(t) for t in ids]] = track_probs
+            if seg_emb is not None:  # the same rule: the mean over the track's scored segments
+                _, track_emb = aggregate_tracks(owners, seg_emb)
+                embeddings = [None] * n
+                for t, v in zip(ids, track_emb):
+                    embeddings[int(t)] = v.tolist()
         probs = self.rules.calibrate(np.nan_to_num(probs))  # prob_<label>: calibrated probabilities
         cols = prediction_columns(probs, self.labels, self.top_k)
         ans = self.rules.answer(probs)  # genre, confidence... in the user's genres
@@ -247,6 +306,8 @@ class Scorer:
         arrays["error_kind"] = batch.column("error_kind")
         for name in ("error_reason", "warning_kind", "warning_reason"):
             arrays[name] = batch.column(name)
+        if self.embedding is not None:
+            arrays["embedding"] = pa.array(embeddings if ok else [None] * n, pa.list_(pa.float32()))
         arrays["engine"] = pa.array([self.engine] * n, pa.string())
         return pa.table({f.name: arrays[f.name] for f in self.schema}, schema=self.schema)
 

@@ -1,10 +1,10 @@
-"""Figures of a run: learning curves and the per-track confusion matrix (matplotlib, Agg backend)."""
+"""Figures of a run: learning curves (or a head's selection) and the per-track confusion matrix (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["plot_curves", "plot_confusion", "plot_reliability"]
+__all__ = ["plot_curves", "plot_confusion", "plot_selection", "plot_reliability"]
 
 
 def _pyplot():
@@ -73,6 +73,32 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], locat
                 ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's tracks")
     ax.set_title(title or "confusion matrix (tracks)")
+    fig.tight_layout()
+    _save(fig, location, name)
+    plt.close(fig)
+
+
+def plot_selection(records: Sequence[dict[str, Any]], location, name: str = "curves.png", *,
+                   chosen: dict[str, Any] | None = None, title: str = "") -> None:
+    """A frozen-backbone head's selection: validation track accuracy against C (log scale), one line per
+    candidate embedding; the chosen one marked."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    names = list(dict.fromkeys(r["candidate"] for r in records))
+    for n in names:
+        rs = sorted((r for r in records if r["candidate"] == n), key=lambda r: r["c"])
+        dims = rs[0]["dims"] if rs else 0
+        ax.plot([r["c"] for r in rs], [r["val_track_accuracy"] for r in rs], "o-", ms=3, label=f"{n} ({dims})")
+    if chosen is not None:
+        ax.plot([chosen["c"]], [chosen["val_track_accuracy"]], "k*", ms=14, label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel("C (inverse L2 strength)")
+    ax.set_ylabel("validation track accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.suptitle(title or "head selection")
     fig.tight_layout()
     _save(fig, location, name)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Everything that is kept: locations and locks, atomic files, the dataset and its shards, failure
+"""Everything that is kept: locations and locks, atomic files, the dataset and its shards, its embedding store, failure
 records, predictions, the model registry, the track split.
 
 Imports only :mod:`genrecls.core`.
@@ -14,6 +14,15 @@ from genrecls.storage.dataset import (
     failure_schema,
     mel_array,
     segment_schema,
+)
+from genrecls.storage.embeddings import (
+    EMBEDDINGS,
+    EmbeddingEntry,
+    EmbeddingStore,
+    EmbeddingStoreError,
+    EmbeddingWriter,
+    embedding_schema,
+    layer_array,
 )
 from genrecls.storage.location import TMP_PREFIX, AtomicFile, Location, new_shard_name
 from genrecls.storage.locks import LEASE_SECONDS, LockedError, folder_lock, s3_client
@@ -65,6 +74,13 @@ __all__ = [
     "OutputError",
     "Dataset",
     "mel_array",
+    "EMBEDDINGS",
+    "EmbeddingStoreError",
+    "EmbeddingEntry",
+    "EmbeddingWriter",
+    "EmbeddingStore",
+    "embedding_schema",
+    "layer_array",
     "SPLITS",
     "SplitError",
     "assign_splits",

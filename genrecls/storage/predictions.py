@@ -23,7 +23,10 @@ scored), ``duration`` (seconds of the whole track), ``size`` and ``mtime_ns`` of
 ``album`` and ``album_artist`` (the file's tags, null without), ``album_genre`` and
 ``album_confidence`` (with ``classify.group_by``: the answer for the track's album or folder),
 ``model_id``, ``answers_id`` (the rules that gave the answer columns:
-:class:`genrecls.models.answers.AnswerRules`) and ``classified_at`` (UTC).  The answer
+:class:`genrecls.models.answers.AnswerRules`) and ``classified_at`` (UTC); for a
+frozen-backbone ``musicnn`` run also ``embedding``: the track's embedding, the mean of its
+scored segments' pretrained-backbone layer named in the schema's ``genrecls.embedding`` metadata
+(the ``penultimate`` layer, 200 numbers, with the backbone's id).  The answer
 columns are the answers module's; this module stores them.
 
 Parts written before a column existed lack it: readers (:func:`read_predictions`,
@@ -60,6 +63,7 @@ WATCHDOG = ".watchdog"
 FORMAT = "genrecls-predictions"
 LABELS_KEY = b"genrecls.labels"
 MODEL_KEY = b"genrecls.model_id"
+EMBEDDING_KEY = b"genrecls.embedding"
 
 
 def top_k_type() -> pa.DataType:
@@ -70,8 +74,14 @@ def top_k_type() -> pa.DataType:
 LIST_COLUMNS = ("genres", "parent_genres")
 
 
-def prediction_schema(labels: list[str], model_id: str = "") -> pa.Schema:
-    """Schema of a predictions part for a model with these labels (in output order)."""
+def prediction_schema(labels: list[str], model_id: str = "", embedding: dict[str, Any] | None = None) -> pa.Schema:
+    """Schema of a predictions part for a model with these labels (in output order).
+
+    ``embedding`` (what the ``embedding`` column holds: ``layer``, ``backbone``, ``rule``...) adds that
+    column, a list of float32 per track, and records the description in the schema metadata.
+    """
+    extra = [pa.field("embedding", pa.list_(pa.float32()))] if embedding else []
+    meta = {EMBEDDING_KEY: json.dumps(embedding, sort_keys=True).encode()} if embedding else {}
     return pa.schema(
         [
             pa.field("path", pa.string(), nullable=False),
@@ -94,8 +104,9 @@ def prediction_schema(labels: list[str], model_id: str = "") -> pa.Schema:
             pa.field("model_id", pa.string()),
             pa.field("answers_id", pa.string()),
             pa.field("classified_at", pa.timestamp("ms", tz="UTC")),
+            *extra,
         ],
-        metadata={LABELS_KEY: json.dumps(list(labels)).encode(), MODEL_KEY: model_id.encode()},
+        metadata={LABELS_KEY: json.dumps(list(labels)).encode(), MODEL_KEY: model_id.encode(), **meta},
     )
 
 
@@ -255,7 +266,8 @@ class PredictionStore:
         return _unify(schemas) if schemas else None
 
     def write_csv(self) -> None:
-        """All parts as one CSV (top_k as ``genre:probability;...``, genre lists as ``a;b``), streamed part by part."""
+        """All parts as one CSV (top_k as ``genre:probability;...``, genre lists as ``a;b``; without ``embedding``),
+        streamed part by part."""
         import pyarrow.csv as pacsv
 
         names = self.part_names()
@@ -266,6 +278,8 @@ class PredictionStore:
             tk = table.column("top_k").to_pylist()
             text = [None if v is None else ";".join(f"{e['genre']}:{e['probability']:.6f}" for e in v) for v in tk]
             table = table.set_column(table.schema.get_field_index("top_k"), "top_k", pa.array(text, pa.string()))
+            if "embedding" in table.column_names:  # a track's embedding stays in the Parquet parts
+                table = table.drop_columns(["embedding"])
             for col in LIST_COLUMNS:
                 if col in table.column_names:
                     joined = [None if v is None else ";".join(v) for v in table.column(col).to_pylist()]

@@ -84,15 +84,9 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
 
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:
     """The ``train`` and ``val`` Ray Datasets handed to the trainer, and the one to compute statistics on."""
-    streamed_order = plan.shuffle if not plan.cache and plan.input != "embedding" else None
+    streamed_order = plan.shuffle if not plan.cache else None
     train = make_ray_dataset(plan, ids["train"], shuffle_files=streamed_order == "shards", weights=plan.segment_weights)
     val = make_ray_dataset(plan, ids["val"], track_index=val_track_index(ids["val"]))
-    if plan.input == "embedding":  # the frozen backbone runs once per segment, here; the epochs reuse its output
-        from genrecls.models.transfer import embed_dataset
-
-        train = embed_dataset(train).random_shuffle(seed=plan.seed).materialize()
-        val = embed_dataset(val).materialize()
-        return {"train": train.randomize_block_order(seed=plan.seed), "val": val}, train
     if plan.cache:
         # a real row shuffle once: shards hold a few labels each (ingest order), every block must mix them
         train = train.random_shuffle(seed=plan.seed).materialize()

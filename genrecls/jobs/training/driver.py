@@ -282,8 +282,19 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
             tps, sps = plan.tracks_per_split, plan.segments_per_split
             say(f"{check.dataset.uri}: {len(plan.labels)} labels; train/val/test = {tps['train']['total']}/"
                 f"{tps['val']['total']}/{tps['test']['total']} tracks ({sps['train']['total']}/{sps['val']['total']}/"
-                f"{sps['test']['total']} segments); model {plan.model}, {plan.workers} worker(s), "
-                f"data {'cached after one read' if plan.cache else f'streamed from the shards every epoch ({plan.shuffle} order)'}")
+                f"{sps['test']['total']} segments); model {plan.model}, "
+                + ("frozen backbone: a linear head chosen on validation tracks" if plan.input == "embedding" else
+                   f"{plan.workers} worker(s), data "
+                   + ('cached after one read' if plan.cache else f'streamed from the shards every epoch ({plan.shuffle} order)')))
+            if plan.input == "embedding":  # a frozen backbone: a linear head chosen on validation tracks, no Ray Train
+                from .head import train_head
+
+                run.write_json("plan.json", plan.to_dict())
+                summary = train_head(check, cfg, plan, run, table, say=say, cluster_cpus=float(resources.get("CPU", 1)),
+                                     t_start=t_start)
+                summary["timings"] = {"start": round(timings["start"], 2), **summary["timings"]}
+                summary["wall_seconds"] = time.monotonic() - t_start
+                return summary
             datasets, stats_source = prepare_datasets(plan, ids) if not finished else ({}, None)
             plan = _with_normalisation(plan, run, stats_source, keep=resume)
             run.write_json("plan.json", plan.to_dict())
@@ -315,14 +326,13 @@ def _with_normalisation(plan: TrainPlan, run: Location, stats_source, *, keep: b
     (and written to RUN/normalisation.json)."""
     if keep and run.exists("normalisation.json"):
         norm = run.read_json("normalisation.json")
-    elif plan.model == "musicnn" and plan.input != "embedding":  # fine-tuning: the network's own input batch norm
+    elif plan.model == "musicnn":  # fine-tuning: the network's own input batch norm
         norm = {"mean": None, "std": None, "note": "none: the musicnn backbone's own input batch norm"}
         run.write_json("normalisation.json", norm)
     else:
         mean, std, n = normalisation_stats(stats_source)
-        embedding = plan.input == "embedding"  # the head standardises the embedding
-        norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "embedding dimension" if embedding else "mel band",
-                "units": "musicnn embedding" if embedding else "dB", "computed_on": "train split", "values": n}
+        norm = {"mean": mean.tolist(), "std": std.tolist(), "axis": "mel band", "units": "dB",
+                "computed_on": "train split", "values": n}
         run.write_json("normalisation.json", norm)
     return replace(plan, mean=norm["mean"], std=norm["std"])
 

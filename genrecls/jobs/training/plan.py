@@ -169,7 +169,8 @@ class WorkerPlan:
     early_stopping_patience: int
     #: validation tracks (the rows of the workers' per-track probability sums)
     val_tracks: int
-    #: "mel" (stored segments) or "embedding" (musicnn embeddings computed once, the head alone trains)
+    #: "mel" (stored segments; "embedding": a frozen musicnn backbone, whose head genrecls.jobs.training.head fits
+    #: without Ray Train workers)
     input: str
     fine_tune: bool
     #: TensorFlow threads per worker (0: the node's cores shared by the workers on it)
@@ -212,7 +213,8 @@ class TrainPlan:
     std: list[float] | None = None
     #: loss weight of each segment of each training track (train.track_weights), else None
     segment_weights: dict[str, float] | None = None
-    #: what the workers train on: "mel" (stored segments) or "embedding" (musicnn embeddings computed once)
+    #: what is trained on: "mel" (stored segments, Ray Train) or "embedding" (a frozen musicnn backbone's stored
+    #: embeddings: a linear head, genrecls.jobs.training.head)
     input: str = "mel"
     fine_tune: bool = False
 
@@ -322,9 +324,11 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
     cache = t.cache == "on" or (t.cache == "auto" and object_store_bytes is not None and decoded <= object_store_bytes / 4)
     train_input = "embedding" if t.model == "musicnn" and not t.fine_tune else "mel"
     if train_input == "embedding":
-        cache = True  # embeddings are computed once and kept: 400 bytes per segment
-        notes.append("frozen musicnn backbone: each segment's embedding is computed once (a Ray Data actor) "
-                     "and only the head trains")
+        cache = True  # (not Ray Train's input: the head's rows are read once)
+        notes = [n for n in notes if not n.startswith(("batch size lowered", f"{dropped} of"))]  # no batches, no epochs
+        notes.append("frozen musicnn backbone: the segments' embeddings come from the dataset's embedding store "
+                     "(those it lacks are computed, once); a linear head is chosen on the validation tracks and refit "
+                     "(genrecls.jobs.training.head)")
     plan = TrainPlan(
         dataset=check.dataset.uri, shard_paths=check.shard_paths, features=asdict(check.features), labels=labels,
         model=t.model, workers=workers, cpus_per_worker=cpw, threads=t.threads, use_gpu=t.gpu, epochs=t.epochs,

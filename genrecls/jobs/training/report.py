@@ -10,7 +10,7 @@ from genrecls.core.config import Config, FeatureConfig
 
 from .plan import TrainPlan
 
-__all__ = ["format_report"]
+__all__ = ["format_report", "format_head_report"]
 
 
 def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:
@@ -64,6 +64,70 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
           f"{r.get('val_track_accuracy', float('nan')):.3f}", f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}") for r in h],
         ("epoch", "loss", "acc", "val loss", "val acc", "val track acc", "lr", "seconds")), "```", ""]
     lines += ["![learning curves](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
+    if (m.get("answers") or {}).get("test", {}).get("reliability_after") is not None:
+        lines += ["![reliability diagram (test tracks, before and after calibration)](reliability.png)", ""]
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:
+    """The report of a frozen-backbone musicnn run: the head's selection on validation tracks, the refit, metrics."""
+    from genrecls.core.progress import format_duration, format_table
+    from genrecls.models.evaluation import format_metrics
+
+    m, sel, refit, emb = summary["metrics"], summary["selection"], summary["refit"], summary["embeddings"]
+    chosen = sel["chosen"]
+    f = FeatureConfig(**plan.features)
+    lines = [f"# Training run {summary['model_id']}", ""]
+    lines.append(f"- dataset: `{plan.dataset}` ({sum(plan.tracks_per_split[s]['total'] for s in plan.tracks_per_split)} "
+                 f"labelled tracks, {len(plan.labels)} labels{f', {plan.unlabelled_tracks} unlabelled tracks ignored' if plan.unlabelled_tracks else ''})")
+    lines.append(f"- model: `musicnn` ({info['model']['parameters']:,} weights in the export): the pretrained MSD musicnn "
+                 f"backbone `{emb['backbone']}`, frozen, and a linear head (standardisation, one softmax layer) on its "
+                 f"`{chosen['candidate']}` embedding ({chosen['dims']} values per segment), C = {chosen['c']:g}; input "
+                 f"{plan.mel_shape[0]}x{plan.mel_shape[1]} log10(10000 mel + 1) (preset {f.preset})")
+    engines = [f"{e.get('engine')} {e.get('precision')}" for e in emb.get("store_engines", []) + emb.get("computed_engines", [])]
+    lines.append(f"- embeddings: {emb['tracks']} tracks, {emb['stored_tracks']} read from the dataset's embedding store, "
+                 f"{emb['computed_tracks']} computed in this run (not stored){'; computed by ' + ', '.join(dict.fromkeys(engines)) if engines else ''}"
+                 + (f"; the store was not used: {emb['store_refused']}" if emb.get("store_refused") else ""))
+    lines.append(f"- selection: {len(sel['candidates'])} fits ({len(cfg.train.head_candidates)} embeddings x "
+                 f"{len(cfg.train.head_c)} strengths) on the training tracks, scored on {sel['val_tracks']} validation "
+                 f"tracks; rule: {sel['rule']}; {sel['fit']}")
+    if refit["done"]:
+        lines.append(f"- refit: the chosen head fit again on the training and validation tracks ({refit['tracks']} tracks, "
+                     f"{refit['segments']} segments); the test tracks were never seen. Test track accuracy "
+                     f"{refit['test_track_accuracy_before']:.3f} before the refit, {refit['test_track_accuracy_after']:.3f} "
+                     f"after (gain of the refit alone {refit['gain']:+.3f})")
+    else:
+        lines.append(f"- refit: off (train.refit=false): the head is the one fit on the training tracks")
+    lines.append(f"- classify's K: {m['classify_max_segments']} segments per track (0 = all), and the answer rules "
+                 "(calibration, 'uncertain', thresholds), chosen on the validation tracks' scores of the head fit on the "
+                 "training tracks")
+    lines.append("- validation figures below are those of the head fit on the training tracks alone (the selection); "
+                 "test figures are the final head's")
+    t = summary["timings"]
+    lines.append(f"- time: {format_duration(summary['wall_seconds'])} in all: embeddings {t.get('embeddings', 0):.1f} s, "
+                 f"selection {t.get('selection', 0):.1f} s, refit {t.get('refit', 0):.1f} s, export {t.get('export', 0):.1f} s")
+    chk = summary.get("export_check") or {}
+    if chk.get("segments"):
+        lines.append(f"- export check: {chk['segments']} stored segments through RUN/model vs the head on their stored "
+                     f"embeddings: largest probability difference {chk['max_abs_difference']:.2e}, top label equal on "
+                     f"{chk['top_label_equal']}")
+    for note in plan.notes:
+        lines.append(f"- note: {note}")
+    lines += ["", "## Split (by track, stratified by label)", ""]
+    rows = []
+    for label in plan.labels + ["total"]:
+        rows.append((label, *[plan.tracks_per_split[s].get(label, 0) for s in ("train", "val", "test")],
+                     *[plan.segments_per_split[s].get(label, 0) for s in ("train", "val", "test")]))
+    lines += ["```", format_table(rows, ("label", "train tracks", "val tracks", "test tracks", "train segs", "val segs", "test segs")), "```"]
+    lines += ["", "## Head selection (validation tracks)", "", "```", format_table(
+        [(r["candidate"], r["dims"], f"{r['c']:g}", f"{r['val_track_accuracy']:.3f}", f"{r['val_segment_accuracy']:.3f}",
+          f"{r['val_loss']:.4f}", r["iterations"], f"{r['fit_seconds']:.1f}",
+          "chosen" if (r["candidate"], r["c"]) == (chosen["candidate"], chosen["c"]) else "")
+         for r in sel["candidates"]],
+        ("embedding", "dims", "C", "val track acc", "val seg acc", "val loss", "iterations", "seconds", "")), "```", ""]
+    lines += ["## Metrics", "", "```", format_metrics(m), "```", ""]
+    lines += ["![head selection](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
     if (m.get("answers") or {}).get("test", {}).get("reliability_after") is not None:
         lines += ["![reliability diagram (test tracks, before and after calibration)](reliability.png)", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]

@@ -37,35 +37,24 @@ __all__ = ["train_func", "build_model_for", "model_with_weights"]
 
 
 def build_model_for(plan: WorkerPlan, *, whole: bool = False):
-    """The compiled model a plan trains: the head alone on embeddings for a frozen musicnn backbone
-    (unless ``whole``: the classifier the run exports), else the named model on stored segments."""
+    """The compiled model a plan trains (and exports): the named model on stored segments.
+
+    (A frozen musicnn backbone's head is not trained here: :mod:`genrecls.jobs.training.head`.)
+    """
     from genrecls.models.catalog import build_model
 
-    if plan.input == "embedding" and not whole:
-        from genrecls.models.transfer import build_head
-
-        return build_head(len(plan.labels), learning_rate=plan.learning_rate, mean=plan.mean, std=plan.std)
     return build_model(plan.model, plan.mel_shape, len(plan.labels), mean=plan.mean, std=plan.std,
                        augment=plan.augment, learning_rate=plan.learning_rate, fine_tune=plan.fine_tune)
 
 
 def model_with_weights(plan: WorkerPlan, weights: list[np.ndarray]):
-    """The whole classifier with trained weights (a trained head goes onto the pretrained backbone)."""
+    """The whole classifier with trained weights."""
     model = build_model_for(plan, whole=True)
-    if plan.input == "embedding":
-        from genrecls.models.transfer import head_weights_into
-
-        head_weights_into(model, weights)
-    else:
-        model.set_weights(weights)
+    model.set_weights(weights)
     return model
 
 
 def _input_shape(plan: WorkerPlan) -> tuple[int, ...]:
-    if plan.input == "embedding":
-        from genrecls.models.transfer import EMBEDDING_DIM
-
-        return (EMBEDDING_DIM,)
     return tuple(plan.mel_shape)
 
 
