@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from genrecls.core.config import Config, feature_preset

@@ -36,7 +36,6 @@ spaced segments (bounding the driver's memory; each track keeps its weight).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 

@@ -98,7 +98,7 @@ def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, in
                      f"{refit['test_track_accuracy_before']:.3f} before the refit, {refit['test_track_accuracy_after']:.3f} "
                      f"after (gain of the refit alone {refit['gain']:+.3f})")
     else:
-        lines.append(f"- refit: off (train.refit=false): the head is the one fit on the training tracks")
+        lines.append("- refit: off (train.refit=false): the head is the one fit on the training tracks")
     lines.append(f"- classify's K: {m['classify_max_segments']} segments per track (0 = all), and the answer rules "
                  "(calibration, 'uncertain', thresholds), chosen on the validation tracks' scores of the head fit on the "
                  "training tracks")
