@@ -25,8 +25,8 @@ def run_demo(out: str, *, genres: int = 4, tracks_per_genre: int = 10, seconds: 
              progress: bool = True) -> dict[str, Any]:
     """Run the whole pipeline on a generated collection; returns the key figures.
 
-    ``epochs`` defaults to the configuration's for the musicnn model (its epochs train only
-    the head on embeddings computed once: under a second each here) and to 12 for the CNNs.
+    ``epochs`` defaults to the configuration's for the musicnn model (a frozen backbone's head
+    has no epochs: it is fit on the embeddings ingest stored) and to 12 for the CNNs.
     """
     from genrecls.audio.sample_data import make_sample_collection
     from genrecls.core.runtime import ray_session
@@ -55,7 +55,9 @@ def run_demo(out: str, *, genres: int = 4, tracks_per_genre: int = 10, seconds: 
         step(f"2/4 ingest -> {paths['dataset']}")
         summary = ingest(paths["library"], paths["dataset"], cfg, progress=progress)
         print(describe(Dataset(paths["dataset"])))
-        step(f"3/4 train ({cfg.train.model} model, {cfg.train.epochs} epochs) -> {paths['run']}")
+        how = ("a linear head on the frozen backbone, chosen on validation tracks" if cfg.train.model == "musicnn"
+               and not cfg.train.fine_tune else f"{cfg.train.epochs} epochs")
+        step(f"3/4 train ({cfg.train.model} model, {how}) -> {paths['run']}")
         result = train(paths["dataset"], paths["run"], cfg, progress=progress)
         m = result["metrics"]
         print(f"test accuracy: {m['test_track_accuracy']:.1%} per track, {m['test_segment_accuracy']:.1%} per segment "
