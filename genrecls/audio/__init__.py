@@ -67,7 +67,6 @@ from genrecls.audio.tags import (
 )
 
 __all__ = [
-    "album_tags",
     "AudioError",
     "AudioWarning",
     "AudioInfo",
@@ -125,4 +124,5 @@ __all__ = [
     "id3_version",
     "foreign_genre",
     "ffmpeg_genre",
+    "album_tags",
 ]

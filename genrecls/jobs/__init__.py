@@ -6,11 +6,26 @@ Imports every lower layer; a job may call another job (retrain runs ingest and t
 from genrecls.jobs.classify import classify, resolve_run
 from genrecls.jobs.classify import format_summary as format_classify_summary
 from genrecls.jobs.demo import run_demo
-from genrecls.jobs.ingest import IngestSummary, TrackTask, ingest, process_batch
+from genrecls.jobs.ingest import (
+    EmbedSpec,
+    IngestSummary,
+    TrackTask,
+    embed_stored,
+    embeddings_wanted,
+    ingest,
+    process_batch,
+)
 from genrecls.jobs.ingest import format_summary as format_ingest_summary
 from genrecls.jobs.inspection import describe, inspect_dataset
 from genrecls.jobs.retrain import KEPT, PROMOTED, UNCHANGED, dataset_snapshot, is_better, retrain
-from genrecls.jobs.scoring import DECODE_MAX_RETRIES, Scorer, featurise_batch, stream
+from genrecls.jobs.scoring import (
+    DECODE_MAX_RETRIES,
+    TRACK_EMBEDDING_LAYER,
+    Scorer,
+    featurise_batch,
+    stream,
+    track_embedding_info,
+)
 from genrecls.jobs.tagging import (
     IN_PROCESS_FILES,
     JOURNAL,
@@ -32,11 +47,16 @@ __all__ = [
     "Scorer",
     "stream",
     "DECODE_MAX_RETRIES",
+    "TRACK_EMBEDDING_LAYER",
+    "track_embedding_info",
     "describe",
     "inspect_dataset",
     "TrackTask",
+    "EmbedSpec",
     "IngestSummary",
     "process_batch",
+    "embed_stored",
+    "embeddings_wanted",
     "ingest",
     "format_ingest_summary",
     "resolve_run",

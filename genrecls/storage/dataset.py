@@ -39,6 +39,7 @@ __all__ = [
     "DatasetError",
     "segment_schema",
     "failure_schema",
+    "PartWriter",
     "ShardWriter",
     "TrackBuffer",
     "OutputError",
@@ -196,20 +197,24 @@ class TrackBuffer:
         self._parts.clear()
 
 
-class ShardWriter:
-    """Writes one shard, streaming: tracks are added whole (all their segments, or nothing).
+class PartWriter:
+    """Writes one Parquet part of tracks, streaming: a track is added whole, or not at all.
 
-    Rows go to a hidden temporary file as row groups fill (so memory holds one row group
-    and one track, never the whole shard); :meth:`close` adds the track list to the
-    footer and renames the file into place.  Any error while writing aborts the shard
-    (its temporary file is deleted) and is raised as :class:`OutputError`.
+    Rows go to a hidden temporary file as row groups fill (memory holds one row group and
+    one track); :meth:`close` adds the track list to the footer and renames the file into
+    place.  Any error while writing aborts the part (its temporary file is deleted) and is
+    raised as :class:`OutputError`.  Subclasses build the rows (:class:`ShardWriter`,
+    :class:`genrecls.storage.embeddings.EmbeddingWriter`).
     """
 
-    def __init__(self, location: Location, name: str, cfg: FeatureConfig):
+    def __init__(self, location: Location, folder: str, name: str, schema: pa.Schema, options: dict[str, Any],
+                 what: str):
         self.location = location
+        self.folder = folder
         self.name = name
-        self.cfg = cfg
-        self.schema = segment_schema(cfg)
+        self.schema = schema
+        self._options = options
+        self._what = what  # how errors name the part
         self._tracks: list[dict[str, Any]] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
@@ -220,6 +225,74 @@ class ShardWriter:
     @property
     def n_tracks(self) -> int:
         return len(self._tracks)
+
+    def _add(self, batches: Iterable[pa.RecordBatch], entry: dict[str, Any]) -> None:
+        """Queue a track's rows (flushing full row groups), then record it in the footer's track list."""
+        n = 0
+        try:
+            for batch in batches:
+                self._pending.append(batch)
+                self._pending_rows += batch.num_rows
+                n += batch.num_rows
+                if self._pending_rows >= ROW_GROUP_SEGMENTS:
+                    self._flush()
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
+        self.segments += n
+        self._tracks.append(entry)
+
+    def _error(self, exc: Exception) -> OutputError:
+        return OutputError(f"cannot write {self._what} in {self.location.uri}: {exc}")
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._file = self.location.open_atomic(f"{self.folder}/{self.name}")
+            self._writer = pq.ParquetWriter(self._file.stream, self.schema, **self._options)
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._pending.clear()
+        self._pending_rows = 0
+
+    def close(self) -> int:
+        """Finish the part and rename it into place; returns its size in bytes (0 if it held no track)."""
+        if not self._tracks:
+            self.abort()
+            return 0
+        try:
+            self._flush()
+            self._writer.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(self._tracks)})
+            self._writer.close()
+            self._file.commit()
+            return self.location.fs.get_file_info(self.location.join(self.folder, self.name)).size
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from exc
+
+    def abort(self) -> None:
+        """Drop everything written so far (the temporary file is deleted)."""
+        self._pending.clear()
+        self._pending_rows = 0
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
+
+
+class ShardWriter(PartWriter):
+    """Writes one shard (``shards/NAME``) of segment rows; see :class:`PartWriter`."""
+
+    def __init__(self, location: Location, name: str, cfg: FeatureConfig):
+        schema = segment_schema(cfg)
+        super().__init__(location, "shards", name, schema, _writer_options(schema), f"shard {name}")
+        self.cfg = cfg
 
     def add_track(self, *, track_id: str, path: str, label: str | None, fingerprint: str, size: int,
                   mtime_ns: int, duration: float, mels: "np.ndarray | TrackBuffer",
@@ -233,21 +306,16 @@ class ShardWriter:
         n = len(buf)
         if n == 0:
             raise ValueError(f"track {path!r} has no segment")
-        try:
+
+        def batches():
             first = 0
             for chunk in buf.chunks(ROW_GROUP_SEGMENTS):
                 k = chunk.shape[0]
-                self._pending.append(self._batch(track_id, path, label, fingerprint, size, mtime_ns, duration,
-                                                 chunk, buf.starts[first:first + k], first))
-                self._pending_rows += k
+                yield self._batch(track_id, path, label, fingerprint, size, mtime_ns, duration, chunk,
+                                  buf.starts[first:first + k], first)
                 first += k
-                if self._pending_rows >= ROW_GROUP_SEGMENTS:
-                    self._flush()
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"cannot write shard {self.name} in {self.location.uri}: {exc}") from exc
-        self.segments += n
-        self._tracks.append({
+
+        self._add(batches(), {
             "track_id": track_id, "path": path, "label": label, "fingerprint": fingerprint,
             "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration,
         })
@@ -270,49 +338,6 @@ class ShardWriter:
             ],
             schema=self.schema,
         )
-
-    def _open(self) -> None:
-        self._file = self.location.open_atomic(f"shards/{self.name}")
-        self._writer = pq.ParquetWriter(self._file.stream, self.schema, **_writer_options(self.schema))
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        if self._writer is None:
-            self._open()
-        table = pa.Table.from_batches(self._pending, schema=self.schema)
-        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
-        self._pending.clear()
-        self._pending_rows = 0
-
-    def close(self) -> int:
-        """Finish the shard and rename it into place; returns its size in bytes (0 if it held no track)."""
-        if not self._tracks:
-            self.abort()
-            return 0
-        try:
-            self._flush()
-            self._writer.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(self._tracks)})
-            self._writer.close()
-            self._file.commit()
-            return self.location.fs.get_file_info(self.location.join("shards", self.name)).size
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"cannot write shard {self.name} in {self.location.uri}: {exc}") from exc
-
-    def abort(self) -> None:
-        """Drop everything written so far (the temporary file is deleted)."""
-        self._pending.clear()
-        self._pending_rows = 0
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
-            self._writer = None
-        if self._file is not None:
-            self._file.abort()
-            self._file = None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genrecls.core.config import FeatureConfig
-from genrecls.storage.dataset import DatasetError, OutputError
+from genrecls.storage.dataset import DatasetError, OutputError, PartWriter
 from genrecls.storage.location import Location
 
 __all__ = ["EMBEDDINGS", "EmbeddingStoreError", "EmbeddingEntry", "EmbeddingWriter", "EmbeddingStore",
@@ -103,28 +103,12 @@ def layer_array(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndar
     return flat.reshape(len(arr), width).astype(dtype, copy=False)
 
 
-class EmbeddingWriter:
-    """Writes one part, streaming: tracks are added whole; :meth:`close` makes it appear complete.
-
-    Any error while writing aborts the part (its temporary file is deleted) and is raised as
-    :class:`~genrecls.storage.dataset.OutputError`.
-    """
+class EmbeddingWriter(PartWriter):
+    """Writes one part (``embeddings/NAME``) of embedding rows; see :class:`~genrecls.storage.dataset.PartWriter`."""
 
     def __init__(self, location: Location, name: str, schema: pa.Schema):
-        self.location = location
-        self.name = name
-        self.schema = schema
+        super().__init__(location, EMBEDDINGS, name, schema, _writer_options(), f"{EMBEDDINGS}/{name}")
         self.layers = {f.name: f.type.list_size for f in schema if f.name not in _KEY_COLUMNS}
-        self._tracks: list[dict[str, Any]] = []
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
-        self._file = None
-        self._writer = None
-        self.segments = 0
-
-    @property
-    def n_tracks(self) -> int:
-        return len(self._tracks)
 
     def add_track(self, track_id: str, fingerprint: str, layers: Mapping[str, np.ndarray]) -> None:
         """Add every segment of one track: ``layers`` maps each layer of the schema to an array (n, width)."""
@@ -143,56 +127,7 @@ class EmbeddingWriter:
         batch = pa.RecordBatch.from_arrays(
             [pa.array([track_id] * n, pa.string()), pa.array([fingerprint] * n, pa.string()),
              pa.array(np.arange(n, dtype=np.int32)), *cols], schema=self.schema)
-        try:
-            self._pending.append(batch)
-            self._pending_rows += n
-            if self._pending_rows >= ROW_GROUP_SEGMENTS:
-                self._flush()
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"cannot write {EMBEDDINGS}/{self.name} in {self.location.uri}: {exc}") from exc
-        self.segments += n
-        self._tracks.append({"track_id": track_id, "fingerprint": fingerprint, "n_segments": int(n)})
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        if self._writer is None:
-            self._file = self.location.open_atomic(f"{EMBEDDINGS}/{self.name}")
-            self._writer = pq.ParquetWriter(self._file.stream, self.schema, **_writer_options())
-        table = pa.Table.from_batches(self._pending, schema=self.schema)
-        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
-        self._pending.clear()
-        self._pending_rows = 0
-
-    def close(self) -> int:
-        """Finish the part and make it appear; returns its size in bytes (0 if it held no track)."""
-        if not self._tracks:
-            self.abort()
-            return 0
-        try:
-            self._flush()
-            self._writer.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(self._tracks)})
-            self._writer.close()
-            self._file.commit()
-            return self.location.fs.get_file_info(self.location.join(EMBEDDINGS, self.name)).size
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"cannot write {EMBEDDINGS}/{self.name} in {self.location.uri}: {exc}") from exc
-
-    def abort(self) -> None:
-        """Drop everything written so far (the temporary file is deleted)."""
-        self._pending.clear()
-        self._pending_rows = 0
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
-            self._writer = None
-        if self._file is not None:
-            self._file.abort()
-            self._file = None
+        self._add([batch], {"track_id": track_id, "fingerprint": fingerprint, "n_segments": int(n)})
 
 
 @dataclass(frozen=True)
