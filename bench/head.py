@@ -32,11 +32,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from genrecls.core import quiet_environment  # noqa: E402
+from genrecls.core import Config, quiet_environment  # noqa: E402
 
 quiet_environment()
 
-from _results import load, save  # noqa: E402  (bench/ is the script's folder)
+from _results import fixed_split, load, save  # noqa: E402  (bench/ is the script's folder)
 
 
 def ensure_dataset(dataset: str, source: str | None, quick: bool) -> str:
@@ -76,23 +76,6 @@ def backbone_ms(dataset: str, n: int = 64) -> dict:
     eng(x)
     ms = 1000 * (time.perf_counter() - t0) / len(x)
     return {"ms_per_segment_1_thread": round(ms, 2), "segments": int(len(x)), "engine": eng.describe(), "load": load()}
-
-
-def fixed_split(dataset: str, work: str) -> str:
-    """The split of seed 0 (the product's assignment), written once: every fixed-split run uses it."""
-    from genrecls.core import Config
-    from genrecls.jobs.training import check_dataset
-    from genrecls.storage import Location, assign_splits, write_splits
-
-    folder = os.path.join(work, "fixed-split")  # written anew each time: the dataset may be another one
-    cfg = Config()
-    check = check_dataset(dataset, cfg)
-    t = cfg.train
-    table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=0)
-    loc = Location.parse(folder)
-    loc.makedirs()
-    write_splits(table, loc)
-    return folder
 
 
 def one_seed(dataset: str, work: str, seed: int, overrides: list[str], splits: str | None) -> dict:
@@ -151,7 +134,7 @@ def main() -> int:
     modes = ["fixed", "per-seed"] if a.split == "both" else [a.split]
     results = {"quick": a.quick, "dataset": dataset, "cpus": cpus, "backbone": cost}
     for mode in modes:
-        splits = fixed_split(dataset, a.work) if mode == "fixed" else None
+        splits = fixed_split(os.path.join(a.work, "fixed-split"), dataset, Config(), again=True) if mode == "fixed" else None
         runs = [one_seed(dataset, a.work, s, a.overrides, splits) for s in range(a.seeds)]
         for r in runs:  # one backbone pass over the training tracks, at one thread per CPU (ingest's tasks)
             r["backbone_pass_seconds"] = round(r["train_segments"] * cost["ms_per_segment_1_thread"] / 1000 / cpus, 1)

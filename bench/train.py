@@ -55,7 +55,7 @@ from genrecls.core import quiet_environment, runtime_env  # noqa: E402
 
 quiet_environment()
 
-from _results import load, save  # noqa: E402  (bench/ is the script's folder)
+from _results import fixed_split, load, save  # noqa: E402  (bench/ is the script's folder)
 
 
 def ensure_synthetic(root: str, genres: int, tracks: int, seconds: float, cfg) -> str:
@@ -111,21 +111,6 @@ def run_training(dataset: str, run: str, cfg, workers: int, splits: str | None =
         "parameters": json.load(open(os.path.join(run, "run.json")))["model"]["parameters"],
         "timings": r.get("timings"), "load_before": load_before, "load_after": load(),
     }
-
-
-def fixed_split(folder: str, dataset: str, cfg) -> str:
-    """The split every run of a set uses: the product's assignment with seed 0, written once to FOLDER/splits.parquet."""
-    from genrecls.jobs.training import check_dataset
-    from genrecls.storage import Location, assign_splits, write_splits
-
-    if not os.path.exists(os.path.join(folder, "splits.parquet")):
-        check = check_dataset(dataset, cfg)
-        t = cfg.train
-        table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=0)
-        loc = Location.parse(folder)
-        loc.makedirs()
-        write_splits(table, loc)
-    return folder
 
 
 def backbone_cost(dataset: str, n: int = 192) -> dict:
