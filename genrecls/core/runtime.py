@@ -27,6 +27,9 @@ WORKER_ENV = {
     "TF_ENABLE_ONEDNN_OPTS": "1",  # oneDNN kernels: the CNN runs 2-3x faster on x86 CPUs
     "PYTHONWARNINGS": "ignore",
     "RAY_DEDUP_LOGS": "1",
+    # Ray Train's controller polls its workers this often (default 2 s): the end of a run, a report
+    # and a dead worker are seen within a quarter second; each poll is one small RPC per worker
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
 
 
@@ -107,6 +110,9 @@ def quiet_environment(verbose: bool = False) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    # an embedded local Ray inherits this process's environment (a cluster's nodes do not): its
+    # own machine is never preempted, so Ray Train starts no preemption-watcher actor there
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
