@@ -35,6 +35,20 @@ os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="genrecls-pauses-")
 atexit.register(shutil.rmtree, os.environ[PAUSE_DIR_ENV], ignore_errors=True)
 
 
+# -- two test processes (pytest-xdist, ``-n 2 --dist loadfile`` in pyproject.toml) -----------------
+#: idle seconds on 2 cores of the longest test modules (``--durations``).  Each module goes whole to
+#: one process, so that its module fixtures (a trained run, a dataset, a cluster) are built once;
+#: the modules go out longest first, so that neither process is left alone with a long one at the
+#: end.  (``--dist loadgroup`` with a group per module would allow exceptions, but it does not group
+#: on pytest 9.2: pytest-dev/pytest-xdist#1386.)
+SECONDS = {"test_retrain": 125, "test_s3": 125, "test_transfer": 108, "test_cluster": 89, "test_train": 86,
+           "test_classify": 63, "test_ingest_faults": 59, "test_answers": 34, "test_head": 24, "test_engine": 21}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -SECONDS.get(item.module.__name__.rsplit(".", 1)[-1], 0))  # stable
+
+
 class Pauses:
     """Arm a pause point, wait until a process holds it (the event), release it (genrecls.core.hooks)."""
 

@@ -47,7 +47,7 @@ def test_killed_retrain_leaves_registry_unchanged(tmp_path, library, small_cfg, 
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(small_cfg.with_section(train={"epochs": 3, "workers": 1, "early_stopping_patience": 0}).to_json())
     cmd = [sys.executable, "-m", "genrecls", "retrain", str(library), "--dataset", str(ds), "--registry", str(reg_dir),
-           "--config", str(cfg_file), "--workers", "2", "-q"]
+           "--config", str(cfg_file), "-q"]
     pauses.arm("train-epoch-reported")  # the training worker waits there after its first epoch
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
