@@ -240,3 +240,21 @@ def test_reconcile_keeps_one_valid_entry_per_live_track(tmp_path):
         store.check("b-2", features)
     with pytest.raises(DatasetError):  # an EmbeddingStoreError is a DatasetError: exit code 2 at the CLI
         store.check("b-2", features)
+
+
+def test_parts_are_written_in_row_groups_of_the_stores_own_size(tmp_path):
+    """An embedding part fills row groups of ROW_GROUP_SEGMENTS (1024) rows, not the shards' 256: tracks go in
+    whole, so the 300-row tracks flush once the pending rows reach 1024 (1200), then the rest at close."""
+    from genrecls.storage.dataset import ROW_GROUP_SEGMENTS as SHARD_ROWS
+    from genrecls.storage.embeddings import ROW_GROUP_SEGMENTS
+
+    assert (ROW_GROUP_SEGMENTS, SHARD_ROWS) == (1024, 256)
+    loc = Location.parse(str(tmp_path / "ds"))
+    loc.makedirs()
+    w = EmbeddingWriter(loc, "part-0.parquet", embedding_schema({"penultimate": 4}, backbone="b-1",
+                                                                features=feature_preset("musicnn")))
+    for i in range(5):
+        w.add_track(f"t{i}", "f", {"penultimate": np.full((300, 4), float(i))})
+    w.close()
+    meta = pq.ParquetFile(tmp_path / "ds" / "embeddings" / "part-0.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1200, 300]

@@ -208,12 +208,13 @@ class PartWriter:
     """
 
     def __init__(self, location: Location, folder: str, name: str, schema: pa.Schema, options: dict[str, Any],
-                 what: str):
+                 what: str, row_group_rows: int):
         self.location = location
         self.folder = folder
         self.name = name
         self.schema = schema
         self._options = options
+        self._row_group_rows = row_group_rows
         self._what = what  # how errors name the part
         self._tracks: list[dict[str, Any]] = []
         self._pending: list[pa.RecordBatch] = []
@@ -234,7 +235,7 @@ class PartWriter:
                 self._pending.append(batch)
                 self._pending_rows += batch.num_rows
                 n += batch.num_rows
-                if self._pending_rows >= ROW_GROUP_SEGMENTS:
+                if self._pending_rows >= self._row_group_rows:
                     self._flush()
         except OSError as exc:
             self.abort()
@@ -291,7 +292,8 @@ class ShardWriter(PartWriter):
 
     def __init__(self, location: Location, name: str, cfg: FeatureConfig):
         schema = segment_schema(cfg)
-        super().__init__(location, "shards", name, schema, _writer_options(schema), f"shard {name}")
+        super().__init__(location, "shards", name, schema, _writer_options(schema), f"shard {name}",
+                         ROW_GROUP_SEGMENTS)
         self.cfg = cfg
 
     def add_track(self, *, track_id: str, path: str, label: str | None, fingerprint: str, size: int,

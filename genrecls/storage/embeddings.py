@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genrecls.core.config import FeatureConfig
-from genrecls.storage.dataset import DatasetError, OutputError, PartWriter
+from genrecls.storage.dataset import TRACKS_KEY, DatasetError, OutputError, PartWriter
 from genrecls.storage.location import Location
 
 __all__ = ["EMBEDDINGS", "EmbeddingStoreError", "EmbeddingEntry", "EmbeddingWriter", "EmbeddingStore",
@@ -54,7 +54,6 @@ __all__ = ["EMBEDDINGS", "EmbeddingStoreError", "EmbeddingEntry", "EmbeddingWrit
 #: the store's folder in a dataset
 EMBEDDINGS = "embeddings"
 STORE_VERSION = 1
-TRACKS_KEY = b"genrecls.tracks"
 BACKBONE_KEY = b"genrecls.backbone"
 FEATURES_KEY = b"genrecls.features"
 LAYERS_KEY = b"genrecls.layers"
@@ -107,7 +106,8 @@ class EmbeddingWriter(PartWriter):
     """Writes one part (``embeddings/NAME``) of embedding rows; see :class:`~genrecls.storage.dataset.PartWriter`."""
 
     def __init__(self, location: Location, name: str, schema: pa.Schema):
-        super().__init__(location, EMBEDDINGS, name, schema, _writer_options(), f"{EMBEDDINGS}/{name}")
+        super().__init__(location, EMBEDDINGS, name, schema, _writer_options(), f"{EMBEDDINGS}/{name}",
+                         ROW_GROUP_SEGMENTS)
         self.layers = {f.name: f.type.list_size for f in schema if f.name not in _KEY_COLUMNS}
 
     def add_track(self, track_id: str, fingerprint: str, layers: Mapping[str, np.ndarray]) -> None:
