@@ -158,8 +158,11 @@ def _classify():
         p.add_argument("--strict", action="store_true", help="exit 1 if any file could not be classified")
         p.add_argument("--retry-failed", action="store_true", help="retry files whose failure is recorded even if unchanged")
         p.add_argument("--prune", action="store_true", help="drop predictions of files no longer in the library")
+        p.add_argument("--dataset", metavar="DATASET", help="score the tracks this dataset holds unchanged from its "
+                       "embedding store (no decoding, no backbone); the others are computed (classify.dataset)")
         p.add_argument("--gpu", action="store_true", help="run the model actors on GPUs (classify.gpu)")
-        p.add_argument("--actors", type=int, help="model actors (classify.actors; 0 = one per GPU)")
+        p.add_argument("--actors", type=int, help="model actors (classify.actors; 0 = none on CPU: each task runs the "
+                       "whole chain on its CPU; one per GPU with --gpu)")
         p.add_argument("--batch-size", type=int, help="segments per model call (classify.batch_size)")
         p.add_argument("--max-segments", type=int, help="score at most K evenly spaced segments per track, 0 = all (classify.max_segments)")
         p.add_argument("--top-k", type=int, help="genres listed in the top_k column (classify.top_k)")
@@ -182,6 +185,8 @@ def _classify():
                                                   ("group_by", a.group_by), ("target_precision", a.target_precision),
                                                   ("min_confidence", a.min_confidence), ("max_genres", a.max_genres))
                  if v is not None] + answer_overrides(a)
+        if a.dataset is not None:  # a folder made absolute: config.json records it
+            extra.append(f"classify.dataset={json.dumps(a.dataset if '://' in a.dataset else os.path.abspath(a.dataset))}")
         extra += [f"classify.{k}=true" for k, v in (("strict", a.strict), ("retry_failed", a.retry_failed),
                                                     ("gpu", a.gpu)) if v]
         cfg = resolve_config(a, extra)

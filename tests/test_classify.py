@@ -249,7 +249,7 @@ def test_killed_half_way_and_rerun_with_a_worker_killed_every_track_has_one_pred
                                                                  classify_cfg(small_cfg), progress=False)))
     run.start()
     pid = pauses.wait("classify-featurise", run.is_alive)
-    assert pid != os.getpid() and "featurise_batch" in " ".join(psutil.Process(pid).cmdline()[:1])
+    assert pid != os.getpid() and "classify_batch" in " ".join(psutil.Process(pid).cmdline()[:1])
     os.kill(pid, signal.SIGKILL)
     run.join(timeout=600)
     summary = done["s"]
@@ -309,10 +309,10 @@ def test_sigterm_stops_classify_with_one_line_and_the_same_command_finishes(libr
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    # the stop is one line, the last; before it at most Ray's advisory about Ray Data's actor (ray-project/ray#53727)
-    assert lines[-1].startswith("genrecls classify: stopped by SIGTERM: "), stderr[-3000:]
+    # the stop is one line, and the only one: no line of Ray's (the CPU path has no actor whose constructor
+    # arguments sit in the object store: ray-project/ray#57733)
+    assert len(lines) == 1 and lines[0].startswith("genrecls classify: stopped by SIGTERM: "), stderr[-3000:]
     assert "kept in" in lines[-1] and "run the same command again to resume" in lines[-1]
-    assert all("has constructor arguments in the object store" in ln for ln in lines[:-1]), stderr[-3000:]
     done_before = read_predictions(out).num_rows
     assert 0 < done_before < N_GOOD, "the run was not stopped half-way"
     assert not [p for p in (out / PARTS).iterdir() if p.name.startswith(".tmp-")]

@@ -342,6 +342,35 @@ def test_training_runs_on_the_two_node_cluster(two_nodes, cluster_dataset, cfg_f
     assert len({a["node_id"] for a in workers}) == 2, [(a.get("class_name"), a.get("node_id")) for a in workers]
 
 
+def test_classify_scores_on_both_nodes(two_nodes, sample_library, small_cfg, tmp_path, pauses):
+    """Classify's CPU tasks (decode, features, model) spread over the cluster: four of them held at once inside
+    their tasks (3 CPUs per node) must span both nodes, and the summary reads back the nodes that scored."""
+    from conftest import constant_run
+
+    run = constant_run(tmp_path / "run", small_cfg.features, ["a", "b"])
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(small_cfg.to_json())
+    out = tmp_path / "pred"
+    pauses.arm("classify-featurise")
+    proc = subprocess.Popen([sys.executable, "-m", "genrecls", "classify", str(sample_library), "--model", str(run),
+                             "--out", str(out), "--config", str(cfg), "--address", two_nodes.address, "-q"],
+                            env=two_nodes.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        held = [pauses.wait("classify-featurise", proc)]
+        for _ in range(3):  # each further task that reaches the point while the others are held: a new process
+            pauses.arm("classify-featurise")
+            held.append(pauses.wait("classify-featurise", proc))
+        assert len(set(held)) == 4
+    finally:
+        pauses.reset()
+    stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    last = json.loads((out / "classify.json").read_text())["last_run"]
+    n_tracks = sum(1 for p in Path(sample_library).rglob("*") if p.is_file())
+    assert last["classified"] == n_tracks and last["ran"] == "ray tasks"
+    assert len(last["nodes"]) == 2, last["nodes"]
+
+
 def test_ray_job_submit_runs_jobs_ingest(two_nodes, sample_library, cfg_file, tmp_path):
     """``ray job submit --working-dir`` with jobs/ingest.py; output on a ``file://`` URI."""
     out = tmp_path / "job-ds"

@@ -64,6 +64,7 @@ def test_killed_retrain_leaves_registry_unchanged(tmp_path, library, small_cfg, 
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert reg.champion() == "v0001"
+    assert reg.decisions()[-1]["ray_starts"] == 1  # one Ray for the cycle's ingest and training
     assert not [n for n in os.listdir(reg_dir / "versions") if n.startswith(".tmp-")]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from genrecls.core.config import FeatureConfig
 from genrecls.core.errors import AudioError
 
-__all__ = ["Segment", "Segmenter", "iter_segments", "segment_starts"]
+__all__ = ["Segment", "Segmenter", "iter_segments", "segment_starts", "evenly_spaced"]
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,16 @@ def segment_starts(n_source_frames: int, source_rate: int, cfg: FeatureConfig, k
     if n_source_frames < seg_src:
         return [0]
     n = 1 + int((n_source_frames - seg_src) // hop_src)
+    return [int(round(i * hop_src)) for i in evenly_spaced(n, k)]
+
+
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Indices of at most ``k`` evenly spaced segments of a track's ``n`` (0 or ``n <= k``: all of them).
+
+    The one rule for which segments classify scores: :func:`segment_starts` (decoding only
+    those windows), a stored track's segments (scoring from the embedding store) and the
+    choice of K on validation tracks all pick the same ones.
+    """
     if k <= 0 or n <= k:
-        idx = np.arange(n)
-    else:
-        idx = np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))
-    return [int(round(i * hop_src)) for i in idx]
+        return np.arange(n)
+    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))

@@ -405,15 +405,24 @@ class ClassifyConfig:
     top_k: int = 3
     #: segments per model call
     batch_size: int = 256
-    #: tracks per decoding task
+    #: tracks per Ray task (small runs are spread over every CPU: genrecls.core.scheduling.task_bounds)
     tracks_per_task: int = 8
-    #: model actors (0 = one per GPU with --gpu, else one)
-    actors: int = 1
+    #: model actors.  0 (default): on CPU none: each Ray task runs the whole chain for its tracks (decode,
+    #: log-mel, the backbone on the inference engine, the head), one task per CPU of the cluster, so the backbone
+    #: (several times decoding's cost per segment with the default musicnn model) runs on every CPU; with --gpu
+    #: one actor per GPU.  N > 0: N long-lived model actors of actor_cpus CPUs each, fed by decoding tasks
+    #: (bench/results/classify-width.json measures both)
+    actors: int = 0
     gpu: bool = False
-    #: CPUs reserved by each model actor (Ray logical CPUs; also its TensorFlow threads, at least 1).  0 lets
-    #: the actors share the decoding tasks' CPUs: on CPU the model costs ~1/7 of decoding per segment
-    #: (bench/classify.py), so reserving a whole CPU for it would idle a decoder on small machines
+    #: CPUs reserved by each model actor (with --gpu or classify.actors > 0; Ray logical CPUs, also its engine
+    #: threads, at least 1).  0 lets the actors share the decoding tasks' CPUs
     actor_cpus: float = 0.0
+    #: a run on this machine (no cluster) whose files to decode total at most this many MB runs in the command's
+    #: own process, without starting Ray (the nightly run of a few new files); 0 = always use Ray
+    in_process_mb: float = 32.0
+    #: a dataset (folder or URI) whose embedding store scores the library's tracks it holds, unchanged, with no
+    #: decoding and no backbone (--dataset); null: every track is computed
+    dataset: str | None = None
     #: tracks per output part written
     part_rows: int = 5000
     #: retry files whose failure is recorded even if unchanged
@@ -449,6 +458,9 @@ class ClassifyConfig:
         _check(self.tracks_per_task >= 1, "classify.tracks_per_task", "must be >= 1")
         _check(self.actors >= 0, "classify.actors", "must be >= 0")
         _check(self.actor_cpus >= 0, "classify.actor_cpus", "must be >= 0")
+        _check(self.in_process_mb >= 0, "classify.in_process_mb", "must be >= 0 (0 = always use Ray)")
+        _check(self.dataset is None or bool(str(self.dataset).strip()), "classify.dataset",
+               "must name a dataset folder or URI, or be null")
         _check(self.part_rows >= 1, "classify.part_rows", "must be >= 1")
         _check(self.calibration in ("temperature", "none"), "classify.calibration", "must be 'temperature' or 'none'")
         _check(0 < self.target_precision <= 1, "classify.target_precision", "must be in (0, 1]")

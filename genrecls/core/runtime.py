@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["quiet_environment", "ray_session", "worker_env", "worker_setup", "runtime_env", "log", "Interrupted",
+__all__ = ["quiet_environment", "ray_session", "one_ray_session", "RAY_STARTS", "worker_env", "worker_setup", "runtime_env", "log", "Interrupted",
            "as_interrupted", "handle_stop_signals", "RayStartError", "quiet_ray_data"]
 
 log = logging.getLogger("genrecls")
@@ -122,6 +122,29 @@ def quiet_environment(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore")
 
 
+#: Ray instances this process started (an embedded local Ray or a connection to a cluster), for the records
+RAY_STARTS = [0]
+
+#: open :func:`one_ray_session` contexts (innermost last): whether a Ray was started inside each
+_SHARED: list[dict[str, bool]] = []
+
+
+@contextmanager
+def one_ray_session() -> Iterator[None]:
+    """Inside this context, every :func:`ray_session` shares one Ray: the first that needs Ray starts it (with
+    the runtime environment of a Ray Data job, which serves plain tasks too), the others reuse it, and it
+    shuts down when this context ends.  A command that runs several jobs (``retrain``: ingest, then
+    training) starts Ray once, and not at all when no job needs it."""
+    _SHARED.append({"started": False})
+    try:
+        yield
+    finally:
+        if _SHARED.pop()["started"]:
+            import ray
+
+            ray.shutdown()
+
+
 @contextmanager
 def ray_session(address: str | None = None, workers: int | None = None, *, verbose: bool = False,
                 data: bool = True) -> Iterator[None]:
@@ -146,6 +169,7 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
         return
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
+    data = data or bool(_SHARED)  # a shared Ray may serve a Ray Data job later
     env = runtime_env() if data else {"env_vars": worker_env()}
     if not address and not data:
         env = None
@@ -163,8 +187,13 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
         except Exception as exc:  # e.g. "The current node timed out during startup" on an overloaded machine
             raise RayStartError(f"the embedded Ray did not start ({exc}); nothing was changed, run the same "
                                 "command again") from None
+    RAY_STARTS[0] += 1
     handle_stop_signals()
     quiet_ray_data(verbose)
+    if _SHARED:  # one_ray_session shuts it down
+        _SHARED[-1]["started"] = True
+        yield
+        return
     try:
         yield
     finally:

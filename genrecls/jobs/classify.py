@@ -54,9 +54,11 @@ by Ray Data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -67,11 +69,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genrecls.audio.discovery import Discovery, discover
-from genrecls.core.config import FALLBACK_MAX_SEGMENTS, Config, FeatureConfig
+from genrecls.core.config import FALLBACK_MAX_SEGMENTS, ClassifyConfig, Config, FeatureConfig
 from genrecls.core.hooks import pause_point
 from genrecls.core.progress import Progress, format_duration, format_table
 from genrecls.core.runtime import as_interrupted, log, ray_session
-from genrecls.jobs.scoring import DECODE_MAX_RETRIES, stream, track_embedding_info
+from genrecls.jobs.scoring import (
+    DECODE_MAX_RETRIES,
+    input_table,
+    local_stream,
+    stored_layers,
+    stream,
+    track_embedding_info,
+    uses_actors,
+)
 from genrecls.models.answers import AnswerRules, rules_for_run
 from genrecls.models.inference import RUN_FILE, read_run_info
 from genrecls.models.tagger import TAGGER_MODEL
@@ -80,7 +90,7 @@ from genrecls.storage.locks import folder_lock
 from genrecls.storage.predictions import PredictionStore, conform, prediction_schema
 from genrecls.storage.records import problem_rows, record_row
 
-__all__ = ["resolve_run", "classify", "format_summary"]
+__all__ = ["resolve_run", "classify", "format_summary", "runs_in_process", "plan_from_store"]
 
 
 # -- the model ------------------------------------------------------------------------
@@ -133,6 +143,8 @@ class _Writer:
         self.summary, self.bar = summary, bar
         self.kinds: Counter[str] = Counter()
         self.seen: set[str] = set()
+        #: (node, pid) of every process that scored a block
+        self.workers: set[tuple[str | None, int | None]] = set()
         self._parts: list[pa.Table] = []
         self._failures: list[dict[str, Any]] = []
         self._warnings: list[dict[str, Any]] = []
@@ -140,9 +152,13 @@ class _Writer:
 
     def add(self, block: pa.Table) -> None:
         s = self.summary
-        if block.num_rows and "engine" not in s:  # what scored: recorded in classify.json
-            s["engine"] = json.loads(block.column("engine")[0].as_py())
-        block = block.drop_columns(["engine"])
+        if block.num_rows:  # what scored (classify.json): the runtime of computed tracks, else the store's head
+            engine = json.loads(block.column("engine")[0].as_py())
+            if "engine" not in s or (s["engine"].get("engine") == "none" and engine.get("engine") != "none"):
+                s["engine"] = engine
+            self.workers.update(zip(block.column("node").to_pylist(), block.column("pid").to_pylist()))
+            s["from_store"] += int(pc.sum(pc.fill_null(block.column("from_store"), False)).as_py() or 0)
+        block = block.drop_columns(["engine", "from_store", "node", "pid"])
         self.seen.update(block.column("path").to_pylist())
         bad = pc.is_valid(block.column("error_kind"))
         good, failed = block.filter(pc.invert(bad)), block.filter(bad)
@@ -230,7 +246,7 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
         "discovered": len(found.tracks), "ignored_files": found.ignored, "skipped_done": 0,
         "skipped_known_failures": 0, "classified": 0, "warned": 0, "failed": 0, "failures_by_kind": {}, "segments": 0,
         "audio_seconds": 0.0, "parts_written": 0, "rows_superseded": 0, "max_segments": cfg.classify.max_segments,
-        "uncertain": 0, "answers": _answers_brief(rules), "group_by": cfg.classify.group_by,
+        "uncertain": 0, "answers": _answers_brief(rules), "group_by": cfg.classify.group_by, "from_store": 0,
     }
     try:
         with folder_lock(store.loc, "genrecls classify"):
@@ -239,8 +255,9 @@ def classify(library: str | os.PathLike, run: str | os.PathLike | Location, out:
             summary["wall_seconds"] = time.monotonic() - t0
             summary["tracks_per_second"] = (summary["classified"] + summary["failed"]) / max(summary["wall_seconds"], 1e-9)
             summary["audio_seconds_per_second"] = summary["audio_seconds"] / max(summary["wall_seconds"], 1e-9)
+            # dataset: genrecls tag records the new stat of the files it writes there (their audio is unchanged)
             store.write_info(run=run_loc.uri, model_id=model_id, labels=labels, features=asdict(cfg.features),
-                             library=found.root, last_run=summary, answers=rules.to_dict())
+                             library=found.root, last_run=summary, answers=rules.to_dict(), dataset=cfg.classify.dataset)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: parts written so far stay; a re-run adds the rest
         stop = as_interrupted(exc)
         stop.kept = f"{summary['classified']} track(s) classified by this run are kept in {store.uri}"
@@ -376,15 +393,29 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     store.clear_watchdog()
     tracks = _track_table(found)
     todo, summary["skipped_done"], summary["skipped_known_failures"] = store.todo(tracks, model_id, ccfg.retry_failed)
+    todo = input_table(todo)
+    dataset, layers = None, ()
+    if ccfg.dataset:
+        todo, dataset = plan_from_store(todo, found.root, ccfg.dataset, run_loc, info, summary)
+        layers = stored_layers(info) if dataset else ()
     kinds: Counter[str] = Counter()
     if todo.num_rows:
-        with ray_session(address, workers, verbose=verbose):
+        local = runs_in_process(todo, ccfg, address)
+        summary["ran"] = "in this process" if local else "model actors" if uses_actors(ccfg) else "ray tasks"
+        with contextlib.nullcontext() if local else ray_session(address, workers, verbose=verbose):
             bar = Progress(todo.num_rows, "tracks", enabled=progress)
             writer = _Writer(store, prediction_schema(labels, model_id, embedding=track_embedding_info(info)),
                              ccfg.part_rows, summary, bar, rules.uncertain_label)
+
+            def scored(tracks: pa.Table, per_task: int):
+                if local:
+                    return local_stream(tracks, run_loc, cfg.features, ccfg, cfg.decode, cfg.inference, rules=rules,
+                                        dataset=dataset, layers=layers)
+                return stream(tracks, run_loc, cfg.features, ccfg, cfg.decode, workers, per_task, verbose,
+                              store.watchdog(), cfg.inference, rules=rules, dataset=dataset, layers=layers)
+
             try:
-                for block in stream(todo, run_loc, cfg.features, ccfg, cfg.decode, workers, ccfg.tracks_per_task, verbose,
-                                    store.watchdog(), cfg.inference, rules=rules):
+                for block in scored(todo, ccfg.tracks_per_task):
                     writer.add(block)
             except KeyboardInterrupt:
                 writer.flush()  # keep what was scored before the stop
@@ -392,8 +423,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
             lost = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=pa.array(list(writer.seen), pa.string()))))
             if lost.num_rows:  # blocks dropped after their worker kept dying: isolate the culprit
                 log.warning("%d track(s) were lost with crashed workers; retrying them one by one", lost.num_rows)
-                for block in stream(lost, run_loc, cfg.features, ccfg, cfg.decode, workers, 1, verbose, store.watchdog(),
-                                    cfg.inference, rules=rules):
+                for block in scored(lost, 1):
                     writer.add(block)
                 for r in lost.filter(pc.invert(pc.is_in(lost["path"], value_set=pa.array(list(writer.seen), pa.string())))).to_pylist():
                     writer.fail(record_row(
@@ -403,6 +433,8 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
             store.clear_watchdog()
             bar.close()
             kinds = writer.kinds
+            summary["processes"] = len({pid for _, pid in writer.workers})
+            summary["nodes"] = sorted({node for node, _ in writer.workers if node})
     problems = problem_rows(found.problems)
     store.records.write_failures(problems)
     kinds.update(p.kind for p in found.problems)
@@ -422,6 +454,103 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
         summary["csv"] = store.csv_uri()
 
 
+# -- small runs ---------------------------------------------------------------------------
+#: a run scoring at most this many segments from the store (and little to compute) needs no Ray: reading
+#: and scoring them in this process costs less than starting it
+IN_PROCESS_STORED_SEGMENTS = 200_000
+
+
+def runs_in_process(todo: pa.Table, ccfg: ClassifyConfig, address: str | None) -> bool:
+    """True for a small run on this machine: Ray's start-up would cost more than its parallelism brings.
+
+    Only without a cluster (no ``address``, none in ``RAY_ADDRESS``, no Ray already running in this
+    process), on the CPU path (no ``--gpu``, no model actors), when the files to decode total at
+    most ``classify.in_process_mb`` and the stored tracks' segments at most
+    :data:`IN_PROCESS_STORED_SEGMENTS`: the nightly run of a few new files, or a library
+    already in the dataset.
+    """
+    if address or os.environ.get("RAY_ADDRESS") or uses_actors(ccfg):
+        return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False
+    stored = pc.is_valid(todo["stored_part"])
+    computed_bytes = pc.sum(todo.filter(pc.invert(stored))["size"]).as_py() or 0
+    stored_segments = pc.sum(todo.filter(stored)["stored_segments"]).as_py() or 0
+    return computed_bytes <= ccfg.in_process_mb * 1e6 and stored_segments <= IN_PROCESS_STORED_SEGMENTS
+
+
+# -- scoring from the embedding store ----------------------------------------------------
+def plan_from_store(todo: pa.Table, library_root: str, dataset_uri: str, run_loc: Location, info: dict[str, Any],
+                    summary: dict[str, Any]) -> tuple[pa.Table, str | None]:
+    """Mark the tracks the dataset's embedding store serves (their ``stored_*`` columns), and return the
+    dataset's URI to read them from (None: the store is not used, and ``summary["store"]`` says why).
+
+    A library track is served when the dataset holds the same file (the same absolute path) as it is
+    now (its size and modification time, or the stat a ``genrecls tag`` run recorded for it) and the
+    store holds that version's embeddings (fingerprint and number of segments), computed by the run's
+    backbone from the run's features.  Everything else is decoded and computed as without a dataset.
+    A store of another backbone or features, or a run whose model takes spectrograms, is named once
+    and not used; never mixed.
+    """
+    from genrecls.storage.dataset import Dataset
+    from genrecls.storage.embeddings import EmbeddingStore, EmbeddingStoreError
+
+    ds = Dataset(dataset_uri)
+    record: dict[str, Any] = {"dataset": ds.uri, "used": False, "stored": 0, "computed": todo.num_rows}
+    summary["store"] = record
+    embedding = track_embedding_info(info)
+    if embedding is None:
+        record["reason"] = (f"the run's model ({info.get('model_name', info['model_id'])}) scores spectrograms, not "
+                            "the stored backbone layers: every track is decoded and scored")
+        log.warning("--dataset: %s", record["reason"])
+        return todo, None
+    store = EmbeddingStore(ds.location)
+    try:
+        described = store.check(embedding["backbone"], FeatureConfig(**info["features"]))
+    except EmbeddingStoreError as exc:
+        record["reason"] = f"not used: {exc}"
+        log.warning("--dataset: %s", record["reason"])
+        return todo, None
+    if described is None:
+        record["reason"] = f"{store.uri} holds no embeddings (ingest with ingest.embeddings=auto fills it)"
+        log.warning("--dataset: %s", record["reason"])
+        return todo, None
+    root = ds.library_root()
+    index, touched = ds.tracks(), ds.touched()
+    by_path = {os.path.normpath(os.path.join(root, e.path)): e for e in index.values()} if root else {}
+    ok = {}  # todo row -> the dataset's entry of the same file, as it is now
+    reasons: Counter[str] = Counter()
+    for i, (path, size, mtime) in enumerate(zip(todo["path"].to_pylist(), todo["size"].to_pylist(),
+                                                todo["mtime_ns"].to_pylist())):
+        e = by_path.get(os.path.normpath(os.path.join(library_root, path)))
+        if e is None:
+            reasons["not in the dataset"] += 1
+        elif (size, mtime) == (e.size, e.mtime_ns) or touched.get(e.track_id) == (size, mtime, e.fingerprint):
+            ok[i] = e
+        else:
+            reasons["changed since it was ingested"] += 1
+    valid = store.valid_for({e.track_id: (e.fingerprint, e.n_segments) for e in ok.values()})
+    n = todo.num_rows
+    cols = {"stored_part": [None] * n, "fingerprint": [None] * n, "stored_segments": [None] * n,
+            "stored_duration": [None] * n, "album": [None] * n, "album_artist": [None] * n}
+    for i, e in ok.items():
+        hit = valid.get(e.track_id)
+        if hit is None:
+            reasons["no stored embeddings"] += 1
+            continue
+        for k, v in (("stored_part", hit.part), ("fingerprint", e.fingerprint), ("stored_segments", e.n_segments),
+                     ("stored_duration", e.duration_seconds), ("album", getattr(e, "album", None)),
+                     ("album_artist", getattr(e, "album_artist", None))):
+            cols[k][i] = v
+    for k, v in cols.items():
+        todo = todo.set_column(todo.schema.get_field_index(k), k, pa.array(v, todo.schema.field(k).type))
+    stored = sum(v is not None for v in cols["stored_part"])
+    record.update({"used": True, "stored": stored, "computed": n - stored, "computed_why": dict(reasons),
+                   "backbone": described["backbone"]})
+    return todo, ds.uri
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The closing report of a classify run: counts, throughput, the library's genre distribution."""
     s = summary
@@ -433,6 +562,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{s['audio_seconds'] / 3600:.2f} h of audio in {format_duration(s['wall_seconds'])}: "
                      f"{s['tracks_per_second']:.1f} tracks/s, {s['audio_seconds_per_second']:.0f}x real time, "
                      f"{s['segments']} segments scored (at most {s['max_segments'] or 'all'} per track)")
+    st = s.get("store")
+    if st:
+        if st.get("used"):
+            why = ", ".join(f"{n} {k}" for k, n in sorted(st.get("computed_why", {}).items()))
+            lines.append(f"{st['stored']} track(s) scored from the embedding store of {st['dataset']} (no decoding), "
+                         f"{st['computed']} decoded and computed" + (f" ({why})" if why else ""))
+        else:
+            lines.append(f"--dataset {st['dataset']}: {st['reason']}")
+    if s.get("ran"):
+        e = s.get("engine") or {}
+        engine = f"{e.get('engine')} {e.get('precision', '')}".strip() if e.get("engine", "none") != "none" else "no backbone"
+        nodes = len(s.get("nodes") or [])
+        lines.append(f"scored {s['ran']}: {s.get('processes', 0)} process(es)" + (f" on {nodes} node(s)" if nodes else "")
+                     + f", {engine}" + (f", {e['threads']} engine thread(s) each" if e.get("threads") else ""))
     total = max(s["tracks_total"], 1)
     dist = s["genre_distribution"]
     shown = {g: n for g, n in dist.items() if n} if len(dist) > 12 else dist  # the tagger's 50 tags: only those given

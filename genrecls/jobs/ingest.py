@@ -312,7 +312,7 @@ def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[Track
     return todo, unchanged, known_failed
 
 
-def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, str],
+def _write_manifest(ds: Dataset, cfg: Config, source: str, root: str, versions: dict[str, str],
                     engine: dict[str, Any] | None = None) -> None:
     tracks = ds.tracks()
     per_label: dict[str, dict[str, float]] = defaultdict(lambda: {"tracks": 0, "segments": 0, "audio_seconds": 0.0})
@@ -328,6 +328,8 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, versions: dict[str, s
         "created": previous.get("created", utc_timestamp()),
         "updated": utc_timestamp(),
         "source": source,
+        # the folder the tracks' paths are relative to (classify --dataset finds a library's files by it)
+        "root": root,
         "features": asdict(cfg.features),
         "mel_shape": list(cfg.features.mel_shape),
         "labels": sorted(k for k in per_label if k),
@@ -414,7 +416,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     if repaired["temporaries_removed"] or repaired["rows_superseded"] or repaired["entries_dropped"]:
         log.info("repaired an interrupted run: %s", repaired)
     if not ds.exists():
-        _write_manifest(ds, cfg, source_abs, versions)
+        _write_manifest(ds, cfg, source_abs, found.root, versions)
     loc.write_text("config.json", cfg.to_json() + "\n")
     todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
     vanished: set[str] = set()
@@ -436,7 +438,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         try:  # leave the dataset as readers expect it: no temporaries, manifest matching the shards
             ds.reconcile()
             _reconcile_store(ds, store)
-            _write_manifest(ds, cfg, source_abs, versions, summary.engine)
+            _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
         except Exception:
             pass
         raise
@@ -453,7 +455,7 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     live = {e.path for e in ds.tracks().values()}
     ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
     ds.compact_warnings()
-    _write_manifest(ds, cfg, source_abs, versions, summary.engine)
+    _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
 
 
 def _embed_spec(cfg: Config, store: EmbeddingStore, summary: IngestSummary) -> EmbedSpec | None:

@@ -2,7 +2,8 @@
 
 ``retrain(source, dataset, registry)`` is safe to run from cron or any scheduler:
 
-1. takes the registry's lock (a second retrain stops at once with a clear message);
+1. takes the registry's lock (a second retrain stops at once with a clear message); Ray starts at most
+   once for the whole cycle (:func:`~genrecls.core.runtime.one_ray_session`), when a step first needs it;
 2. ingests new and changed tracks incrementally and prunes vanished ones from the dataset (its
    embedding store too: only the new and changed tracks are embedded);
 3. if the dataset is unchanged since the champion was trained, stops (``unchanged``);
@@ -35,7 +36,7 @@ from typing import Any
 
 from genrecls.core.config import Config
 from genrecls.core.provenance import library_versions
-from genrecls.core.runtime import log
+from genrecls.core.runtime import RAY_STARTS, log, one_ray_session
 from genrecls.jobs.ingest import ingest
 from genrecls.storage.dataset import Dataset
 from genrecls.storage.locks import folder_lock
@@ -72,8 +73,8 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
 
     cfg = (cfg or Config()).validate()
     reg = Registry(registry)
-    t0 = time.monotonic()
-    with folder_lock(reg.location, "genrecls retrain"):
+    t0, starts = time.monotonic(), RAY_STARTS[0]
+    with folder_lock(reg.location, "genrecls retrain"), one_ray_session():  # Ray starts once, and only if needed
         ingest_summary = ingest(source, dataset, cfg, address=address, workers=workers, prune=True,
                                 progress=progress, verbose=verbose)
         ds = Dataset(dataset)
@@ -83,7 +84,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
         if champion_info and not force and champion_info.get("dataset", {}).get("fingerprint") == snapshot["fingerprint"]:
             decision = {"decision": UNCHANGED, "champion": champion, "challenger": None,
                         "reason": "the dataset has not changed since the champion was trained",
-                        "dataset": snapshot, "ingest": ingest_summary.to_dict()}
+                        "dataset": snapshot, "ingest": ingest_summary.to_dict(), "ray_starts": RAY_STARTS[0] - starts}
             reg.record_decision(decision)
             return decision
 
@@ -138,7 +139,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
                     "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
                     "holdout": holdout_record, "min_improvement": margin,
                     "dataset": snapshot, "ingest": ingest_summary.to_dict(),
-                    "seconds": round(time.monotonic() - t0, 1)}
+                    "seconds": round(time.monotonic() - t0, 1), "ray_starts": RAY_STARTS[0] - starts}
         reg.record_decision(decision)
         log.info(reason)
         return decision

@@ -80,7 +80,7 @@ from genrecls.core.runtime import as_interrupted, log, ray_session
 from genrecls.core.scheduling import slots, task_bounds
 from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
-from genrecls.storage.predictions import INFO_NAME, read_predictions
+from genrecls.storage.predictions import INFO_NAME, PredictionStore, read_predictions
 
 __all__ = ["tag", "undo", "decide", "read_journal", "journal_index", "journal_runs", "format_summary", "JOURNAL", "IN_PROCESS_FILES",
            "PREVIEW", "LIBRARY_TMP_PREFIX", "MODES"]
@@ -351,6 +351,71 @@ def _recover(loc: Location, folders: Callable[[], set[str]]) -> dict[str, Any]:
         log.warning("recovered the interrupted run %s: %d write(s) completed, %d not made, %d changed since, "
                     "%d temporary file(s) removed", name, counts["applied"], counts["not_applied"], counts["unknown"], temps)
     return report
+
+
+def _stat_moves(loc: Location) -> dict[str, list[tuple[tuple[int, int], tuple[int, int]]]]:
+    """path -> every (stat before, stat after) of the writes genrecls tag and undo made to it, oldest first."""
+    tables = [read_journal(loc.child(JOURNAL, r)) for r in journal_runs(loc)]
+    table = pa.concat_tables(tables) if tables else _JOURNAL_SCHEMA.empty_table()
+    moves: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]] = {}
+    for r in table.sort_by([("written_at", "ascending"), ("entry_id", "ascending")]).to_pylist():
+        if r["size_before"] is not None and r["size_after"] is not None:
+            moves.setdefault(r["path"], []).append(((r["size_before"], r["mtime_ns_before"]),
+                                                    (r["size_after"], r["mtime_ns_after"])))
+    return moves
+
+
+def _record_stats(loc: Location, info: dict[str, Any]) -> dict[str, Any]:
+    """Tell the predictions (and the dataset ``classify --dataset`` read) the new stat of every file genrecls wrote.
+
+    Tags change, audio does not: a prediction row follows its file's writes
+    (:meth:`~genrecls.storage.predictions.PredictionStore.restat`), so ``classify`` does not score it
+    again; the dataset records each such file as touched
+    (:meth:`~genrecls.storage.dataset.Dataset.record_touched`: unchanged content, its shards' rows
+    and embeddings kept), so ``ingest`` does not decode it again.  Idempotent: it follows every
+    journal, so a run killed before this step is caught up by the next.  A dataset locked by a
+    running ingest is left as it is (one line says so: its next ingest reads those files again).
+    """
+    moves = _stat_moves(loc)
+    if not moves:
+        return {}
+    out: dict[str, Any] = {"prediction_rows": PredictionStore(loc).restat(moves)}
+    if info.get("dataset"):
+        out["dataset_files"] = _record_in_dataset(str(info["dataset"]), str(info.get("library") or ""), moves)
+    return out
+
+
+def _record_in_dataset(uri: str, library: str, moves: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]]) -> int:
+    from genrecls.storage.dataset import Dataset, DatasetError
+    from genrecls.storage.locks import LockedError
+    from genrecls.storage.predictions import follow_moves
+
+    try:
+        ds = Dataset(uri)
+        root = ds.library_root()
+        if not root:
+            return 0
+        index, touched = ds.tracks(), ds.touched()
+        by_path = {os.path.normpath(os.path.join(root, e.path)): e for e in index.values()}
+        rows: dict[str, tuple[int, int, str]] = {}
+        for path, mv in moves.items():
+            e = by_path.get(os.path.normpath(os.path.join(library, path)))
+            if e is None:
+                continue
+            t = touched.get(e.track_id)
+            start = (t[0], t[1]) if t is not None and t[2] == e.fingerprint else (e.size, e.mtime_ns)
+            end = follow_moves(start, mv)
+            if end != start:
+                rows[e.track_id] = (end[0], end[1], e.fingerprint)
+        if rows:
+            with folder_lock(ds.location, "genrecls tag"):
+                ds.record_touched(rows)
+        return len(rows)
+    except LockedError as exc:
+        log.warning("%s is busy (%s): its next ingest reads the files genrecls tag wrote again", uri, exc)
+    except (DatasetError, OSError) as exc:
+        log.warning("could not record the tagged files in %s (%s): its next ingest reads them again", uri, exc)
+    return 0
 
 
 def _compact(run_loc: Location) -> None:
@@ -862,6 +927,8 @@ def tag(predictions: str | os.PathLike, *, apply: bool = False, mode: str = "kee
                    "separator": separator, "id3v23": id3v23, "keep_mtime": keep_mtime, "mode": mode}
             _run(out, ctx, items, summary, info_extra={"model_id": info.get("model_id"), "options": options},
                  address=address, workers=workers, progress=progress, verbose=verbose)
+            if apply:
+                summary["recorded"] = _record_stats(loc, info)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: whatever was renamed is journaled; a re-run finishes
         stop = as_interrupted(exc)
         stop.kept = (f"every file written so far is journaled in {loc.uri}/{JOURNAL}/{run} (the next run settles "
@@ -952,6 +1019,8 @@ def undo(journal: str | os.PathLike, *, keep_mtime: bool = False, apply: bool = 
                    "separator": "/", "id3v23": False, "keep_mtime": keep_mtime, "mode": "keep"}
             _run(out, ctx, items, summary, info_extra={"undoes": undone_run, "options": summary["options"]},
                  address=address, workers=workers, progress=progress, verbose=verbose)
+            if apply:
+                summary["recorded"] = _record_stats(loc, loc.read_json(INFO_NAME) if loc.exists(INFO_NAME) else {})
     except KeyboardInterrupt as exc:
         stop = as_interrupted(exc)
         stop.kept = f"every file restored so far is journaled in {loc.uri}/{JOURNAL}/{run}"
@@ -997,6 +1066,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"\nreport (path, current genre, new genre, why): {s['report']}")
     if s.get("journal"):
         lines.append(f"journal: {s['journal']} (undo: genrecls tag --undo {s['journal']})")
+    rec = s.get("recorded") or {}
+    if rec.get("prediction_rows") or rec.get("dataset_files"):
+        lines.append(f"new file stats recorded (their audio is unchanged): {rec.get('prediction_rows', 0)} prediction(s), "
+                     "so classify does not score them again"
+                     + (f"; {rec['dataset_files']} track(s) of the dataset, so ingest does not decode them again"
+                        if rec.get("dataset_files") else ""))
     if s.get("wall_seconds") and s["files"]:
         lines.append(f"{s['files']} file(s) in {format_duration(s['wall_seconds'])}: "
                      f"{s['files'] / max(s['wall_seconds'], 1e-9):.1f} files/s")

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from genrecls.audio.segments import evenly_spaced
+
 __all__ = ["TrackTally", "validation_metrics", "is_better", "K_CANDIDATES", "accuracy_by_k", "choose_k", "HEAD_RULE",
            "HeadSplit", "standardisation", "fit_linear", "softmax_probabilities", "track_metrics", "fit_candidate",
            "choose_head"]
@@ -101,10 +103,8 @@ def is_better(metrics: dict[str, float], best: dict[str, float] | None) -> bool:
 
 
 def _pick(n: int, k: int) -> np.ndarray:
-    """Indices of at most ``k`` evenly spaced segments of ``n`` (classify's rule, genrecls.audio.segments.segment_starts)."""
-    if k <= 0 or n <= k:
-        return np.arange(n)
-    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))
+    """Indices of at most ``k`` evenly spaced segments of ``n`` (classify's rule: :func:`genrecls.audio.segments.evenly_spaced`)."""
+    return evenly_spaced(n, k)
 
 
 def accuracy_by_k(track_ids: Sequence[str], segment_index: Sequence[int], labels: Sequence[str], probs: np.ndarray,

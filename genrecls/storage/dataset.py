@@ -378,6 +378,19 @@ class Dataset:
             raise DatasetError(f"{self.uri} is not a genrecls dataset (no manifest.json); run 'genrecls ingest' first")
         return self.location.read_json("manifest.json")
 
+    def library_root(self) -> str | None:
+        """The library folder the tracks' paths are relative to (the manifest's ``root``; for datasets written
+        before it was recorded: the ingest's source folder, or a manifest's folder; None when unknown)."""
+        import os
+
+        manifest = self.manifest()
+        if manifest.get("root"):
+            return str(manifest["root"])
+        source = manifest.get("source")
+        if not source or "://" in str(source):
+            return None
+        return str(source) if os.path.isdir(source) else os.path.dirname(str(source))
+
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(**self.manifest()["features"]).validate()
 
@@ -515,7 +528,8 @@ class Dataset:
     # -- touched files -----------------------------------------------------------------
     # A file whose size or modification time changed but whose content did not keeps its
     # rows; its new stat is recorded here (track_id, size, mtime_ns, fingerprint) so that the
-    # next run skips it without reading it again.
+    # next run skips it without reading it again.  ``genrecls tag`` records the files it wrote
+    # the same way (their tags changed, not their audio: what the shards hold).
     def touched(self) -> dict[str, tuple[int, int, str]]:
         """track_id -> (size, mtime_ns, fingerprint) of files seen unchanged under a new stat."""
         out: dict[str, tuple[int, int, str]] = {}

@@ -54,7 +54,7 @@ from genrecls.storage.location import Location, new_shard_name
 from genrecls.storage.records import Records
 
 __all__ = ["PARTS", "CSV_NAME", "INFO_NAME", "LIST_COLUMNS", "prediction_schema", "prediction_columns", "top_k_type",
-           "conform", "PredictionStore", "read_predictions"]
+           "conform", "PredictionStore", "read_predictions", "follow_moves"]
 
 PARTS = "parts"
 CSV_NAME = "predictions.csv"
@@ -245,6 +245,33 @@ class PredictionStore:
             self._rewrite_without(part, rows)
         return stale.num_rows
 
+    def restat(self, moves: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]]) -> int:
+        """Give the rows of files whose tags genrecls rewrote their files' new size and modification time.
+
+        ``moves``: path -> every (stat before, stat after) of the writes ``genrecls tag`` and its undo
+        made, oldest first (their journal).  A row whose stat is one a write started from follows
+        the writes (:func:`follow_moves`): its audio is the one it was classified on, so classify
+        leaves it alone.  Parts are rewritten (atomically) only where a row changed; returns how
+        many rows changed.  The caller holds the folder's lock.
+        """
+        index = self.index()
+        changed: dict[str, dict[int, tuple[int, int]]] = {}
+        for path, size, mtime, part, row in zip(*(index[c].to_pylist() for c in ("path", "size", "mtime_ns", "part",
+                                                                                "row"))):
+            if path in moves and size is not None:
+                new = follow_moves((size, mtime), moves[path])
+                if new != (size, mtime):
+                    changed.setdefault(part, {})[row] = new
+        for part, rows in changed.items():
+            table = self.read_part(part)
+            size, mtime = table.column("size").to_pylist(), table.column("mtime_ns").to_pylist()
+            for r, (a, b) in rows.items():
+                size[r], mtime[r] = a, b
+            table = table.set_column(table.schema.get_field_index("size"), "size", pa.array(size, pa.int64()))
+            table = table.set_column(table.schema.get_field_index("mtime_ns"), "mtime_ns", pa.array(mtime, pa.int64()))
+            self.replace_part(part, table)
+        return sum(len(r) for r in changed.values())
+
     def _rewrite_without(self, part: str, rows: list[int]) -> None:
         path = self.loc.join(PARTS, part)
         with self.loc.fs.open_input_file(path) as f:
@@ -347,6 +374,16 @@ class PredictionStore:
 
     def csv_uri(self) -> str:
         return self.loc.join(CSV_NAME) if self.loc.is_local else self.loc.child(CSV_NAME).uri
+
+
+def follow_moves(stat: tuple[int, int], moves: list[tuple[tuple[int, int], tuple[int, int]]]) -> tuple[int, int]:
+    """A file's (size, mtime_ns) after the writes ``moves`` (each (stat before, stat after), oldest first), for a
+    file that had ``stat``: each write that started from the stat reached so far moves it on; a write that
+    started elsewhere (the file changed in between) stops nothing but applies to another version."""
+    for before, after in moves:
+        if tuple(stat) == tuple(before):
+            stat = tuple(after)
+    return tuple(stat)
 
 
 def read_predictions(out: str | os.PathLike | Location, columns: Iterable[str] | None = None) -> pa.Table:
