@@ -296,13 +296,14 @@ def main() -> int:
         print("one clip:", flush=True)
         other = subset(all_test, os.path.join(work, "one-b"), 2)
         os.remove(sorted(os.path.join(d, f) for d, _, fs in os.walk(other) for f in fs)[0])
-        for _ in range(rounds):
+        for i in range(rounds):
             add("one_default", command(["classify", other, "--model", run, "--out", fresh(f"{work}/one-pred")],
                                        "classify 1 clip", log))
+            ran = last_run(f"{work}/one-pred").get("ran") if i == 0 else ran
             add("one_ray", command(["classify", other, "--model", run, "--out", fresh(f"{work}/one-pred"), "--set",
                                     "classify.in_process_mb=0"], "classify 1 clip, Ray forced", log))
         figures["one_clip"] = {"median_seconds": median(runs["one_default"]), "ray_forced": median(runs["one_ray"]),
-                               "ran": last_run(f"{work}/one-pred").get("ran"),
+                               "ran": ran,
                                "target_5s": median(runs["one_default"]) <= 5.0}
 
     if "tagged" not in a.skip:
@@ -321,8 +322,6 @@ def main() -> int:
 
         before = len(Dataset(tds).tracks())
         add("tagged_ingest", command(["ingest", lib, "--out", tds], "ingest again", log))
-        with open(os.path.join(tds, "config.json")):
-            pass
         figures["tagged"] = {"files": n_test, "classify_decoded": again["classified"] - again["from_store"],
                              "classify_skipped_done": again["skipped_done"],
                              "ingest_tracks_after": len(Dataset(tds).tracks()), "ingest_tracks_before": before}

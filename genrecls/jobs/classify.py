@@ -563,7 +563,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{s['tracks_per_second']:.1f} tracks/s, {s['audio_seconds_per_second']:.0f}x real time, "
                      f"{s['segments']} segments scored (at most {s['max_segments'] or 'all'} per track)")
     st = s.get("store")
-    if st:
+    if st and (st.get("stored") or st.get("computed") or not st.get("used")):
         if st.get("used"):
             why = ", ".join(f"{n} {k}" for k, n in sorted(st.get("computed_why", {}).items()))
             lines.append(f"{st['stored']} track(s) scored from the embedding store of {st['dataset']} (no decoding), "
