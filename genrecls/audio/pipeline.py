@@ -19,6 +19,7 @@ from genrecls.audio.decode import (
     AudioWarning,
     check_regular_file,
     iter_mono_blocks,
+    new_audio_hash,
     probe,
 )
 from genrecls.audio.features import log_mel
@@ -122,8 +123,10 @@ class FeatureStream:
 
     Iterating yields ``(mels, starts)``: float32 arrays of shape (k, n_mels, n_frames) and
     the k segment start times in seconds.  Once the iteration has ended, ``duration`` holds
-    the seconds of audio decoded, ``segments`` the number of segments and ``warnings`` what is
-    off about the file although its audio is kept (:class:`~genrecls.audio.decode.AudioWarning`).
+    the seconds of audio decoded, ``segments`` the number of segments, ``warnings`` what is
+    off about the file although its audio is kept (:class:`~genrecls.audio.decode.AudioWarning`)
+    and ``audio_fingerprint`` the file's :func:`~genrecls.audio.decode.audio_fingerprint`, hashed
+    from the packets as they were decoded (None when decoding stopped early: a segment cap).
     ``decode`` sets the truncation policy and the file's deadline (from its size).
 
     Raises :class:`AudioError` during the iteration for any unusable file (including at
@@ -144,18 +147,23 @@ class FeatureStream:
         self.duration = 0.0
         self.segments = 0
         self.warnings: list[AudioWarning] = []
+        self.audio_fingerprint: str | None = None
 
     def __iter__(self):
         cfg = self.cfg
         samples = 0
-        blocks = iter_mono_blocks(self.path, **decode_options(self.path, cfg, self.decode), warnings=self.warnings)
+        packets = new_audio_hash()
+        blocks = iter_mono_blocks(self.path, **decode_options(self.path, cfg, self.decode), warnings=self.warnings,
+                                  packet_hash=packets)
+        whole = False
 
         def counted():
-            nonlocal samples
+            nonlocal samples, whole
             try:
                 for b in blocks:
                     samples += b.size
                     yield b
+                whole = True
             finally:
                 blocks.close()
 
@@ -172,6 +180,7 @@ class FeatureStream:
             self.segments += len(pending)
             yield log_mel(pending, cfg), starts
         self.duration = samples / cfg.sample_rate
+        self.audio_fingerprint = packets.hexdigest() if whole else None
         if self.segments == 0:
             raise AudioError("too_short", "the track produced no segment")
 
