@@ -217,13 +217,19 @@ def _tag():
         p.add_argument("--separator", default="/", metavar="S", help="joins several genres in an ID3v2.3 tag (default '/')")
         p.add_argument("--keep-mtime", action="store_true", help="give each written file its modification time back")
         p.add_argument("--vocabulary", metavar="FILE", help="JSON object mapping the model's labels to the genre names to write (null: never)")
-        p.add_argument("--undo", metavar="JOURNAL", help="restore what a run wrote: PREDICTIONS/tag-journal/RUN")
+        p.add_argument("--undo", metavar="JOURNAL", help="restore what a run wrote: PREDICTIONS/tag-journal/RUN (or a file in it)")
+        p.add_argument("--list-journals", action="store_true", help="list the tag and undo runs of PREDICTIONS (which can be undone)")
         p.add_argument("--strict", action="store_true", help="exit 1 if any file failed (read-only, unparseable...)")
         add_ray_args(p)
 
     def run(a):
-        from genrecls.jobs.tagging import format_summary, tag, undo
+        from genrecls.jobs.tagging import format_journals, format_summary, list_journals, tag, undo
 
+        if a.list_journals:
+            if not a.predictions:
+                raise ValueError("--list-journals needs PREDICTIONS")
+            print(format_journals(list_journals(a.predictions)))
+            return EXIT_OK
         if bool(a.predictions) == bool(a.undo):
             raise ValueError("give PREDICTIONS (tag) or --undo JOURNAL (undo), not both or neither")
         common = dict(address=a.address, workers=a.workers, progress=not a.quiet, verbose=a.verbose)

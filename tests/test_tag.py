@@ -31,7 +31,17 @@ from mutagen.id3 import TCON
 from genrecls.audio.discovery import track_id_for
 from genrecls.audio.pipeline import fingerprint_file
 from genrecls.audio.tags import PROVENANCE, open_tags, read_fields, read_provenance
-from genrecls.jobs.tagging import JOURNAL, LIBRARY_TMP_PREFIX, PREVIEW, decide, journal_runs, read_journal, tag, undo
+from genrecls.jobs.tagging import (
+    JOURNAL,
+    LIBRARY_TMP_PREFIX,
+    PREVIEW,
+    decide,
+    journal_runs,
+    list_journals,
+    read_journal,
+    tag,
+    undo,
+)
 from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
 from genrecls.storage.predictions import PARTS, PredictionStore, conform, prediction_columns, prediction_schema
@@ -284,8 +294,11 @@ def test_undo_restores_every_field_exactly_and_is_journaled(ray_local, tmp_path)
     edited = every_tag(lib / "tagged.ogg")
 
     run = out / JOURNAL / first["run"]
-    restored = undo(str(run), progress=False)
+    listed = list_journals(str(out))
+    assert [(r["run"], r["action"], r["written"], r["undone_by"]) for r in listed] == [(first["run"], "tag", 16, None)]
+    restored = undo(str(run / "journal.parquet"), progress=False)  # a file inside the run's folder names the run
     assert restored["by_action"] == {"written": 15, "skip": 1}
+    assert [r["undone_by"] for r in list_journals(str(out))] == [restored["run"], None]
     rep = report(restored)
     assert rep["tagged.ogg"]["kind"] == "changed" and "fingerprint" in rep["tagged.ogg"]["reason"]
     assert every_tag(lib / "tagged.ogg") == edited

@@ -82,7 +82,7 @@ from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
 from genrecls.storage.predictions import INFO_NAME, PredictionStore, read_predictions
 
-__all__ = ["tag", "undo", "decide", "read_journal", "journal_index", "journal_runs", "format_summary", "JOURNAL", "IN_PROCESS_FILES",
+__all__ = ["tag", "undo", "list_journals", "format_journals", "decide", "read_journal", "journal_index", "journal_runs", "format_summary", "JOURNAL", "IN_PROCESS_FILES",
            "PREVIEW", "LIBRARY_TMP_PREFIX", "MODES"]
 
 JOURNAL = "tag-journal"
@@ -979,7 +979,7 @@ def undo(journal: str | os.PathLike, *, keep_mtime: bool = False, apply: bool = 
     fields still hold what that run wrote; others are skipped with a reason.  The undo is
     itself a journaled run (``tag-journal/<NEW RUN>``), so it can be undone in turn.
     """
-    run_loc = Location.parse(journal)
+    run_loc = _run_folder(Location.parse(journal))
     if not run_loc.exists(RUN_INFO):
         hint = ""
         if run_loc.exists(INFO_NAME) or (run_loc.root.rstrip("/").endswith(JOURNAL)):
@@ -1027,6 +1027,52 @@ def undo(journal: str | os.PathLike, *, keep_mtime: bool = False, apply: bool = 
         raise stop from None
     summary["wall_seconds"] = time.monotonic() - t0
     return summary
+
+
+def _run_folder(loc: Location) -> Location:
+    """A journal run folder given as itself or as a file inside it (``.../RUN/journal.parquet``, ``run.json``...)."""
+    if loc.exists(RUN_INFO) or not loc.is_local or not os.path.isfile(loc.root):
+        return loc
+    parent = Location.parse(os.path.dirname(loc.root))
+    return parent if parent.exists(RUN_INFO) else loc
+
+
+def list_journals(predictions: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every tag and undo run of a predictions folder, oldest first: its folder, what it did, how many files it
+    wrote, whether it finished, and which later run undid it (None: it can be undone with its folder)."""
+    loc = Location.parse(predictions)
+    if not loc.exists(INFO_NAME):
+        raise FileNotFoundError(f"{loc.uri} holds no {INFO_NAME}: not a predictions folder written by genrecls classify")
+    runs = []
+    undone_by: dict[str, str] = {}
+    for name in journal_runs(loc):
+        run_loc = loc.child(JOURNAL, name)
+        try:
+            info = run_loc.read_json(RUN_INFO)
+        except (FileNotFoundError, OSError, ValueError):
+            info = {}
+        rows = read_journal(run_loc)
+        runs.append({"run": name, "folder": run_loc.uri, "action": info.get("action", "?"),
+                     "finished": info.get("finished"), "written": rows.num_rows, "model_id": info.get("model_id"),
+                     "undoes": info.get("undoes"), "started": info.get("started")})
+        if info.get("undoes"):
+            undone_by.setdefault(info["undoes"], name)
+    for r in runs:
+        r["undone_by"] = undone_by.get(r["run"])
+    return runs
+
+
+def format_journals(runs: list[dict[str, Any]]) -> str:
+    """The runs of :func:`list_journals` as a table, and how to undo one."""
+    if not runs:
+        return "no genrecls tag run has written this library yet"
+    rows = [(r["run"], r["action"] + (f" of {r['undoes']}" if r["undoes"] else ""), r["written"],
+             "yes" if r["finished"] else "no (settled by the next run)", r["undone_by"] or "-") for r in runs]
+    last = next((r for r in reversed(runs) if r["written"] and not r["undone_by"]), None)
+    out = format_table(rows, ("run", "action", "files written", "finished", "undone by"))
+    if last is not None:
+        out += f"\n\nundo the latest: genrecls tag --undo {last['folder']}"
+    return out
 
 
 def _grandparent(loc: Location) -> Location:
