@@ -296,10 +296,11 @@ def main() -> int:
         print("one clip:", flush=True)
         other = subset(all_test, os.path.join(work, "one-b"), 2)
         os.remove(sorted(os.path.join(d, f) for d, _, fs in os.walk(other) for f in fs)[0])
+        ran = None
         for i in range(rounds):
             add("one_default", command(["classify", other, "--model", run, "--out", fresh(f"{work}/one-pred")],
                                        "classify 1 clip", log))
-            ran = last_run(f"{work}/one-pred").get("ran") if i == 0 else ran
+            ran = ran or last_run(f"{work}/one-pred").get("ran")
             add("one_ray", command(["classify", other, "--model", run, "--out", fresh(f"{work}/one-pred"), "--set",
                                     "classify.in_process_mb=0"], "classify 1 clip, Ray forced", log))
         figures["one_clip"] = {"median_seconds": median(runs["one_default"]), "ray_forced": median(runs["one_ray"]),
