@@ -31,11 +31,11 @@ back exactly what :func:`read_fields` read.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 __all__ = ["PROVENANCE", "FORMATS", "TagError", "open_tags", "genre_key", "provenance_key", "read_fields",
            "current_genres", "read_provenance", "field", "touched", "new_fields", "write_fields", "id3_version", "foreign_genre",
-           "ffmpeg_genre", "album_tags"]
+           "ffmpeg_genre", "album_tags", "TrackTags", "read_track_tags", "person_genres"]
 
 #: the name of the provenance field (a TXXX description, a Vorbis comment, an ASF attribute)
 PROVENANCE = "GENRECLS_GENRE"
@@ -329,3 +329,44 @@ def album_tags(path: str) -> tuple[str | None, str | None]:
         return out[0], out[1]
     except Exception:  # a tag read never fails a track: it is grouped by its folder instead
         return None, None
+
+
+class TrackTags(NamedTuple):
+    """What ingest and classify read of a file's tags: ``album``, ``album_artist``, ``genres`` (the genres a
+    person wrote, in the file's order) and ``by_genrecls`` (the genres genrecls wrote there, not a person's)."""
+
+    album: str | None = None
+    album_artist: str | None = None
+    genres: tuple[str, ...] = ()
+    by_genrecls: tuple[str, ...] = ()
+
+
+def person_genres(fmt: str, fields: dict[str, list | None]) -> tuple[list[str], list[str]]:
+    """``(a person's genres, genrecls's genres)`` of a file's fields.
+
+    A genre genrecls wrote (its provenance field says so, and the genre field still holds what it
+    wrote) is not a person's: a library never learns from its own predictions.  What a person
+    had before genrecls added to it (``genrecls tag --add``) stays theirs; a field a person edited
+    after genrecls wrote it is theirs whole.
+    """
+    prov = read_provenance(fmt, fields)
+    sep = (prov or {}).get("sep") if fmt in ID3_FORMATS else None
+    current = current_genres(fmt, fields, sep)
+    if prov is not None and [str(g).strip() for g in current] == [str(g).strip() for g in prov["written"]]:
+        ours = {str(g) for g in prov["genres"]}
+        return [g for g in current if g not in ours], [g for g in current if g in ours]
+    return current, []
+
+
+def read_track_tags(path: str) -> TrackTags:
+    """The album, album artist and a person's genres of a file (:class:`TrackTags`), in one cheap header read.
+
+    Never raises: a file whose tags cannot be read has none (its folder groups it, it is unlabelled).
+    """
+    album, album_artist = album_tags(path)
+    try:
+        fmt, audio = open_tags(path)
+        genres, ours = person_genres(fmt, read_fields(fmt, audio))
+    except Exception:  # noqa: BLE001 - no tags, unparseable, unsupported: nothing a person wrote
+        genres, ours = [], []
+    return TrackTags(album, album_artist, tuple(genres), tuple(ours))

@@ -50,6 +50,9 @@ import numpy as np
 
 __all__ = [
     "EXAMPLE_VOCABULARIES",
+    "TagVocabulary",
+    "load_tag_vocabulary",
+    "spelling_labels",
     "Vocabulary",
     "VocabularyError",
     "example_vocabulary",
@@ -439,3 +442,133 @@ class _Builder:
         for g in names:
             if state.get(g) is None:
                 visit(g)
+
+
+# -- the same file read for a library's genre tags (ingest --labels-from tags) ------------------
+@dataclass(frozen=True)
+class TagVocabulary:
+    """The vocabulary file read for genre tags a person wrote: which tag text is which genre.
+
+    A tag matches a genre by the genre's name, an alias or a ``from`` entry, letters and digits
+    compared (``Hip Hop``, ``hip-hop`` and ``HIPHOP`` are one); a text in ``drop`` (compared the
+    same way) leaves its file unlabelled, and so does any other text with ``unlisted = "drop"``
+    (with ``keep``, the default, it is a genre of its own, spelled as most files spell it:
+    :func:`spelling_labels`).  ``parents`` and ``threshold`` are the answers' (:func:`load_vocabulary`).
+    """
+
+    genres: tuple[str, ...]
+    names: dict[str, str]
+    dropped: frozenset[str]
+    unlisted: str = "keep"
+    source: str | None = None
+    digest: str | None = None
+
+    def label_of(self, text: str) -> tuple[str | None, str | None]:
+        """``(genre, None)`` for a tag text, or ``(None, why)``: why it leaves its file unlabelled."""
+        key = normalise_name(text)
+        if not key:
+            return None, "an empty genre tag"
+        if key in self.names:
+            return self.names[key], None
+        if key in self.dropped:
+            return None, f"dropped by the vocabulary: {text.strip()}"
+        if self.unlisted == "drop":
+            return None, f"not in the vocabulary (unlisted = \"drop\"): {text.strip()}"
+        return text.strip(), None
+
+    def first_label(self, texts: Sequence[str]) -> tuple[str | None, str | None]:
+        """The label of a file's genre tags: the first value that names a genre (a file tagged ``Unknown; Jazz``
+        is Jazz); else ``(None, why)`` of its first value, or ``"no genre tag"``."""
+        why = None
+        for t in texts:
+            label, reason = self.label_of(t)
+            if label is not None:
+                return label, None
+            why = why or reason
+        return None, why or "no genre tag"
+
+
+def load_tag_vocabulary(source: str | os.PathLike | None) -> TagVocabulary:
+    """A vocabulary file (:func:`load_vocabulary`'s format) read for genre tags; None: no file (every tag text is
+    a genre, spellings that normalise alike are one).  Raises :class:`VocabularyError` naming the file and line."""
+    if source is None:
+        return TagVocabulary((), {}, frozenset())
+    name = str(source)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise VocabularyError(f"vocabulary file {name} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VocabularyError(f"cannot read vocabulary file {name}: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"at line (\d+)", str(exc))
+        raise VocabularyError(f"{name}:{f' line {m.group(1)}:' if m else ''} not valid TOML: {exc}") from None
+    return _TagBuilder(name, text, data, (), ()).build_tags()
+
+
+class _TagBuilder(_Builder):
+    """The file's checks, with tag texts where a model's labels would be."""
+
+    def label(self, value: str, *path: str) -> str:
+        return value
+
+    def build_tags(self) -> TagVocabulary:
+        data, lines = self.data, self.lines
+        for key in data:
+            if key not in _TOP_KEYS:
+                self.fail(lines.of(key), f"unknown key {key!r}; a vocabulary has {', '.join(sorted(_TOP_KEYS))}")
+        unlisted = data.get("unlisted", "keep")
+        if unlisted not in ("keep", "drop"):
+            self.fail(lines.of("unlisted"), f"unlisted must be \"keep\" or \"drop\", got {unlisted!r}")
+        dropped = {normalise_name(v): v for v in self.strings(data.get("drop", []), "drop")}
+        table = data.get("genres", {})
+        if not isinstance(table, dict):
+            self.fail(lines.of("genres"), "genres must be tables: [genres.NAME] with from, aliases, parents, threshold")
+        names: dict[str, str] = {}
+        parents: dict[str, tuple[str, ...]] = {}
+        for g, body in table.items():
+            if not isinstance(body, dict):
+                self.fail(lines.of("genres", g), f"genres.{g} must be a table (from, aliases, parents, threshold)")
+            if not normalise_name(g):
+                self.fail(lines.of("genres", g), f"genre name {g!r} has no letter or digit")
+            for key in body:
+                if key not in _GENRE_KEYS:
+                    self.fail(lines.of("genres", g, key), f"unknown key {key!r} in genres.{g}; a genre has "
+                              f"{', '.join(sorted(_GENRE_KEYS))}")
+            spellings = [(g, None)] + [(v, k) for k in ("aliases", "from")
+                                       for v in self.strings(body.get(k, []), "genres", g, k)]
+            for text, k in spellings:
+                key = normalise_name(text)
+                line = lines.of_value(text, "genres", g, k) if k else lines.of("genres", g)
+                if names.get(key, g) != g:
+                    self.fail(line, f"{text!r} names two genres: {names[key]!r} and {g!r}")
+                if key in dropped:
+                    self.fail(line, f"{text!r} is both dropped (line {lines.of_value(dropped[key], 'drop')}) and a "
+                              f"spelling of genre {g!r}")
+                names[key] = g
+            parents[g] = tuple(self.strings(body.get("parents", []), "genres", g, "parents"))
+        for g, ps in parents.items():
+            for p in ps:
+                if normalise_name(p) not in names:
+                    near = difflib.get_close_matches(p, list(table), n=3, cutoff=0.6)
+                    self.fail(lines.of_value(p, "genres", g, "parents"), f"unknown parent {p!r} of {g!r}: a parent "
+                              "must be a genre of this file" + (f"; did you mean {', '.join(map(repr, near))}?" if near else ""))
+        self.check_cycles(list(table), {g: tuple(names[normalise_name(p)] for p in ps) for g, ps in parents.items()})
+        digest = hashlib.sha256(self.text.encode()).hexdigest()
+        return TagVocabulary(tuple(table), names, frozenset(dropped), unlisted,
+                             os.path.abspath(self.name) if os.path.exists(self.name) else self.name, digest)
+
+
+def spelling_labels(texts: Sequence[str]) -> dict[str, str]:
+    """For genre tags of no vocabulary: each text -> the one spelling of its label, the spelling most of
+    ``texts`` use among those that normalise alike (ties: the first in sorted order)."""
+    counts: dict[str, dict[str, int]] = {}
+    for t in texts:
+        t = t.strip()
+        counts.setdefault(normalise_name(t), {}).setdefault(t, 0)
+        counts[normalise_name(t)][t] += 1
+    best = {k: sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for k, v in counts.items()}
+    return {t: best[normalise_name(t.strip())] for t in texts}
