@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-__all__ = ["GENRES", "FORMATS", "synthesize", "write_audio", "make_sample_collection"]
+__all__ = ["GENRES", "FORMATS", "SPELLINGS", "synthesize", "write_audio", "make_sample_collection", "write_person_tags",
+           "make_tagged_library", "TAGGED_VOCABULARY"]
 
 FORMATS = {  # extension -> (soundfile format, subtype)
     "mp3": ("MP3", "MPEG_LAYER_III"),
@@ -199,3 +200,106 @@ def make_sample_collection(out: str, *, genres: int = 4, tracks_per_genre: int =
                 write_audio(path, audio, sr)
             paths.append(path)
     return paths
+
+
+#: how people spell each genre in their tags (the first is the vocabulary's name; the others merge through
+#: its aliases, or normalise alike)
+SPELLINGS: dict[str, tuple[str, ...]] = {
+    "rock": ("Rock", "rock", "Rock & Roll", "ROCK"),
+    "electronic": ("Electronic", "electronic", "Electronica", "Electro"),
+    "jazz": ("Jazz", "jazz", "JAZZ", "Jazz "),
+    "classical": ("Classical", "classical", "Klassik", "Classical Music"),
+    "hiphop": ("Hip-Hop", "Hip Hop", "hiphop", "Rap"),
+    "reggae": ("Reggae", "reggae", "Roots Reggae", "REGGAE"),
+    "metal": ("Metal", "metal", "Heavy Metal", "METAL"),
+    "ambient": ("Ambient", "ambient", "Chillout", "AMBIENT"),
+    "country": ("Country", "country", "Country & Western", "COUNTRY"),
+    "blues": ("Blues", "blues", "Delta Blues", "BLUES"),
+}
+#: the tag a few tagged albums carry that says nothing (the vocabulary drops it)
+UNKNOWN_TAG = "Unknown"
+
+
+def TAGGED_VOCABULARY(genres: list[str]) -> str:  # noqa: N802 - a constant's text, made for the genres used
+    """A vocabulary file (TOML) merging every spelling of :data:`SPELLINGS` of ``genres`` and dropping ``Unknown``."""
+    lines = ["# genrecls vocabulary: the genres of this library and how its tags spell them", f'drop = ["{UNKNOWN_TAG}"]', ""]
+    for g in genres:
+        name, *others = SPELLINGS[g]
+        lines += [f'[genres."{name}"]', "aliases = [" + ", ".join(f'"{o.strip()}"' for o in others) + "]", ""]
+    return "\n".join(lines)
+
+
+def write_person_tags(path: str, *, genre: list[str] | None = None, album: str | None = None, artist: str | None = None,
+                      title: str | None = None) -> None:
+    """Write tags as a person's tagger would (no genrecls provenance): genre(s), album, artist and album artist,
+    title; MP3 and WAV get ID3v2.4, FLAC and Ogg Vorbis comments."""
+    import mutagen
+    from mutagen.id3 import ID3, TALB, TCON, TIT2, TPE1, TPE2
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".mp3", ".wav"):
+        f = mutagen.File(path)
+        if f.tags is None:
+            f.add_tags()
+        tags: ID3 = f.tags
+        for frame, value in ((TCON, genre), (TALB, album), (TPE1, artist), (TPE2, artist), (TIT2, title)):
+            if value:
+                tags.add(frame(encoding=3, text=list(value) if isinstance(value, list) else [value]))
+        f.save()
+    else:
+        f = mutagen.File(path)
+        for key, value in (("genre", genre), ("album", album), ("artist", artist), ("albumartist", artist),
+                           ("title", title)):
+            if value:
+                f[key] = list(value) if isinstance(value, list) else [value]
+        f.save()
+
+
+def make_tagged_library(out: str, *, genres: int = 4, artists_per_genre: int = 3, albums_per_artist: int = 1,
+                        tracks_per_album: int = 4, seconds: float = 20.0, tagged: float = 0.7, unknown: float = 0.1,
+                        sr: int = 44100, formats: tuple[str, ...] = ("mp3", "flac", "ogg", "wav"),
+                        seed: int = 0) -> dict[str, dict]:
+    """A library as people keep one: ``OUT/<Artist>/<Album>/<NN> <Title>.<ext>``, every file with its album, artist
+    and title tags, ``tagged`` of each genre's albums (rounded, at least one) with a genre tag in one of the genre's
+    :data:`SPELLINGS` (every ``1/unknown``-th tagged album ``Unknown`` instead, never a genre's only labelled one),
+    the rest with no genre.  Each artist plays one genre.
+
+    Returns path (relative) -> ``{"genre": the true genre, "tag": the genre tag written or None, "album": ...,
+    "artist": ...}``: the answer key of demos, tests and benches.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(GENRES)[:genres]
+    per_genre = artists_per_genre * albums_per_artist
+    n_tagged = min(per_genre, max(1, round(tagged * per_genre))) if tagged > 0 else 0
+    every = max(1, round(1 / unknown)) if unknown > 0 else 0
+    truth: dict[str, dict] = {}
+    n = seen_tagged = 0
+    for g, genre in enumerate(names):
+        chosen = set(rng.permutation(per_genre)[:n_tagged].tolist())  # which of the genre's albums carry a tag
+        labelled = 0
+        for a in range(artists_per_genre):
+            artist = f"Artist {g * artists_per_genre + a + 1:02d}"
+            for b in range(albums_per_artist):
+                album = f"Album {chr(65 + b)} of {artist}"
+                tag = None
+                if a * albums_per_artist + b in chosen:
+                    seen_tagged += 1
+                    last = labelled == 0 and a * albums_per_artist + b == max(chosen)  # keep one labelled album
+                    if every and seen_tagged % every == 0 and not last:
+                        tag = UNKNOWN_TAG
+                    else:
+                        tag = SPELLINGS[genre][int(rng.integers(len(SPELLINGS[genre])))]
+                        labelled += 1
+                for t in range(tracks_per_album):
+                    ext = formats[n % len(formats)]
+                    n += 1
+                    rel = f"{artist}/{album}/{t + 1:02d} Track {t + 1}.{ext}"
+                    path = os.path.join(out, rel)
+                    if not os.path.exists(path):
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        audio = synthesize(genre, seconds, sr=sr, seed=seed * 100003 + n * 7919 + g)
+                        write_audio(path, audio, sr)
+                        write_person_tags(path, genre=[tag] if tag else None, album=album, artist=artist,
+                                          title=f"Track {t + 1}")
+                    truth[rel] = {"genre": genre, "tag": tag, "album": album, "artist": artist}
+    return truth
