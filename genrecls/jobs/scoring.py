@@ -54,17 +54,19 @@ __all__ = ["INPUT", "input_table", "featurise_batch", "Scorer", "classify_batch"
 
 #: columns of the stream's input blocks: the library's tracks; ``stored_part`` (null: compute the track) names the
 #: embedding-store part holding the track's layers, with its content ``fingerprint``, ``stored_segments`` and
-#: ``stored_duration``; ``album`` and ``album_artist`` as the dataset knows them (null: read from the file)
+#: ``stored_duration``; ``album``, ``album_artist`` and ``genre_tag`` as the dataset knows them when ``tags_known``
+#: (else they are read from the file)
 INPUT = {"source": pa.string(), "path": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64(),
          "stored_part": pa.string(), "fingerprint": pa.string(), "stored_segments": pa.int32(),
-         "stored_duration": pa.float64(), "album": pa.string(), "album_artist": pa.string()}
+         "stored_duration": pa.float64(), "album": pa.string(), "album_artist": pa.string(), "genre_tag": pa.string(),
+         "tags_known": pa.bool_()}
 #: columns of the stream between the two steps and in its output, besides the predictions
 _ERROR_COLUMNS = [pa.field(name, pa.string()) for name in ("error_kind", "error_reason", "warning_kind", "warning_reason")]
 #: columns of a featurised batch: ``mels`` (computed segments, the features' dtype) or ``layers`` (a stored track's
 #: segments' layers, float16, :func:`stored_layers` wide)
 _FEATURISED = {"path": pa.string(), "track_id": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64(),
                "duration": pa.float64(), "n_segments": pa.int32(), "mels": pa.large_binary(),
-               "layers": pa.large_binary(), "album": pa.string(), "album_artist": pa.string(),
+               "layers": pa.large_binary(), "album": pa.string(), "album_artist": pa.string(), "genre_tag": pa.string(),
                **{f.name: f.type for f in _ERROR_COLUMNS}}
 #: at most this many input blocks, however large the library (bounds driver and scheduler overhead)
 MAX_INPUT_BLOCKS = 4096
@@ -118,8 +120,9 @@ def featurise_batch(batch: pa.Table, features: FeatureConfig, max_segments: int,
     Input columns: :data:`INPUT`.  Output adds ``track_id``, ``duration``, ``n_segments``, and either
     ``mels`` (the computed segments (n, n_mels, n_frames) as bytes of ``features.dtype``) or, for a
     track with ``stored_part``, ``layers`` (the ``layers`` of the same evenly spaced segments read
-    from the embedding store of ``dataset_uri``, float16 (n, sum of widths)); ``album`` and
-    ``album_artist`` (the dataset's, else the file's tags: a cheap header read; null without),
+    from the embedding store of ``dataset_uri``, float16 (n, sum of widths)); ``album``,
+    ``album_artist`` and ``genre_tag`` (the genres a person wrote, joined by "; ": the dataset's,
+    else the file's tags, a cheap header read; null without),
     ``error_kind`` / ``error_reason`` (set, with no segments, for a file that could not be used)
     and ``warning_kind`` / ``warning_reason`` (a file used although something is off; several
     joined with "; ").  A stored track whose part can no longer be read as planned (an ingest
@@ -239,7 +242,7 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
     import json
 
     from genrecls.audio.pipeline import sampled_track_features
-    from genrecls.audio.tags import album_tags
+    from genrecls.audio.tags import read_track_tags
     from genrecls.core.errors import failure_of
     from genrecls.core.hooks import pause_point
 
@@ -248,14 +251,14 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
     for row in batch.to_pylist():
         mels = layers = b""
         duration, kind, reason, warnings, n = None, None, None, [], 0
-        album = (row.get("album"), row.get("album_artist"))
+        tags = (row.get("album"), row.get("album_artist"), row.get("genre_tag"))
         tid = track_id_for(row["path"])
         try:
             if row["path"] in stored:  # scored from the embedding store: nothing to decode
                 values = stored[row["path"]]
                 layers, n, duration = np.ascontiguousarray(values, np.float16).tobytes(), len(values), row["stored_duration"]
-                if album == (None, None):
-                    album = album_tags(row["source"])  # never raises
+                if not row.get("tags_known"):
+                    tags = _tags(read_track_tags(row["source"]))  # never raises
             elif tid in stopped:  # a watchdog stopped an earlier try of this batch on this file
                 kind, reason = "timed_out", json.loads(watchdog.folder.read_text(stopped[tid]))["reason"]
             else:
@@ -264,19 +267,24 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
                 feats = sampled_track_features(row["source"], features, max_segments, decode)
                 mels = np.ascontiguousarray(feats.mels, dtype=dtype).tobytes()
                 n, duration, warnings = int(feats.mels.shape[0]), float(feats.duration), feats.warnings
-                album = album_tags(row["source"])  # for classify.group_by = "album"; never raises
+                tags = _tags(read_track_tags(row["source"]))  # group_by = "album", review.csv; never raises
         except Exception as exc:  # recorded, never fatal for the batch
             kind, reason = failure_of(exc)
         finally:
             watchdog.watch(None)
         values = {"path": row["path"], "track_id": tid, "size": row["size"],
                   "mtime_ns": row["mtime_ns"], "duration": duration, "n_segments": n, "mels": mels, "layers": layers,
-                  "album": album[0], "album_artist": album[1], "error_kind": kind, "error_reason": reason,
+                  "album": tags[0], "album_artist": tags[1], "genre_tag": tags[2], "error_kind": kind, "error_reason": reason,
                   "warning_kind": warnings[0].kind if warnings else None,  # the most serious (genrecls.storage.records)
                   "warning_reason": "; ".join(w.reason for w in warnings) or None}
         for k, v in values.items():
             out[k].append(v)
     return pa.table({k: pa.array(out[k], t) for k, t in _FEATURISED.items()})
+
+
+def _tags(t) -> tuple[str | None, str | None, str | None]:
+    """A file's :class:`~genrecls.audio.tags.TrackTags` as the stream's album, album_artist, genre_tag."""
+    return t.album, t.album_artist, "; ".join(t.genres) or None
 
 
 # -- step 2: score ----------------------------------------------------------------------
@@ -426,7 +434,7 @@ class Scorer:
         valid = pa.array([e is None for e in errors])
         now = dt.datetime.now(dt.timezone.utc)
         arrays = {name: batch.column(name) for name in ("path", "track_id", "n_segments", "duration", "size", "mtime_ns",
-                                                        "album", "album_artist")}
+                                                        "album", "album_artist", "genre_tag")}
         for name, arr in cols.items():  # predictions of failed tracks are null
             arrays[name] = pc.if_else(valid, arr, pa.nulls(n, arr.type))
         arrays["album_genre"] = pa.nulls(n, pa.string())  # the classify driver's album pass fills them

@@ -20,7 +20,8 @@ clearing its own threshold, best first), ``parent_genres`` (list: their ancestor
 user's vocabulary), ``prob_<label>`` for every label of the model (calibrated), ``top_k``
 (list of {genre, probability} in the model's labels, best first), ``n_segments`` (segments
 scored), ``duration`` (seconds of the whole track), ``size`` and ``mtime_ns`` of the file,
-``album`` and ``album_artist`` (the file's tags, null without), ``album_genre`` and
+``album`` and ``album_artist`` (the file's tags, null without), ``genre_tag`` (the genres a person wrote in
+the file's tags, joined by "; "; genres genrecls wrote are not a person's; null without), ``album_genre`` and
 ``album_confidence`` (with ``classify.group_by``: the answer for the track's album or folder),
 ``model_id``, ``answers_id`` (the rules that gave the answer columns:
 :class:`genrecls.models.answers.AnswerRules`) and ``classified_at`` (UTC); for a
@@ -99,6 +100,7 @@ def prediction_schema(labels: list[str], model_id: str = "", embedding: dict[str
             pa.field("mtime_ns", pa.int64()),
             pa.field("album", pa.string()),
             pa.field("album_artist", pa.string()),
+            pa.field("genre_tag", pa.string()),
             pa.field("album_genre", pa.string()),
             pa.field("album_confidence", pa.float32()),
             pa.field("model_id", pa.string()),
