@@ -8,8 +8,10 @@ from genrecls.audio.decode import (
     AudioError,
     AudioInfo,
     AudioWarning,
+    audio_fingerprint,
     check_regular_file,
     iter_mono_blocks,
+    new_audio_hash,
     probe,
     read_mono,
 )
@@ -44,12 +46,23 @@ from genrecls.audio.pipeline import (
     track_features,
     tune_allocator,
 )
-from genrecls.audio.sample_data import FORMATS, GENRES, make_sample_collection, synthesize, write_audio
+from genrecls.audio.sample_data import (
+    FORMATS,
+    GENRES,
+    SPELLINGS,
+    TAGGED_VOCABULARY,
+    make_sample_collection,
+    make_tagged_library,
+    synthesize,
+    write_audio,
+    write_person_tags,
+)
 from genrecls.audio.segments import Segment, Segmenter, iter_segments, segment_starts
 from genrecls.audio.tags import FORMATS as TAG_FORMATS
 from genrecls.audio.tags import (
     PROVENANCE,
     TagError,
+    TrackTags,
     album_tags,
     current_genres,
     ffmpeg_genre,
@@ -59,9 +72,11 @@ from genrecls.audio.tags import (
     id3_version,
     new_fields,
     open_tags,
+    person_genres,
     provenance_key,
     read_fields,
     read_provenance,
+    read_track_tags,
     touched,
     write_fields,
 )
@@ -125,4 +140,13 @@ __all__ = [
     "foreign_genre",
     "ffmpeg_genre",
     "album_tags",
+    "TrackTags",
+    "person_genres",
+    "read_track_tags",
+    "SPELLINGS",
+    "TAGGED_VOCABULARY",
+    "make_tagged_library",
+    "write_person_tags",
+    "audio_fingerprint",
+    "new_audio_hash",
 ]
