@@ -47,7 +47,8 @@ PROMOTED, KEPT, UNCHANGED = "promoted", "kept", "unchanged"
 
 
 def dataset_snapshot(ds: Dataset) -> dict[str, Any]:
-    """Counts and a fingerprint of a dataset's current tracks (ids and content fingerprints)."""
+    """Counts and a fingerprint of a dataset's tracks (ids, content fingerprints, labels) and its index version
+    (``genrecls evaluate`` re-reads exactly that version)."""
     tracks = ds.tracks()
     h = hashlib.blake2b(digest_size=16)
     for tid in sorted(tracks):
@@ -56,8 +57,8 @@ def dataset_snapshot(ds: Dataset) -> dict[str, Any]:
     per_label: dict[str, int] = {}
     for e in tracks.values():
         per_label[e.label or ""] = per_label.get(e.label or "", 0) + 1
-    return {"uri": ds.uri, "tracks": len(tracks), "segments": sum(e.n_segments for e in tracks.values()),
-            "per_label": per_label, "fingerprint": h.hexdigest()}
+    return {"uri": ds.uri, "version": ds.version, "tracks": len(tracks),
+            "segments": sum(e.n_segments for e in tracks.values()), "per_label": per_label, "fingerprint": h.hexdigest()}
 
 
 def is_better(challenger: float, champion: float | None, margin: float) -> bool:
@@ -76,7 +77,8 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
     with folder_lock(reg.location, "genrecls retrain"):
         ingest_summary = ingest(source, dataset, cfg, address=address, workers=workers, prune=True,
                                 progress=progress, verbose=verbose)
-        ds = Dataset(dataset)
+        # every read of this cycle is of the version this ingest committed (one read of the index)
+        ds = Dataset(dataset, version=ingest_summary.index_version)
         snapshot = dataset_snapshot(ds)
         champion = reg.champion()
         champion_info = reg.version_info(champion) if champion else None
@@ -97,7 +99,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
         work = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=tmp_parent)
         try:
             run_dir = os.path.join(work, "run")
-            result = training.train(dataset, run_dir, cfg, address=address, workers=workers,
+            result = training.train(ds, run_dir, cfg, address=address, workers=workers,
                                     splits=reg.splits_path(), progress=progress, verbose=verbose)
             holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
             champion_run = reg.version_location(champion).uri if champion else None
@@ -131,8 +133,8 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
             reg.add_version(run_dir, version, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if better:
-            reg.set_champion(version, reason=reason)  # we hold the registry's lock
+        if better:  # a compare-and-swap on the champion this cycle compared with (we hold the registry's lock)
+            reg.set_champion(version, reason=reason, expected=champion)
         decision = {"decision": decision_name, "champion": version if better else champion,
                     "challenger": version, "previous_champion": champion, "reason": reason,
                     "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
