@@ -10,7 +10,7 @@ killing its worker is split so that only the poisonous file is recorded as faile
 Re-running the same command is safe at any point: tracks land in a shard only whole,
 shards appear only complete, and a track is in the dataset once the driver committed the
 shard's tracks to the dataset's index (:mod:`genrecls.storage.index`; every
-:data:`COMMIT_SHARDS` shards, at the end, and when the run is stopped): a killed run leaves
+:data:`COMMIT_SHARDS` shards, the first ones sooner, at the end, and when the run is stopped): a killed run leaves
 committed versions, each whole, and shards no version references, which no reader sees and
 ``genrecls vacuum`` deletes.  A changed track's new row replaces its old one in a commit; its
 old rows stay in their shard (never rewritten) until vacuumed.
@@ -485,8 +485,8 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
 
 class _Committer:
     """Commits what finished tasks wrote (their shards' tracks, their parts' embeddings, unchanged files' new
-    stats) to the dataset's index, a batch of tasks per commit: every :data:`COMMIT_SHARDS` shards or
-    :data:`COMMIT_SECONDS`, and at the end (:meth:`flush`)."""
+    stats) to the dataset's index, a batch of tasks per commit: after 1 shard, then 2, 4... up to every
+    :data:`COMMIT_SHARDS` shards (or :data:`COMMIT_SECONDS`), and at the end (:meth:`flush`)."""
 
     def __init__(self, ds: Dataset, cfg: Config, embed: EmbedSpec | None, summary: IngestSummary):
         self.ds, self.cfg, self.embed, self.summary = ds, cfg, embed, summary
@@ -496,6 +496,8 @@ class _Committer:
         self.backfilled: dict[str, tuple[Any, str, int]] = {}
         self.shards = 0
         self.since = time.monotonic()
+        #: shards before the next commit: 1, 2, 4... up to COMMIT_SHARDS (the first shards are kept early)
+        self.threshold = 1
 
     def _stored(self, part: str, engine: dict[str, Any] | None):
         from genrecls.models.engine import BACKBONE_OUTPUTS
@@ -522,7 +524,7 @@ class _Committer:
         self.maybe_flush()
 
     def maybe_flush(self) -> None:
-        if self.shards >= COMMIT_SHARDS or (self.shards and time.monotonic() - self.since >= COMMIT_SECONDS):
+        if self.shards >= self.threshold or (self.shards and time.monotonic() - self.since >= COMMIT_SECONDS):
             self.flush()
 
     def flush(self) -> None:
@@ -543,6 +545,8 @@ class _Committer:
         if self.touched and self.ds.record_touched(self.touched):
             self.summary.commits += 1
         self.rows, self.stored, self.backfilled, self.touched = [], {}, {}, {}
+        if self.shards:
+            self.threshold = min(2 * self.threshold, COMMIT_SHARDS)
         self.shards = 0
         self.since = time.monotonic()
 

@@ -347,11 +347,14 @@ class IndexWriter:
                 kept_files.append(f)
         if fold is None:
             fold = len(kept_files) + 1 > MAX_FILES
-        if fold:
-            small = [f for f in kept_files if f.rows.num_rows < TARGET_ROWS]
-            kept_files = [f for f in kept_files if f.rows.num_rows >= TARGET_ROWS]
-            removed += small
-            keep += [f.rows for f in small]
+        if fold:  # the small files first; every file under TARGET_ROWS when that is not enough
+            for limit in (TARGET_ROWS // 16, TARGET_ROWS):
+                small = [f for f in kept_files if f.rows.num_rows < limit]
+                kept_files = [f for f in kept_files if f.rows.num_rows >= limit]
+                removed += small
+                keep += [f.rows for f in small]
+                if len(kept_files) + 1 <= MAX_FILES // 2:
+                    break
         new_rows = [t for t in keep + ([upsert] if upsert is not None else []) if t.num_rows]
         if not removed and not new_rows:
             return self.snapshot.version  # nothing to change
