@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genrecls.core.config import FeatureConfig
-from genrecls.storage.index import IndexError_, IndexSnapshot, IndexWriter, TRACK_COLUMNS, TrackEntry, is_converted
+from genrecls.storage.index import TRACK_COLUMNS, IndexError_, IndexSnapshot, IndexWriter, TrackEntry, is_converted
 from genrecls.storage.location import Location, new_shard_name  # noqa: F401 (re-exported)
 from genrecls.storage.records import Records, RecordTable, record_schema
 
