@@ -136,13 +136,24 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
         labelled.append((tid, str(r["label"]), group))
 
     # units: groups (or single tracks) with their majority label
-    unit_tracks: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for tid, label, group in labelled:
-        unit_tracks[group].append((tid, label))
-    unit_label = {u: sorted(Counter(l for _, l in ts).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-                  for u, ts in unit_tracks.items()}
+    unit_label: dict[str, str] = {}
     unit_split: dict[str, str] = {}
+    unit_tracks: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    if group_column is None:  # every track its own unit: no list, no vote (a million tracks plan in seconds)
+        for tid, label, group in labelled:
+            unit_label[group] = label
+            if tid in known:
+                unit_split[group] = known[tid]
+    else:
+        for tid, label, group in labelled:
+            unit_tracks[group].append((tid, label))
     for u, ts in unit_tracks.items():
+        if len(ts) == 1:  # a track of its own (the usual unit): no vote to count
+            tid, unit_label[u] = ts[0]
+            if tid in known:
+                unit_split[u] = known[tid]
+            continue
+        unit_label[u] = sorted(Counter(l for _, l in ts).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         sides = Counter(known[t] for t, _ in ts if t in known)
         if sides:
             unit_split[u] = sorted(sides.items(), key=lambda kv: (-kv[1], SPLITS.index(kv[0])))[0][0]
@@ -172,12 +183,13 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
                 x = _unit_hash(u, seed) / 2.0 ** 64
                 unit_split[u] = "test" if x < test_fraction else ("val" if x < test_fraction + val_fraction else "train")
 
-    out = sorted(((tid, label, unit_split[group], group) for tid, label, group in labelled), key=lambda r: r[0])
+    out = sorted(labelled)  # by track id (unique)
     table = pa.table({
         "track_id": pa.array([r[0] for r in out], pa.string()),
         "label": pa.array([r[1] for r in out], pa.string()),
-        "split": pa.array([r[2] for r in out], pa.string()),
-        "group": pa.array([r[3].split(":", 1)[1] if r[3].startswith("group:") else None for r in out], pa.string()),
+        "split": pa.array([unit_split[r[2]] for r in out], pa.string()),
+        "group": (pa.array([r[2].split(":", 1)[1] if r[2].startswith("group:") else None for r in out], pa.string())
+                  if group_column is not None else pa.nulls(len(out), pa.string())),
     })
     return table
 
