@@ -28,7 +28,7 @@ from genrecls.storage.embeddings import _writer_options as _part_options
 from genrecls.storage.location import Location, new_shard_name
 from genrecls.storage.locks import folder_lock
 
-__all__ = ["compact", "compact_locked", "DEFAULT_TARGET_SEGMENTS"]
+__all__ = ["compact", "compact_locked", "format_compaction", "DEFAULT_TARGET_SEGMENTS"]
 
 #: segments per compacted shard (about 300 MB of musicnn-preset float16 spectrograms before compression)
 DEFAULT_TARGET_SEGMENTS = 8192
