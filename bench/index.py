@@ -186,7 +186,7 @@ def cpu_model() -> str:
 
 # -- a synthetic dataset: N one-track shards and a library of N small files ----------------------
 def small_config():
-    from genrecls.core.config import Config
+    from genrecls.core import Config
 
     return Config().with_section(features={
         "preset": "tutorial", "sample_rate": 8000, "segment_samples": 8000, "segment_hop": 8000, "n_fft": 512,
