@@ -205,3 +205,19 @@ def test_record_touched_updates_the_stat_in_one_commit(tmp_path):
     t = Dataset(str(tmp_path)).tracks()
     assert (t["t1"].size, t["t1"].mtime_ns) == (123, 456) and (t["t2"].size, t["t2"].mtime_ns) == (12, 2)
     assert Dataset(str(tmp_path)).touched() == {}
+
+
+def test_retrain_compacts_a_dataset_of_many_small_shards(tmp_path):
+    from genrecls.core.config import Config
+    from genrecls.jobs.retrain import _maybe_compact
+
+    ds = dataset(tmp_path)
+    with ds.writing("test"):
+        for i in range(3):
+            ds.commit(upsert=entries_table(shard(tmp_path, [(f"t{i}", "rock", 2, i)])[1]))
+    before = Dataset(str(tmp_path))
+    cfg = Config().override(["retrain.compact_shards=4", "retrain.compact_segments=12"])
+    assert _maybe_compact(before, cfg) is None  # 3 small shards: under the threshold
+    done = _maybe_compact(before, cfg.override(["retrain.compact_shards=3"]))
+    after = Dataset(str(tmp_path), version=done["version"])
+    assert done["shards_merged"] == 3 and len(after.shard_names()) == 1 and rows(after) == rows(before)

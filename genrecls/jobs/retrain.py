@@ -4,7 +4,8 @@
 
 1. takes the registry's lock (a second retrain stops at once with a clear message);
 2. ingests new and changed tracks incrementally and prunes vanished ones from the dataset (its
-   embedding store too: only the new and changed tracks are embedded);
+   embedding store too: only the new and changed tracks are embedded), and compacts the dataset
+   when it has ``retrain.compact_shards`` small shards or more (``genrecls compact``);
 3. if the dataset is unchanged since the champion was trained, stops (``unchanged``);
 4. trains a challenger into a temporary folder, holding every known track to the split it
    had (the registry's ``splits.parquet``), so the holdout stays fixed as the library grows;
@@ -79,6 +80,9 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
                                 progress=progress, verbose=verbose)
         # every read of this cycle is of the version this ingest committed (one read of the index)
         ds = Dataset(dataset, version=ingest_summary.index_version)
+        compaction = _maybe_compact(ds, cfg)
+        if compaction is not None:
+            ds = Dataset(dataset, version=compaction["version"])
         snapshot = dataset_snapshot(ds)
         champion = reg.champion()
         champion_info = reg.version_info(champion) if champion else None
@@ -144,6 +148,23 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
         reg.record_decision(decision)
         log.info(reason)
         return decision
+
+
+def _maybe_compact(ds: Dataset, cfg: Config) -> dict[str, Any] | None:
+    """Compact the dataset (its lock, one commit) when it has ``retrain.compact_shards`` small shards or more."""
+    from genrecls.jobs.compact import compact
+
+    if not cfg.retrain.compact_shards:
+        return None
+    half = cfg.retrain.compact_segments / 2
+    per_shard: dict[str, int] = {}
+    for e in ds.tracks().values():
+        per_shard[e.shard] = per_shard.get(e.shard, 0) + e.n_segments
+    small = sum(1 for n in per_shard.values() if n < half)
+    if small < cfg.retrain.compact_shards:
+        return None
+    log.info("%s has %d small shards: compacting it", ds.uri, small)
+    return compact(ds.uri, target_segments=cfg.retrain.compact_segments)
 
 
 def _save_splits(reg: Registry, splits_file: str) -> None:
