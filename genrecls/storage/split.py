@@ -67,6 +67,9 @@ def as_mapping(assignment: Any) -> dict[str, str]:
         return {}
     if isinstance(assignment, Mapping):
         out = {str(k): str(v) for k, v in assignment.items()}
+    elif isinstance(assignment, pa.Table) and {"track_id", "split"} <= set(assignment.column_names) and all(
+            pa.types.is_string(assignment.schema.field(c).type) for c in ("track_id", "split")):
+        out = dict(zip(assignment.column("track_id").to_pylist(), assignment.column("split").to_pylist()))
     else:
         if isinstance(assignment, (str, bytes)) or hasattr(assignment, "__fspath__"):
             assignment = read_splits(assignment)
@@ -117,6 +120,18 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
     known = as_mapping(previous)
     labelled = []
     seen: set[str] = set()
+    if group_column is None:  # the usual case, a million tracks in a second: the same rules, list by list
+        try:
+            pairs = [(r["track_id"], r["label"]) for r in rows]
+        except KeyError:
+            raise SplitError("tracks need 'track_id' and 'label' columns") from None
+        labelled = [(str(t), str(lab), f"track:{t}") for t, lab in pairs if lab is not None and lab != ""]
+        if len({x[0] for x in labelled}) != len(labelled):
+            for tid, _, _ in labelled:
+                if tid in seen:
+                    raise SplitError(f"track {tid} appears twice in the track list")
+                seen.add(tid)
+        rows = []
     for r in rows:
         if "track_id" not in r or "label" not in r:
             raise SplitError("tracks need 'track_id' and 'label' columns")
@@ -163,7 +178,9 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
         by_label[label].append(u)
     for label, units in sorted(by_label.items()):
         assigned = Counter(unit_split[u] for u in units if u in unit_split)
-        new = sorted((u for u in units if u not in unit_split), key=lambda u: (_unit_hash(u, seed), u))
+        blake, prefix = hashlib.blake2b, f"{seed}:"  # _unit_hash, inlined: a million calls
+        new = [u for _, u in sorted((int.from_bytes(blake((prefix + u).encode(), digest_size=8).digest(), "big"), u)
+                                    for u in units if u not in unit_split)]
         if not new:
             continue
         if len(units) < 3 and not all(assigned[s] for s in SPLITS):
@@ -197,9 +214,10 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
 def split_counts(table: pa.Table) -> dict[str, dict[str, int]]:
     """Tracks per split and label: ``{split: {label: n, ..., "total": n}}``."""
     out: dict[str, dict[str, int]] = {s: {"total": 0} for s in SPLITS}
-    for label, split in zip(table.column("label").to_pylist(), table.column("split").to_pylist()):
-        out[split][label] = out[split].get(label, 0) + 1
-        out[split]["total"] += 1
+    counts = table.select(["split", "label"]).group_by(["split", "label"], use_threads=False).aggregate([([], "count_all")])
+    for row in counts.to_pylist():
+        out[row["split"]][row["label"]] = row["count_all"]
+        out[row["split"]]["total"] += row["count_all"]
     return out
 
 

@@ -250,11 +250,14 @@ class TrainPlan:
 
 
 def _segments_per_split(tracks: list[dict[str, Any]], assignment: dict[str, str]) -> dict[str, dict[str, int]]:
+    import pyarrow as pa
+
     out: dict[str, dict[str, int]] = {s: {"total": 0} for s in ("train", "val", "test")}
-    for t in tracks:
-        s = assignment[t["track_id"]]
-        out[s][t["label"]] = out[s].get(t["label"], 0) + t["n_segments"]
-        out[s]["total"] += t["n_segments"]
+    table = pa.table({"split": [assignment[t["track_id"]] for t in tracks], "label": [t["label"] for t in tracks],
+                      "n": pa.array([t["n_segments"] for t in tracks], pa.int64())})
+    for row in table.group_by(["split", "label"], use_threads=False).aggregate([("n", "sum")]).to_pylist():
+        out[row["split"]][row["label"]] = row["n_sum"]
+        out[row["split"]]["total"] += row["n_sum"]
     return out
 
 
@@ -346,7 +349,8 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         class_weights=class_weights, tracks_per_split=counts, segments_per_split=segs,
         unlabelled_tracks=check.unlabelled, notes=notes, segment_weights=weights, input=train_input,
         fine_tune=t.fine_tune, dataset_version=check.version,
-        track_rows={tr["track_id"]: (tr["shard"], tr["label"]) for tr in check.tracks})
+        track_rows=dict(zip([tr["track_id"] for tr in check.tracks],
+                            zip([tr["shard"] for tr in check.tracks], [tr["label"] for tr in check.tracks]))))
     return plan, table
 
 
@@ -359,15 +363,19 @@ def segment_weights(tracks: list[dict[str, Any]], assignment: dict[str, str], by
     times a 20-second one, and the model learns the long tracks of a library rather than
     its labels.
     """
-    train = [t for t in tracks if assignment.get(t["track_id"]) == "train" and t["n_segments"] > 0]
-    per_label: dict[str, int] = {}
-    for t in train:
-        per_label[t["label"]] = per_label.get(t["label"], 0) + 1
-    raw = {t["track_id"]: 1.0 / (t["n_segments"] * (per_label[t["label"]] if by_label else 1)) for t in train}
-    total_segments = sum(t["n_segments"] for t in train)
-    total_weight = sum(raw[t["track_id"]] * t["n_segments"] for t in train)
+    from collections import Counter
+
+    train = [(t["track_id"], t["label"], t["n_segments"]) for t in tracks
+             if t["n_segments"] > 0 and assignment.get(t["track_id"]) == "train"]
+    per_label = Counter(label for _, label, _ in train)
+    if by_label:
+        raw = [(tid, n, 1.0 / (n * per_label[label])) for tid, label, n in train]
+    else:
+        raw = [(tid, n, 1.0 / (n * 1)) for tid, _, n in train]
+    total_segments = sum(n for _, n, _ in raw)
+    total_weight = sum(w * n for _, n, w in raw)
     scale = total_segments / total_weight if total_weight else 1.0
-    return {k: v * scale for k, v in raw.items()}
+    return {tid: w * scale for tid, _, w in raw}
 
 
 def learning_rate_at(epoch: int, epochs: int, base: float, floor: float = 0.05) -> float:
