@@ -221,3 +221,21 @@ def test_retrain_compacts_a_dataset_of_many_small_shards(tmp_path):
     done = _maybe_compact(before, cfg.override(["retrain.compact_shards=3"]))
     after = Dataset(str(tmp_path), version=done["version"])
     assert done["shards_merged"] == 3 and len(after.shard_names()) == 1 and rows(after) == rows(before)
+
+
+def test_a_table_without_a_newer_column_gains_it_and_its_old_rows_read_null(tmp_path):
+    """A field added to TrackEntry (or StoredEmbedding) becomes a column: the next writer adds it to the table
+    (Delta's ALTER TABLE ADD COLUMN), and rows written before it read it as null."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    ds = dataset(tmp_path, index=False)
+    _, entries = shard(tmp_path, [("t1", "rock", 2, 1)])
+    old = entries_table(entries).drop_columns(["embedding_engine"])  # a table from before that column
+    write_deltalake(str(tmp_path / "index"), old.cast(pa.schema([f.with_nullable(f.name != "track_id")
+                                                                  for f in old.schema])))
+    with ds.writing("test"):
+        pass
+    assert "embedding_engine" in DeltaTable(str(tmp_path / "index")).schema().to_arrow().names
+    row = Dataset(str(tmp_path)).rows().to_pylist()[0]
+    assert row["track_id"] == "t1" and row["embedding_engine"] is None
