@@ -130,14 +130,16 @@ class CountingProxy:
                         buf = buf[need:]
                         if size == 0:
                             break
-                else:
-                    while len(buf) < length:
-                        data = src.recv(65536)
+                else:  # the body: forwarded as it comes (not gathered: a 60 MB PUT would copy quadratically)
+                    body, buf = buf[:length], buf[length:]
+                    dst.sendall(body)
+                    left = length - len(body)
+                    while left > 0:
+                        data = src.recv(min(65536, left))
                         if not data:
                             return
-                        buf += data
-                    dst.sendall(buf[:length])
-                    buf = buf[length:]
+                        dst.sendall(data)
+                        left -= len(data)
         except OSError:
             pass
 
@@ -152,7 +154,7 @@ class Strace:
         self.out = tempfile.mktemp(prefix="genrecls-strace-")
 
     def __enter__(self):
-        self.proc = subprocess.Popen(["strace", "-f", "-qq", "-e", f"trace={self.CALLS}", "-o", self.out,
+        self.proc = subprocess.Popen(["strace", "-f", "--seccomp-bpf", "-qq", "-e", f"trace={self.CALLS}", "-o", self.out,
                                       "-p", str(os.getpid())], stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # attached (a bench, not a test: nothing decides on this clock)
         return self
@@ -239,6 +241,40 @@ def build(uri: str, lib: str, n: int, cfg) -> None:
                                      "counts": {"tracks": n}})
 
 
+def build_index_only(uri: str, lib: str, n: int, cfg) -> None:
+    """The library of :func:`build` and its dataset's index committed directly (no shard but the newest one,
+    whose footer train's check reads): what opening, a no-op ingest and planning read, in seconds to build."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from genrecls.audio import track_id_for
+    from genrecls.storage import Dataset, Location, ShardWriter, TrackEntry, entries_table
+
+    labels = ["blues", "jazz", "rock", "soul"]
+    entries = []
+    for i in range(n):
+        rel = f"{labels[i % 4]}/track-{i:06d}.wav"
+        path = os.path.join(lib, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"RIFF" + i.to_bytes(4, "little") + b"WAVE" + b"\0" * 64)
+        st = os.stat(path)
+        entries.append(TrackEntry(track_id_for(rel), rel, labels[i % 4], f"fp{i}", st.st_size, st.st_mtime_ns, 1, 1.0,
+                                  f"part-{i:020d}-bench.parquet"))
+    loc = Location.parse(uri)
+    loc.makedirs()
+    loc.write_json("manifest.json", {"format": "genrecls-dataset", "features": asdict(cfg.features),
+                                     "mel_shape": list(cfg.features.mel_shape), "labels": labels,
+                                     "counts": {"tracks": n}})
+    Dataset(loc).commit(upsert=entries_table(entries), operation="bench")
+    e = entries[-1]
+    w = ShardWriter(loc, e.shard, cfg.features)
+    w.add_track(track_id=e.track_id, path=e.path, label=e.label, fingerprint=e.fingerprint, size=e.size,
+                mtime_ns=e.mtime_ns, duration=1.0, mels=np.zeros((1, *cfg.features.mel_shape)), starts=[0.0])
+    w.close()
+
+
 def million(uri: str, n: int, cfg) -> None:
     """An index of ``n`` synthetic tracks (32 per shard name; rows only) and one real shard."""
     from dataclasses import asdict
@@ -283,7 +319,7 @@ def measure(name: str, fn, where: str, counter, root: str) -> dict:
     return {"what": name, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "requests": counts, "result": out}
 
 
-def run_size(n: int, where: str, base: str, server, proxy, cfg) -> list[dict]:
+def run_size(n: int, where: str, base: str, server, proxy, cfg, index_only: bool = False) -> list[dict]:
     from genrecls.jobs import ingest
     from genrecls.jobs.training import check_dataset, plan_training
     from genrecls.storage import Dataset
@@ -297,7 +333,7 @@ def run_size(n: int, where: str, base: str, server, proxy, cfg) -> list[dict]:
     else:
         uri = root = os.path.join(base, f"ds-{n}")
     t0 = time.perf_counter()
-    build(uri, lib, n, cfg)
+    (build_index_only if index_only else build)(uri, lib, n, cfg)
     built = time.perf_counter() - t0
     out = []
 
@@ -321,10 +357,11 @@ def run_size(n: int, where: str, base: str, server, proxy, cfg) -> list[dict]:
         check = check_dataset(uri, cfg)
         return plan_training(check, cfg)[0].tracks_per_split["train"]["total"]
 
-    for name, fn in (("legacy open (footers, 16 at once)", legacy), ("convert", convert), ("open", open_index),
-                     ("no-op ingest", noop_ingest), ("no-op ingest again", noop_ingest), ("train planning", plan)):
+    steps = [("legacy open (footers, 16 at once)", legacy), ("convert", convert)] if not index_only else []
+    for name, fn in steps + [("open", open_index), ("no-op ingest", noop_ingest), ("no-op ingest again", noop_ingest),
+                             ("train planning", plan)]:
         r = measure(name, fn, where, proxy, root)
-        r.update({"shards": n, "where": where, "load": load()})
+        r.update({"shards": n, "where": where, "load": load(), "index_only": index_only})
         print(f"{where:5} {n:6d} shards  {name:34} {r['seconds']:8.3f} s ({r['cpu_seconds']:7.3f} s CPU) "
               f"{r['requests']['total']:7d} requests", flush=True)
         out.append(r)
@@ -365,6 +402,8 @@ def main() -> None:
     p.add_argument("--tracks", type=int, help="tracks of the synthetic index (default 1,000,000; --quick 100,000)")
     p.add_argument("--where", nargs="*", default=["local", "s3"])
     p.add_argument("--no-million", action="store_true", help="skip the synthetic 1M-track planning")
+    p.add_argument("--index-only", action="store_true",
+                   help="commit the index directly (no shards to write, no legacy open or convert measured)")
     p.add_argument("--merge", action="store_true", help="replace these sizes' and stores' rows in the results file")
     a = p.parse_args()
     sizes = a.sizes if a.sizes is not None else ([20, 200] if a.quick else [200, 2000, 20000])
@@ -379,7 +418,9 @@ def main() -> None:
     if a.merge and os.path.exists(path):  # runs of some sizes or stores, one file
         with open(path) as f:
             old = json.load(f)
-        keep = lambda r: not (r.get("where") in a.where and (r.get("shards") in sizes or "tracks" in r))  # noqa: E731
+        keep = lambda r: not (r.get("where") in a.where and r.get("shards") in sizes  # noqa: E731
+                              and (not a.index_only or r.get("what") not in ("legacy open (footers, 16 at once)",
+                                                                               "convert", "build (not measured)")))
         results["sizes"] = [r for r in old.get("sizes", []) if keep(r)]
         results["million"] = [r for r in old.get("million", []) if r.get("where") not in a.where or a.no_million]
         results["runs"] = old.get("runs", []) + [old.get("load_at_start")]
@@ -394,7 +435,7 @@ def main() -> None:
             assert server_port
         for where in a.where:
             for n in sizes:
-                results["sizes"] += run_size(n, where, base, server, proxy, cfg)
+                results["sizes"] += run_size(n, where, base, server, proxy, cfg, a.index_only)
                 save(results, path)
             if not a.no_million:
                 results["million"].append(run_million(tracks, where, base, server, proxy, cfg))
