@@ -145,6 +145,61 @@ def _inspect():
     return add, run
 
 
+# -- the dataset's index: convert, compact, vacuum -----------------------------------------
+@command("convert", "give a dataset written before the track index its index (once; read from its shards' footers)")
+def _convert():
+    def add(p):
+        p.add_argument("dataset")
+
+    def run(a):
+        from genrecls.jobs.convert import convert, format_conversion
+
+        print(format_conversion(convert(a.dataset)))
+        return EXIT_OK
+
+    return add, run
+
+
+@command("compact", "merge a dataset's small shards and embedding parts into larger ones (one commit; no data changes)")
+def _compact():
+    def add(p):
+        from genrecls.jobs.compact import DEFAULT_TARGET_SEGMENTS
+
+        p.add_argument("dataset")
+        p.add_argument("--target-segments", type=int, default=DEFAULT_TARGET_SEGMENTS,
+                       help=f"segments per merged shard; shards under half of it are merged (default {DEFAULT_TARGET_SEGMENTS})")
+
+    def run(a):
+        from genrecls.jobs.compact import compact, format_compaction
+
+        print(format_compaction(compact(a.dataset, target_segments=a.target_segments)))
+        return EXIT_OK
+
+    return add, run
+
+
+@command("vacuum", "delete the shards, parts and index files that no version of the retention period references")
+def _vacuum():
+    def add(p):
+        from genrecls.jobs.vacuum import DEFAULT_RETENTION_HOURS
+
+        p.add_argument("dataset")
+        p.add_argument("--retention-hours", type=float, default=DEFAULT_RETENTION_HOURS,
+                       help=f"keep every version committed in the last H hours (default {DEFAULT_RETENTION_HOURS:g})")
+        p.add_argument("--keep-version", type=int, action="append", default=[], metavar="V",
+                       help="keep the files of index version V too (e.g. a registry version's dataset.version); repeatable")
+        p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+
+    def run(a):
+        from genrecls.jobs.vacuum import format_vacuum, vacuum
+
+        print(format_vacuum(vacuum(a.dataset, retention_hours=a.retention_hours, keep_versions=a.keep_version,
+                                   dry_run=a.dry_run)))
+        return EXIT_OK
+
+    return add, run
+
+
 # -- classify ---------------------------------------------------------------------------
 @command("classify", "predict the genre of every track of a library with a trained run (streaming Ray job)")
 def _classify():

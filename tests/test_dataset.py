@@ -1,4 +1,4 @@
-"""Shards: round trip of rows and metadata, streaming writes, atomicity, reconcile, failures."""
+"""Shards: round trip of rows and metadata, streaming writes, atomicity, failures (the index: tests/test_index.py)."""
 
 from __future__ import annotations
 
@@ -140,29 +140,6 @@ def test_track_buffer_spills_and_reads_back_in_order():
     buf.close()
     with pytest.raises(ValueError, match="start times"):
         TrackBuffer(CFG).append(m[:2], [0.0])
-
-
-def test_rewrite_without_and_reconcile(tmp_path):
-    first = "part-00000000000000000001-aaaaaaaa.parquet"
-    second = "part-00000000000000000002-bbbbbbbb.parquet"
-    write_shard(tmp_path, first, [("t1", "rock", 3, 1), ("t2", "rock", 2, 2), ("t3", "jazz", 2, 3)])
-    write_shard(tmp_path, second, [("t2", "rock", 4, 22)])  # t2 re-processed (changed file) in a later shard
-    (tmp_path / "shards" / ".tmp-dead-part.parquet").write_bytes(b"x")
-    ds = Dataset(str(tmp_path))
-    done = ds.reconcile(drop_track_ids={"t3"})  # t3 pruned
-    assert done == {"temporaries_removed": 1, "shards_rewritten": 1, "rows_superseded": 2}
-    ds = Dataset(str(tmp_path))  # fresh: footers read from disk
-    tracks = ds.tracks()
-    assert {k: (v.shard, v.n_segments) for k, v in tracks.items()} == {"t1": (first, 3), "t2": (second, 4)}
-    rows = ds.read_segments(columns=["track_id", "segment_index"]).to_pylist()
-    assert sorted((r["track_id"], r["segment_index"]) for r in rows) == [("t1", i) for i in range(3)] + [("t2", i) for i in range(4)]
-    assert sorted(os.listdir(tmp_path / "shards")) == [first, second]
-    # the rewritten shard keeps its metadata
-    assert pq.read_schema(tmp_path / "shards" / first).metadata[FEATURES_KEY] == pq.read_schema(tmp_path / "shards" / second).metadata[FEATURES_KEY]
-    # dropping the last track of a shard deletes the shard
-    ds.reconcile(drop_track_ids={"t2"})
-    assert os.listdir(tmp_path / "shards") == [first]
-    assert ds.reconcile() == {"temporaries_removed": 0, "shards_rewritten": 0, "rows_superseded": 0}
 
 
 def test_failures_table_newest_record_wins_and_compacts(tmp_path):

@@ -27,14 +27,14 @@ LAYERS = {"taggram": 50, "penultimate": 200, "max_pool": 753, "mean_pool": 753, 
 
 
 def store_rows(dataset) -> list[tuple[str, str, int]]:
-    """(track_id, fingerprint, segment_index) of every row of the store, sorted (duplicates kept)."""
+    """(track_id, fingerprint, segment_index) of every row the store's index serves, sorted (duplicates kept).
+
+    (A part is never rewritten: rows of entries that left the index stay in their part until vacuum.)"""
     d = os.path.join(str(dataset), "embeddings")
-    rows = []
-    for n in sorted(os.listdir(d)):
-        assert not n.startswith(".tmp-"), n  # no partial file is ever visible
-        t = pq.read_table(os.path.join(d, n), columns=["track_id", "fingerprint", "segment_index"])
-        rows += zip(*(t.column(c).to_pylist() for c in t.column_names))
-    return sorted(rows)
+    assert not [n for n in os.listdir(d) if n.startswith(".tmp-")]  # no partial file is ever visible
+    store = EmbeddingStore(str(dataset))
+    t = store.read(store.entries(), layers=[])
+    return sorted(zip(*(t.column(c).to_pylist() for c in ("track_id", "fingerprint", "segment_index")))) if t.num_rows else []
 
 
 def assert_store_matches_dataset(dataset) -> None:
@@ -156,6 +156,7 @@ def test_a_store_of_another_backbone_or_features_is_refused_never_mixed(dataset,
     from genrecls.cli import main
     from genrecls.jobs.ingest import ingest
     from genrecls.models.engine import backbone_id
+    from genrecls.storage.embeddings import stored_embedding
 
     ds = tmp_path / "ds"
     shutil.copytree(dataset, ds)
@@ -163,28 +164,26 @@ def test_a_store_of_another_backbone_or_features_is_refused_never_mixed(dataset,
     other = "msd_musicnn-000000000000"
     w = EmbeddingWriter(loc, "part-99999999999999999999-other.parquet",
                         embedding_schema(LAYERS, backbone=other, features=feature_preset("musicnn")))
-    w.add_track("x", "f", {k: np.zeros((1, v)) for k, v in LAYERS.items()})
+    first = sorted(Dataset(loc).tracks())[0]
+    w.add_track(first, Dataset(loc).tracks()[first].fingerprint, {k: np.zeros((2, v)) for k, v in LAYERS.items()})
     w.close()
+    how = stored_embedding("part-99999999999999999999-other.parquet", other, feature_preset("musicnn"), LAYERS, {})
+    as_columns = {f"embedding_{k}": v for k, v in asdict(how).items()}
+    Dataset(loc).commit(update={first: as_columns})  # one track's entry from another backbone
     with pytest.raises(EmbeddingStoreError, match=f"mixes two backbones.*{other}"):
         ingest(str(library), str(ds), Config(), progress=False)
-    shutil.rmtree(ds / "embeddings")
-    os.makedirs(ds / "embeddings")
-    w = EmbeddingWriter(loc, "part-0.parquet", embedding_schema(LAYERS, backbone=other, features=feature_preset("musicnn")))
-    w.add_track("x", "f", {k: np.zeros((1, v)) for k, v in LAYERS.items()})
-    w.close()
+    Dataset(loc).commit(update={t: as_columns for t in Dataset(loc).tracks()})  # the whole store: another backbone
     with pytest.raises(EmbeddingStoreError, match=f"backbone {other}, but this genrecls computes them with {backbone_id()}"):
         ingest(str(library), str(ds), Config(), progress=False)
     assert main(["ingest", str(library), "--out", str(ds), "-q"]) == 2  # bad input: the message says what to do
     assert f"delete {ds}/embeddings" in capsys.readouterr().err
-    assert store_rows(ds) == [("x", "f", 0)]  # nothing was mixed in
+    assert {e.part for e in EmbeddingStore(str(ds)).entries()} == {how.part}  # nothing was mixed in
     # another feature configuration (e.g. 4-s segments) is named too
     features = FeatureConfig(**{**asdict(feature_preset("musicnn")), "segment_hop": 20000})
+    Dataset(loc).commit(update={t: {"embedding_features": stored_embedding("p", other, features, LAYERS, {}).features}
+                                for t in Dataset(loc).tracks()})
     with pytest.raises(EmbeddingStoreError, match="segment_hop: stored 20000, asked 47616"):
-        store = EmbeddingStore(str(tmp_path / "x"))
-        w = EmbeddingWriter(store.location, "p.parquet", embedding_schema(LAYERS, backbone=other, features=features))
-        w.add_track("x", "f", {k: np.zeros((1, v)) for k, v in LAYERS.items()})
-        w.close()
-        store.check(other, feature_preset("musicnn"))
+        EmbeddingStore(str(ds)).check(other, feature_preset("musicnn"))
 
 
 def test_a_killed_ingest_resumes_with_no_duplicate_embedding(library, tmp_path, pauses):
@@ -210,36 +209,44 @@ def test_a_killed_ingest_resumes_with_no_duplicate_embedding(library, tmp_path, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # what was committed: the first batch (its shard and part); the second shard is in no version
+    assert len(Dataset(str(ds)).tracks()) == 3 and len(EmbeddingStore(str(ds)).entries()) == 3
     s = ingest(str(library), str(ds), Config().override(["ingest.tracks_per_task=3"]), progress=False)
-    assert s.backfilled_tracks == 3 and s.added == 3  # the second shard's tracks, then the third batch
+    assert s.backfilled_tracks == 0 and s.added == 6  # the second batch again (its orphan is vacuum's), the third
     assert_store_matches_dataset(ds)
 
 
-def test_reconcile_keeps_one_valid_entry_per_live_track(tmp_path):
-    """The store's rules without Ray: a changed fingerprint or a vanished track leaves; an older duplicate leaves."""
+def test_the_store_index_serves_a_track_only_with_its_fingerprint_and_never_mixes_backbones(tmp_path):
+    """The store's rules without Ray: its entries are the index's; a changed fingerprint does not serve."""
+    from genrecls.storage.embeddings import stored_embedding
+    from genrecls.storage.index import TrackEntry, entries_table
+
     loc = Location.parse(str(tmp_path / "ds"))
     loc.makedirs()
     features = feature_preset("musicnn")
-
-    def part(name, tracks):
-        w = EmbeddingWriter(loc, name, embedding_schema(LAYERS, backbone="b-1", features=features))
-        for tid, fp, n in tracks:
-            w.add_track(tid, fp, {k: np.full((n, v), 1.0) for k, v in LAYERS.items()})
-        return w.close()
-
-    part("part-1.parquet", [("a", "fa", 2), ("b", "fb", 1), ("c", "fc-old", 1)])
-    part("part-2.parquet", [("a", "fa", 2), ("c", "fc", 1)])  # a embedded again; c changed
-    store = EmbeddingStore(loc)
-    live = {"a": ("fa", 2), "c": ("fc", 1), "d": ("fd", 3)}  # b pruned, d never embedded
-    assert {t: e.part for t, e in store.valid_for(live).items()} == {"a": "part-2.parquet", "c": "part-2.parquet"}
-    done = store.reconcile(live)
-    assert done["entries_dropped"] == 3 and store.part_names() == ["part-2.parquet"]
-    assert sorted((e.track_id, e.part) for e in store.entries()) == [("a", "part-2.parquet"), ("c", "part-2.parquet")]
-    assert store.describe()["tracks"] == 2 and store.describe()["backbone"] == "b-1"
+    w = EmbeddingWriter(loc, "part-1.parquet", embedding_schema(LAYERS, backbone="b-1", features=features))
+    for tid, fp, n in [("a", "fa", 2), ("c", "fc", 1)]:
+        w.add_track(tid, fp, {k: np.full((n, v), 1.0) for k, v in LAYERS.items()})
+    w.close()
+    how = stored_embedding("part-1.parquet", "b-1", features, LAYERS, {"engine": "test"})
+    entries = [TrackEntry(t, f"x/{t}.wav", "x", fp, 1, 1, n, 1.0, "s.parquet") for t, fp, n in
+               [("a", "fa", 2), ("c", "fc", 1), ("d", "fd", 3)]]
+    ds = Dataset(loc)
+    ds.commit(upsert=entries_table(entries, {"a": how, "c": how}))
+    store = EmbeddingStore(Dataset(loc))
+    assert sorted((e.track_id, e.part) for e in store.entries()) == [("a", "part-1.parquet"), ("c", "part-1.parquet")]
+    assert set(store.valid_for({"a": ("fa", 2), "c": ("fc-changed", 1), "d": ("fd", 3)})) == {"a"}
+    d = store.describe()
+    assert (d["tracks"], d["segments"], d["backbone"], d["engines"]) == (2, 3, "b-1", [{"engine": "test"}])
+    assert store.read(store.entries(), ["taggram"]).num_rows == 3
     with pytest.raises(EmbeddingStoreError, match="backbone b-1, but this genrecls computes them with b-2"):
         store.check("b-2", features)
     with pytest.raises(DatasetError):  # an EmbeddingStoreError is a DatasetError: exit code 2 at the CLI
         store.check("b-2", features)
+    other = stored_embedding("part-2.parquet", "b-2", features, LAYERS, {})
+    Dataset(loc).commit(update={"d": {f"embedding_{k}": v for k, v in other.__dict__.items()}})
+    with pytest.raises(EmbeddingStoreError, match="mixes two backbones"):
+        EmbeddingStore(str(tmp_path / "ds")).describe()
 
 
 def test_parts_are_written_in_row_groups_of_the_stores_own_size(tmp_path):

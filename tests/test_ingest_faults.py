@@ -32,7 +32,8 @@ from genrecls.storage.dataset import Dataset, OutputError
 
 
 def content(out) -> list[tuple]:
-    t = pads.dataset(os.path.join(str(out), "shards"), format="parquet").to_table()
+    """The rows of the dataset's newest version, by content (readers go through the index)."""
+    t = Dataset(str(out)).read_segments()
     mel = t.column("mel")
     return sorted((r["track_id"], r["segment_index"], r["path"], r["label"], r["start_seconds"],
                    hashlib.sha1(mel[i].values.to_numpy(zero_copy_only=False).tobytes()).hexdigest())
@@ -98,10 +99,13 @@ def test_a_killed_driver_then_the_same_command_gives_the_undisturbed_rows(sample
     while task_processes():
         time.sleep(0.1)
     # what readers see meanwhile: complete shards only (temporaries are hidden and not *.parquet)
-    partial = Dataset(str(out))
+    partial = Dataset(str(out))  # the committed versions: each whole
     assert 0 < len(partial.tracks()) < 24
     for e in partial.track_entries():
         assert pq.read_metadata(out / "shards" / e.shard).num_rows >= e.n_segments
+    seen = partial.read_segments(columns=["track_id"]).column("track_id").to_pylist()
+    assert {t: seen.count(t) for t in set(seen)} == {t: e.n_segments for t, e in partial.tracks().items()}
+    # (shards the killed run wrote after its last commit are in no version: their rows are not in `seen`)
     assert all(n.endswith(".parquet") and not n.startswith(".") for n in pads.dataset(
         str(out / "shards"), format="parquet").files for n in [os.path.basename(n)])
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -150,6 +150,18 @@ def test_retrain_promotes_a_better_challenger_keeps_a_worse_one_and_leaves_new_l
     assert reg.version_info("v0003")["holdout"] == holdout
     assert [d["decision"] for d in reg.decisions()] == [PROMOTED, UNCHANGED, UNCHANGED, KEPT]
 
+    # a registered version records the index version it was trained on, and evaluate re-reads exactly it
+    import json
+
+    from genrecls.models.evaluation import evaluate_run
+
+    v2 = reg.version_info("v0002")["dataset"]["version"]
+    assert isinstance(v2, int) and v2 < Dataset(ds).version  # the dataset moved on since (6 tracks added)
+    again = evaluate_run(reg.version_location("v0002").uri)
+    own = json.loads((tmp_path / "registry" / "versions" / "v0002" / "metrics.json").read_text())
+    assert again["scope"]["dataset_version"] == v2
+    assert (again["test_tracks"], again["test_track_accuracy"]) == (own["test_tracks"], own["test_track_accuracy"])
+
     # manual promotion and rollback through the CLI
     assert main(["models", "promote", reg_dir, "v0003"]) == 0 and reg.champion() == "v0003"
     assert main(["models", "rollback", reg_dir]) == 0 and reg.champion() == "v0002"
@@ -171,3 +183,43 @@ def test_promote_and_rollback_take_the_registry_lock(tmp_path, capsys):
         assert main(["models", "rollback", reg_dir]) == 4
     err = capsys.readouterr().err
     assert err.count("is in use by genrecls retrain (pid") == 2
+
+
+def champion_race(reg: Registry, versions: list[str]) -> None:
+    """Every version promoted at once by its own thread, bypassing the registry's lock (as a holder whose lease
+    expired would): the pointer's compare-and-swap must keep every promotion in the champion's history."""
+    import threading
+
+    barrier = threading.Barrier(len(versions))
+    errors = []
+
+    def promote(v):
+        barrier.wait()
+        try:
+            reg.set_champion(v, reason=f"race {v}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    current = reg.location.read_json("champion.json")
+    assert sorted([current["version"], *current["previous"]]) == sorted(versions)  # no update lost
+
+
+def fake_versions(reg: Registry, n: int) -> list[str]:
+    versions = [f"v{i:04d}" for i in range(1, n + 1)]
+    for v in versions:
+        reg.location.write_json(f"versions/{v}/version.json", {"version": v, "dataset": {}})
+    return versions
+
+
+def test_the_champion_swap_loses_no_update_under_a_race(tmp_path):
+    from genrecls.storage.registry import ChampionConflict
+
+    reg = Registry(str(tmp_path / "registry"))
+    versions = fake_versions(reg, 8)
+    champion_race(reg, versions)
+    with pytest.raises(ChampionConflict, match="not v0099 as when v0001 was compared"):
+        reg.set_champion("v0001", reason="retrain", expected="v0099")

@@ -386,3 +386,104 @@ def test_the_embedding_store_on_s3(s3_server, bucket, tmp_path, ray_local):
     out = classify(str(lib), uri("run"), uri("preds"), Config(), progress=False)
     assert out["classified"] == 11
     assert all(len(v) == 200 for v in read_predictions(uri("preds")).column("embedding").to_pylist())
+
+
+# -- the dataset's index on S3: commits are conditional creates of the log's next entry --------------
+def test_index_commits_race_on_s3_one_wins_the_other_fails_cleanly(s3_server, bucket):
+    """Two writers on one version of an s3:// index commit at once: one commit lands, the other raises
+    CommitConflict and leaves nothing (its index file deleted); a stale session's commit is refused too."""
+    from genrecls.storage.index import CommitConflict, IndexWriter, TrackEntry, entries_table
+
+    loc = Location.parse(s3_server.uri(bucket, "index-race/ds"))
+    first = IndexWriter(loc, "first").open()
+    first.commit(upsert=entries_table([TrackEntry("t1", "x/t1.wav", "x", "f1", 1, 1, 1, 1.0, "s.parquet")]))
+    a, b = IndexWriter(loc, "a").open(), IndexWriter(loc, "b")
+    b.snapshot, b.epoch = a.snapshot, a.epoch  # both on the same version
+    barrier, results = threading.Barrier(2), {}
+
+    def go(w, label):
+        barrier.wait()
+        try:
+            w.commit(update={"t1": {"label": label}})
+            results[label] = "ok"
+        except CommitConflict:
+            results[label] = "conflict"
+
+    threads = [threading.Thread(target=go, args=(w, lab)) for w, lab in ((a, "a"), (b, "b"))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(results.values()) == ["conflict", "ok"]
+    winner = next(k for k, v in results.items() if v == "ok")
+    assert Dataset(loc).tracks()["t1"].label == winner
+    index_files = [k for k in s3_server.keys(bucket, "index-race/ds/index/") if k.endswith(".parquet")
+                   and "/_delta_log/" not in k]
+    assert len(index_files) == 2  # first's and the winner's rewrite of it: nothing of the loser
+    with pytest.raises(CommitConflict):  # first's session is stale: a and b committed since
+        first.commit(delete=["t1"])
+    assert "t1" in Dataset(loc).tracks()
+
+
+def test_a_stale_lease_holder_cannot_commit(s3_server, bucket):
+    """A holds the dataset's lock and its writer session; its lease is lost (the lock object gone, as after an
+    expiry and a takeover) and B takes the lock and commits its fence: A's next commit is refused, and A's lock
+    reports the loss when released."""
+    from genrecls.storage.index import CommitConflict, TrackEntry, entries_table
+
+    uri = s3_server.uri(bucket, "stale/ds")
+    loc = Location.parse(uri)
+    loc.write_json("manifest.json", {"features": {}})
+    ds_a = Dataset(uri)
+    with pytest.raises(LockedError, match="lost its lock"):
+        with folder_lock(loc, "holder a", protocol="conditional"):
+            with ds_a.writing("holder a"):
+                s3_server.client().delete_object(Bucket=bucket, Key="stale/ds/.lock.json")  # A's lease is gone
+                with folder_lock(loc, "holder b", protocol="conditional"):
+                    with Dataset(uri).writing("holder b"):
+                        pass
+                with pytest.raises(CommitConflict, match="holder b"):
+                    ds_a.commit(upsert=entries_table([TrackEntry("t1", "x/t1.wav", "x", "f", 1, 1, 1, 1.0, "s")]))
+    history = [h.get("genrecls.what") for h in __import__("deltalake").DeltaTable(
+        f"s3://{bucket}/stale/ds/index", storage_options={"AWS_ENDPOINT_URL": f"http://{s3_server.endpoint}",
+                                                          "AWS_ALLOW_HTTP": "true"}).history()]
+    assert history[0] == "holder b"  # nothing of A after B's fence
+    assert not Dataset(uri).tracks()
+
+
+def test_a_reader_of_version_v_reads_all_of_it_while_an_ingest_commits_and_a_prune_deletes(
+        s3_server, bucket, s3_cfg, tiny_library, tmp_path, ray_local):
+    """On S3: a reader opens version v; an ingest then adds tracks and prunes others (new versions); the
+    reader still reads every row of v (no shard was deleted or rewritten), and a new reader sees the new one."""
+    from genrecls.core.config import load_config
+    from genrecls.jobs.ingest import ingest
+
+    lib = tmp_path / "lib"
+    shutil.copytree(tiny_library, lib)
+    uri = s3_server.uri(bucket, "snapshot/ds")
+    cfg = load_config(str(s3_cfg))
+    ingest(str(lib), uri, cfg, progress=False)
+    reader = Dataset(uri)
+    v = reader.version
+    expected = Dataset(uri, version=v).read_segments(columns=["track_id", "segment_index", "mel"])
+    gone = sorted(os.listdir(lib / sorted(os.listdir(lib))[0]))[:2]
+    for name in gone:
+        os.remove(lib / sorted(os.listdir(lib))[0] / name)
+    from genrecls.audio.sample_data import make_sample_collection
+
+    make_sample_collection(str(tmp_path / "more"), genres=3, tracks_per_genre=1, seconds=3.0, seed=13)
+    for genre in os.listdir(tmp_path / "more"):
+        for f in os.listdir(tmp_path / "more" / genre):
+            shutil.copy(tmp_path / "more" / genre / f, lib / genre / f"new_{f}")
+    s = ingest(str(lib), uri, cfg, progress=False, prune=True)
+    assert (s.added, s.pruned) == (3, 2) and s.index_version > v
+    got = reader.read_segments(columns=["track_id", "segment_index", "mel"])  # the reader opened v before
+    key = lambda t: sorted(zip(t.column("track_id").to_pylist(), t.column("segment_index").to_pylist(),
+                               [bytes(memoryview(m.values.to_numpy(zero_copy_only=False))) for m in t.column("mel")]))
+    assert reader.version == v and key(got) == key(expected)
+    assert len(reader.tracks()) == 12 and len(Dataset(uri).tracks()) == 13
+
+
+def test_the_champion_swap_on_s3_loses_no_update_under_a_race(s3_server, bucket):
+    from test_retrain import champion_race, fake_versions
+
+    reg = Registry(s3_server.uri(bucket, "cas/registry"))
+    champion_race(reg, fake_versions(reg, 6))

@@ -148,9 +148,13 @@ def test_train_without_a_store_computes_the_embeddings_and_never_writes_the_data
     import shutil
 
     from genrecls.jobs.training import train
+    from genrecls.storage.dataset import Dataset
+    from genrecls.storage.index import EMBEDDING_COLUMNS
 
     ds = tmp_path / "ds"
     shutil.copytree(musicnn_dataset, ds)
+    # as if ingested with ingest.embeddings=off: no track has an entry in the store
+    Dataset(str(ds)).commit(update={t: dict.fromkeys(EMBEDDING_COLUMNS) for t in Dataset(str(ds)).tracks()})
     shutil.rmtree(ds / "embeddings")
     before = sorted(os.listdir(ds))
     cfg = musicnn_cfg.override(["train.head_candidates=penultimate,mean_pool+bands", "train.head_c=0.1"])

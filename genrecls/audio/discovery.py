@@ -117,7 +117,11 @@ def discover_folder(source: str | os.PathLike) -> Discovery:
     found = Discovery(root=root)
     seen_dirs: set[tuple[int, int]] = set()
 
+    prefix = root.rstrip(os.sep) + os.sep
+
     def rel(p: str) -> str:
+        if p.startswith(prefix) and os.sep == "/":  # the walk's own paths: a slice (relpath costs 0.1 ms a file)
+            return p[len(prefix):]
         return Path(os.path.relpath(p, root)).as_posix()
 
     def walk(folder: str, label: str | None) -> int:

@@ -499,9 +499,15 @@ class RetrainConfig:
     #: the challenger must beat the champion's holdout track accuracy by at least this much
     min_improvement: float = 0.0
     metric: str = "test_track_accuracy"
+    #: after its ingest, a cycle compacts the dataset (genrecls compact) when it has at least this many small
+    #: shards (under half compact_segments segments); 0 never
+    compact_shards: int = 256
+    compact_segments: int = 8192
 
     def validate(self) -> "RetrainConfig":
         _check(-1 <= self.min_improvement <= 1, "retrain.min_improvement", "must be in [-1, 1]")
+        _check(self.compact_shards >= 0, "retrain.compact_shards", "must be >= 0 (0: never compact)")
+        _check(self.compact_segments >= 2, "retrain.compact_segments", "must be >= 2")
         _check(self.metric in RETRAIN_METRICS, "retrain.metric",
                f"unknown metric {self.metric!r}; known: {', '.join(RETRAIN_METRICS)}")
         return self

@@ -1,10 +1,13 @@
-"""The jobs a user runs, peers above everything else: ingest, train, classify, retrain, inspect, demo.
+"""The jobs a user runs, peers above everything else: ingest, train, classify, retrain, inspect, demo, and the
+dataset's upkeep: convert, compact, vacuum.
 
 Imports every lower layer; a job may call another job (retrain runs ingest and train).
 """
 
 from genrecls.jobs.classify import classify, resolve_run
 from genrecls.jobs.classify import format_summary as format_classify_summary
+from genrecls.jobs.compact import compact, format_compaction
+from genrecls.jobs.convert import convert, format_conversion
 from genrecls.jobs.demo import run_demo
 from genrecls.jobs.ingest import (
     EmbedSpec,
@@ -41,8 +44,15 @@ from genrecls.jobs.tagging import (
 )
 from genrecls.jobs.tagging import format_summary as format_tag_summary
 from genrecls.jobs.training import TrainingError, resume_inputs, train
+from genrecls.jobs.vacuum import format_vacuum, vacuum
 
 __all__ = [
+    "compact",
+    "format_compaction",
+    "convert",
+    "format_conversion",
+    "vacuum",
+    "format_vacuum",
     "featurise_batch",
     "Scorer",
     "stream",

@@ -8,7 +8,12 @@ files it could not use.  A task whose worker dies is retried by Ray; a batch tha
 killing its worker is split so that only the poisonous file is recorded as failed.
 
 Re-running the same command is safe at any point: tracks land in a shard only whole,
-shards appear only complete, and a reconcile step keeps each track in exactly one shard.
+shards appear only complete, and a track is in the dataset once the driver committed the
+shard's tracks to the dataset's index (:mod:`genrecls.storage.index`; every
+:data:`COMMIT_SHARDS` shards, the first ones sooner, at the end, and when the run is stopped): a killed run leaves
+committed versions, each whole, and shards no version references, which no reader sees and
+``genrecls vacuum`` deletes.  A changed track's new row replaces its old one in a commit; its
+old rows stay in their shard (never rewritten) until vacuumed.
 
 The embedding store (``DATASET/embeddings/``, :mod:`genrecls.storage.embeddings`).  When the
 dataset's preset feeds the pretrained backbone (``musicnn``) and ``ingest.embeddings`` is
@@ -67,7 +72,8 @@ from genrecls.storage.dataset import (
     ShardWriter,
     TrackBuffer,
 )
-from genrecls.storage.embeddings import EmbeddingStore, EmbeddingWriter, embedding_schema
+from genrecls.storage.embeddings import EmbeddingStore, EmbeddingWriter, embedding_schema, stored_embedding
+from genrecls.storage.index import TrackEntry, entries_table
 from genrecls.storage.location import Location, new_shard_name
 from genrecls.storage.locks import folder_lock
 from genrecls.storage.records import problem_rows, record_row, warning_row
@@ -78,6 +84,10 @@ __all__ = ["TrackTask", "EmbedSpec", "IngestSummary", "process_batch", "embed_st
 #: tracks already in the dataset whose embeddings are computed in this process rather than by Ray tasks, at
 #: most this many segments (about 12 s of the backbone on one core)
 BACKFILL_IN_PROCESS_SEGMENTS = 1000
+#: the driver commits the tracks of finished tasks to the index once this many shards wait (or this many
+#: seconds passed since its last commit), at the end, and when the run is stopped
+COMMIT_SHARDS = 64
+COMMIT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -208,7 +218,9 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
             "embedded_tracks": embedder.n_tracks if embedder is not None else 0,
             "embedded_segments": embedder.segments if embedder is not None else 0,
             "embed_seconds": embed_seconds, "embedding_bytes": embed_bytes,
-            "engine": backbone.describe() if backbone is not None else None}
+            "engine": backbone.describe() if backbone is not None else None,
+            # what the driver commits to the index once the shard (and its part) are whole
+            "entries": writer.entries, "embedded": [e["track_id"] for e in embedder.entries] if embedder else []}
 
 
 def embed_stored(dataset_uri: str, shard: str, tracks: list[tuple[str, str]], part_name: str, cfg: FeatureConfig,
@@ -248,7 +260,8 @@ def embed_stored(dataset_uri: str, shard: str, tracks: list[tuple[str, str]], pa
             writer.abort()
             raise
     return {"tracks": writer.n_tracks, "segments": writer.segments, "bytes": part_bytes,
-            "embed_seconds": time.perf_counter() - t0, "engine": backbone.describe()}
+            "embed_seconds": time.perf_counter() - t0, "engine": backbone.describe(),
+            "part": part_name if writer.n_tracks else None, "entries": writer.entries}
 
 
 @dataclass
@@ -287,29 +300,39 @@ class IngestSummary:
     embedding_bytes: int = 0
     #: what computed them (genrecls.models.engine.BackboneEngine.describe, of the first task)
     engine: dict[str, Any] | None = None
+    #: tracks given another label in the index (same file, another label in a manifest)
+    relabelled: int = 0
+    #: the index's version this run left (genrecls.storage.index), and its commits
+    index_version: int | None = None
+    commits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[TrackTask], int, int]:
+def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[TrackTask], int, int, dict[str, Any]]:
+    """What to do: the tracks to process, how many are unchanged, how many are known failures, and the
+    tracks whose label alone changed (a manifest's; committed as a relabel, nothing re-read)."""
     index = ds.tracks()
     touched = ds.touched()
     known_failures = {} if retry_failed else {
         r["path"]: (r["size"], r["mtime_ns"]) for r in ds.failures().to_pylist()}
     todo, unchanged, known_failed = [], 0, 0
+    relabel: dict[str, Any] = {}
     for t in found.tracks:
         e = index.get(t.track_id)
-        if e is not None and e.path == t.rel_path and e.label == t.label and (
+        if e is not None and e.path == t.rel_path and (
                 (e.size, e.mtime_ns) == (t.size, t.mtime_ns) or touched.get(t.track_id) == (t.size, t.mtime_ns, e.fingerprint)):
             unchanged += 1
+            if e.label != t.label:
+                relabel[t.track_id] = t.label
             continue
         if e is None and known_failures.get(t.rel_path) == (t.size, t.mtime_ns):
             known_failed += 1
             continue
         known = e.fingerprint if e is not None and e.label == t.label else None
         todo.append(TrackTask(t.path, t.rel_path, t.label, t.size, t.mtime_ns, known))
-    return todo, unchanged, known_failed
+    return todo, unchanged, known_failed, relabel
 
 
 def _write_manifest(ds: Dataset, cfg: Config, source: str, root: str, versions: dict[str, str],
@@ -344,6 +367,7 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, root: str, versions: 
         },
         "versions": versions,
         "embeddings": _store_record(ds, previous.get("embeddings"), engine),
+        "index": {"format": "delta", "folder": "index", "version": ds.version},
     }
     ds.location.write_json("manifest.json", manifest)
 
@@ -351,7 +375,7 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, root: str, versions: 
 def _store_record(ds: Dataset, previous: dict[str, Any] | None, engine: dict[str, Any] | None) -> dict[str, Any] | None:
     """The manifest's record of the embedding store: what it holds and what computed it (None: no store)."""
     try:
-        d = EmbeddingStore(ds.location).describe()
+        d = EmbeddingStore(ds).describe()
     except DatasetError:  # a store another backbone wrote: refused before, recorded as it was
         return previous
     if d is None:
@@ -409,53 +433,124 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
     loc = ds.location
     source_abs = os.path.abspath(source) if "://" not in source else source
     check_features_match(ds, cfg.features)
-    store = EmbeddingStore(loc)
-    embed = _embed_spec(cfg, store, summary)  # refuses a store of another backbone before anything is done
-    repaired = ds.reconcile()
-    repaired.update(_reconcile_store(ds, store))
-    if repaired["temporaries_removed"] or repaired["rows_superseded"] or repaired["entries_dropped"]:
-        log.info("repaired an interrupted run: %s", repaired)
-    if not ds.exists():
-        _write_manifest(ds, cfg, source_abs, found.root, versions)
-    loc.write_text("config.json", cfg.to_json() + "\n")
-    todo, summary.skipped_unchanged, summary.skipped_known_failures = _plan(found, ds, cfg.ingest.retry_failed)
-    vanished: set[str] = set()
-    if prune:
-        present = {t.track_id for t in found.tracks}
-        vanished = {tid for tid in ds.tracks() if tid not in present}
-    backfill = _backfill_plan(ds, store, todo, vanished) if embed is not None else []
-    try:
-        if (todo or backfill) and runs_in_process(todo, cfg, address) and _backfill_segments(backfill) <= BACKFILL_IN_PROCESS_SEGMENTS:
-            _run_in_process(todo, cfg, loc, summary, progress, embed)
-            _backfill_in_process(backfill, cfg, loc, summary, progress, embed)
-        elif todo or backfill:
-            _prepare_backbone(embed)
-            with ray_session(address, workers, verbose=verbose, data=False):
-                if todo:
-                    _run_tasks(todo, cfg, loc, summary, workers, progress, embed)
-                _backfill_tasks(backfill, cfg, loc, summary, workers, progress, embed)
-    except BaseException:
-        try:  # leave the dataset as readers expect it: no temporaries, manifest matching the shards
-            ds.reconcile()
-            _reconcile_store(ds, store)
-            _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
-        except Exception:
-            pass
-        raise
-    problems = problem_rows(found.problems)
-    ds.write_failures(problems)
-    for p in found.problems:
-        summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
-    summary.failed += len(problems)
-    summary.pruned = len(vanished)
-    ds.reconcile(drop_track_ids=vanished)
-    _reconcile_store(ds, store)
-    if ds.location.exists("touched"):
-        ds.record_touched({})  # forget entries of tracks re-processed or pruned since
-    live = {e.path for e in ds.tracks().values()}
-    ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
-    ds.compact_warnings()
-    _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
+    with ds.writing("genrecls ingest"):  # converts a dataset from before the index; the session's fence
+        store = EmbeddingStore(ds)
+        embed = _embed_spec(cfg, store, summary)  # refuses a store of another backbone before anything is done
+        repaired = ds.reconcile()
+        repaired.update(_reconcile_store(ds, store))
+        if repaired["temporaries_removed"] or repaired.get("store_temporaries_removed"):
+            log.info("removed the temporary files of an interrupted run: %s", repaired)
+        if not ds.exists():
+            _write_manifest(ds, cfg, source_abs, found.root, versions)
+        loc.write_text("config.json", cfg.to_json() + "\n")
+        todo, summary.skipped_unchanged, summary.skipped_known_failures, relabel = _plan(found, ds, cfg.ingest.retry_failed)
+        if relabel:
+            summary.relabelled = ds.relabel(relabel)
+        vanished: set[str] = set()
+        if prune:
+            present = {t.track_id for t in found.tracks}
+            vanished = {tid for tid in ds.tracks() if tid not in present}
+        backfill = _backfill_plan(ds, store, todo, vanished) if embed is not None else []
+        committer = _Committer(ds, cfg, embed, summary)
+        try:
+            if (todo or backfill) and runs_in_process(todo, cfg, address) and _backfill_segments(backfill) <= BACKFILL_IN_PROCESS_SEGMENTS:
+                _run_in_process(todo, cfg, loc, summary, progress, embed, committer)
+                _backfill_in_process(backfill, cfg, loc, summary, progress, embed, committer)
+            elif todo or backfill:
+                _prepare_backbone(embed)
+                with ray_session(address, workers, verbose=verbose, data=False):
+                    if todo:
+                        _run_tasks(todo, cfg, loc, summary, workers, progress, embed, committer)
+                    _backfill_tasks(backfill, cfg, loc, summary, workers, progress, embed, committer)
+        except BaseException:
+            try:  # keep what finished: one commit of the shards complete so far, the manifest matching it
+                committer.flush()
+                _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
+            except Exception:
+                pass
+            raise
+        committer.flush()
+        problems = problem_rows(found.problems)
+        ds.write_failures(problems)
+        for p in found.problems:
+            summary.failures_by_kind[p.kind] = summary.failures_by_kind.get(p.kind, 0) + 1
+        summary.failed += len(problems)
+        summary.pruned = len(vanished)
+        if vanished:
+            ds.reconcile(drop_track_ids=vanished)  # one commit; the pruned rows stay in their shards until vacuum
+        live = {e.path for e in ds.tracks().values()}
+        ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
+        ds.compact_warnings()
+        _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
+        summary.index_version = ds.version
+
+
+class _Committer:
+    """Commits what finished tasks wrote (their shards' tracks, their parts' embeddings, unchanged files' new
+    stats) to the dataset's index, a batch of tasks per commit: after 1 shard, then 2, 4... up to every
+    :data:`COMMIT_SHARDS` shards (or :data:`COMMIT_SECONDS`), and at the end (:meth:`flush`)."""
+
+    def __init__(self, ds: Dataset, cfg: Config, embed: EmbedSpec | None, summary: IngestSummary):
+        self.ds, self.cfg, self.embed, self.summary = ds, cfg, embed, summary
+        self.rows: list[TrackEntry] = []
+        self.stored: dict[str, Any] = {}
+        self.touched: dict[str, tuple[int, int, str]] = {}
+        self.backfilled: dict[str, tuple[Any, str, int]] = {}
+        self.shards = 0
+        self.since = time.monotonic()
+        #: shards before the next commit: 1, 2, 4... up to COMMIT_SHARDS (the first shards are kept early)
+        self.threshold = 1
+
+    def _stored(self, part: str, engine: dict[str, Any] | None):
+        from genrecls.models.engine import BACKBONE_OUTPUTS
+
+        return stored_embedding(part, self.embed.backbone, self.cfg.features, BACKBONE_OUTPUTS, engine)
+
+    def add(self, res: dict[str, Any]) -> None:
+        """A task's result (:func:`process_batch`)."""
+        self.touched.update({tid: (size, mtime, fp) for tid, size, mtime, fp in res["unchanged"]})
+        if res["shard"]:
+            self.rows += [TrackEntry(shard=res["shard"], **e) for e in res.get("entries", [])]
+            if res.get("embedded"):
+                how = self._stored(res["shard"], res.get("engine"))
+                self.stored.update({tid: how for tid in res["embedded"]})
+            self.shards += 1
+        self.maybe_flush()
+
+    def add_backfill(self, res: dict[str, Any]) -> None:
+        """A result of :func:`embed_stored`: its part's tracks get their embedding entry."""
+        if res.get("part"):
+            how = self._stored(res["part"], res.get("engine"))
+            self.backfilled.update({e["track_id"]: (how, e["fingerprint"], e["n_segments"]) for e in res["entries"]})
+            self.shards += 1
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        if self.shards >= self.threshold or (self.shards and time.monotonic() - self.since >= COMMIT_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """One commit of everything waiting (nothing when nothing waits)."""
+        if self.rows:
+            self.ds.commit(upsert=entries_table(self.rows, self.stored), operation="ingest")
+            self.summary.commits += 1
+        if self.backfilled:
+            tracks = self.ds.tracks()
+            update = {}
+            for tid, (how, fp, n) in self.backfilled.items():
+                e = tracks.get(tid)
+                if e is not None and (e.fingerprint, e.n_segments) == (fp, n):  # not changed since it was planned
+                    update[tid] = {f"embedding_{k}": v for k, v in asdict(how).items()}
+            if update:
+                self.ds.commit(update=update, operation="embed stored segments")
+                self.summary.commits += 1
+        if self.touched and self.ds.record_touched(self.touched):
+            self.summary.commits += 1
+        self.rows, self.stored, self.backfilled, self.touched = [], {}, {}, {}
+        if self.shards:
+            self.threshold = min(2 * self.threshold, COMMIT_SHARDS)
+        self.shards = 0
+        self.since = time.monotonic()
 
 
 def _embed_spec(cfg: Config, store: EmbeddingStore, summary: IngestSummary) -> EmbedSpec | None:
@@ -491,16 +586,11 @@ def _prepare_backbone(embed: EmbedSpec | None) -> None:
         log.warning("could not convert the backbone for the inference runtimes: %s", exc)
 
 
-def _live(ds: Dataset) -> dict[str, tuple[str, int]]:
-    return {tid: (e.fingerprint, e.n_segments) for tid, e in ds.tracks().items()}
-
-
 def _reconcile_store(ds: Dataset, store: EmbeddingStore) -> dict[str, int]:
-    """The store's entries of tracks no longer in the dataset (or changed since) leave it; one part per track."""
+    """Temporary files of a killed run in the store's folder go (its index is the dataset's: nothing else)."""
     if not store.location.exists("embeddings"):
-        return {"entries_dropped": 0}
-    done = store.reconcile(_live(ds))
-    return {"entries_dropped": done["entries_dropped"], "store_temporaries_removed": done["temporaries_removed"]}
+        return {"store_temporaries_removed": 0}
+    return {"store_temporaries_removed": store.reconcile()["temporaries_removed"]}
 
 
 def _backfill_plan(ds: Dataset, store: EmbeddingStore, todo: list[TrackTask],
@@ -538,20 +628,22 @@ def _add_backfill(summary: IngestSummary, res: dict[str, Any]) -> None:
 
 
 def _backfill_in_process(plan, cfg: Config, loc: Location, summary: IngestSummary, show_progress: bool,
-                         embed: EmbedSpec | None) -> None:
+                         embed: EmbedSpec | None, committer: "_Committer") -> None:
     if not plan:
         return
     bar = Progress(len(plan), "shards embedded", enabled=show_progress)
     try:
         for shard, tracks in _backfill_batches(plan, cfg.ingest.tracks_per_task):
-            _add_backfill(summary, embed_stored(loc.uri, shard, tracks, new_shard_name(), cfg.features, embed))
+            res = embed_stored(loc.uri, shard, tracks, new_shard_name(), cfg.features, embed)
+            _add_backfill(summary, res)
+            committer.add_backfill(res)
             bar.update(done=1)
     finally:
         bar.close()
 
 
 def _backfill_tasks(plan, cfg: Config, loc: Location, summary: IngestSummary, workers: int | None,
-                    show_progress: bool, embed: EmbedSpec | None) -> None:
+                    show_progress: bool, embed: EmbedSpec | None, committer: "_Committer") -> None:
     """Embed stored segments of tracks the store lacks, one Ray task per batch of a shard's tracks."""
     if not plan:
         return
@@ -581,6 +673,7 @@ def _backfill_tasks(plan, cfg: Config, loc: Location, summary: IngestSummary, wo
                     cause = getattr(exc, "cause", None)
                     raise (cause if isinstance(cause, DatasetError) else exc) from None
                 _add_backfill(summary, res)
+                committer.add_backfill(res)
                 bar.update(done=1)
     finally:
         bar.close()
@@ -589,21 +682,20 @@ def _backfill_tasks(plan, cfg: Config, loc: Location, summary: IngestSummary, wo
 class _Tally:
     """Adds each batch's result to the run's summary and progress line (Ray tasks or in-process alike)."""
 
-    def __init__(self, todo: list[TrackTask], summary: IngestSummary, show_progress: bool):
+    def __init__(self, todo: list[TrackTask], summary: IngestSummary, show_progress: bool, committer: "_Committer"):
         self.summary = summary
+        self.committer = committer
         self.bar = Progress(len(todo), "tracks", enabled=show_progress)
         self.kinds: Counter[str] = Counter(summary.failures_by_kind)
         self.warned: Counter[str] = Counter()
         self.nodes: set[str] = set()
         self.pids: set[int] = set()
-        self.touched: dict[str, tuple[int, int, str]] = {}
 
     def add(self, batch: list[TrackTask], res: dict[str, Any]) -> None:
         s = self.summary
         s.processed += len(batch)
         s.added += res["tracks"]
         s.unchanged_content += len(res["unchanged"])
-        self.touched.update({tid: (size, mtime, fp) for tid, size, mtime, fp in res["unchanged"]})
         s.failed += len(res["failures"])
         s.segments_added += res["segments"]
         s.audio_seconds += res["audio_seconds"]
@@ -622,12 +714,12 @@ class _Tally:
         if res["pid"]:
             self.pids.add(res["pid"])
         self.bar.update(done=len(batch), failed=len(res["failures"]), audio_seconds=res["audio_seconds"])
+        self.committer.add(res)
         if res["shard"]:
             pause_point("ingest-shard-written")
 
-    def finish(self, loc: Location) -> None:
-        if self.touched:
-            Dataset(loc).record_touched(self.touched)
+    def finish(self) -> None:
+        self.committer.flush()
 
     def close(self) -> None:
         self.bar.close()
@@ -653,22 +745,22 @@ def runs_in_process(todo: list[TrackTask], cfg: Config, address: str | None) -> 
 
 
 def _run_in_process(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
-                    show_progress: bool, embed: EmbedSpec | None = None) -> None:
+                    show_progress: bool, embed: EmbedSpec | None, committer: "_Committer") -> None:
     """The same batches and shards as the Ray tasks, one after another in this process."""
     if not todo:
         return
-    tally = _Tally(todo, summary, show_progress)
+    tally = _Tally(todo, summary, show_progress, committer)
     try:
         size = cfg.ingest.tracks_per_task
         for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
             tally.add(batch, process_batch(batch, cfg.features, loc.uri, new_shard_name(), cfg.decode, embed))
-        tally.finish(loc)
+        tally.finish()
     finally:
         tally.close()
 
 
 def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: IngestSummary,
-               workers: int | None, show_progress: bool, embed: EmbedSpec | None = None) -> None:
+               workers: int | None, show_progress: bool, embed: EmbedSpec | None, committer: "_Committer") -> None:
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -677,7 +769,7 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                                              retry_exceptions=False, scheduling_strategy="SPREAD")
     single = _remote_process_batch().options(num_cpus=1, max_retries=1, retry_exceptions=False)
     inflight: dict[Any, list[TrackTask]] = {}
-    tally = _Tally(todo, summary, show_progress)
+    tally = _Tally(todo, summary, show_progress, committer)
     cfg_ref, decode_ref, embed_ref = ray.put(cfg.features), ray.put(cfg.decode), ray.put(embed)
     uri = loc.uri
     queue = [todo[a:b] for a, b in reversed(task_bounds(len(todo), cfg.ingest.tracks_per_task, n_slots))]
@@ -722,11 +814,12 @@ def _run_tasks(todo: list[TrackTask], cfg: Config, loc: Location, summary: Inges
                         continue
                     res = _crashed(batch[0], exc, cfg, loc, timed_out)
                 tally.add(batch, res)
-        tally.finish(loc)
+        tally.finish()
     # Interrupted or the output failed: the tasks still running are not cancelled one by one (ray.cancel
     # racing a task's completion crashes the driver's core worker in Ray 2.60: "Tried to complete task that
     # was not pending"); they end with the embedded Ray's shutdown or, on a cluster, with this driver's job.
-    # A task stopped half-way leaves only a temporary file, which the next run's reconcile removes.
+    # A task stopped half-way leaves only a temporary file, which the next run's reconcile removes, or a
+    # shard no commit references (invisible to readers; genrecls vacuum deletes it).
     finally:
         tally.close()
 

@@ -41,6 +41,9 @@ def describe(ds: Dataset) -> str:
                f"({f['segment_samples'] / f['sample_rate']:.2f} s, hop {f['segment_hop']}), "
                f"log-mel {m['mel_shape'][0]}x{m['mel_shape'][1]} (n_fft {f['n_fft']}, hop {f['hop_length']}), "
                f"stored as {f['dtype']}; {m['counts']['shards']} shards")
+    index = m.get("index") or {}
+    out.append(f"index: version {index['version']} of the Delta Lake table in {ds.uri}/index/" if index.get("version")
+               is not None else f"index: none yet (a dataset from before the index): run 'genrecls convert {ds.uri}'")
     e = m.get("embeddings")
     if e:
         engine = e.get("last_engine") or (e.get("engines") or [{}])[-1]

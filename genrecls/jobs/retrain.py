@@ -5,7 +5,8 @@
 1. takes the registry's lock (a second retrain stops at once with a clear message); Ray starts at most
    once for the whole cycle (:func:`~genrecls.core.runtime.one_ray_session`), when a step first needs it;
 2. ingests new and changed tracks incrementally and prunes vanished ones from the dataset (its
-   embedding store too: only the new and changed tracks are embedded);
+   embedding store too: only the new and changed tracks are embedded), and compacts the dataset
+   when it has ``retrain.compact_shards`` small shards or more (``genrecls compact``);
 3. if the dataset is unchanged since the champion was trained, stops (``unchanged``);
 4. trains a challenger into a temporary folder, holding every known track to the split it
    had (the registry's ``splits.parquet``), so the holdout stays fixed as the library grows;
@@ -48,7 +49,8 @@ PROMOTED, KEPT, UNCHANGED = "promoted", "kept", "unchanged"
 
 
 def dataset_snapshot(ds: Dataset) -> dict[str, Any]:
-    """Counts and a fingerprint of a dataset's current tracks (ids and content fingerprints)."""
+    """Counts and a fingerprint of a dataset's tracks (ids, content fingerprints, labels) and its index version
+    (``genrecls evaluate`` re-reads exactly that version)."""
     tracks = ds.tracks()
     h = hashlib.blake2b(digest_size=16)
     for tid in sorted(tracks):
@@ -57,8 +59,8 @@ def dataset_snapshot(ds: Dataset) -> dict[str, Any]:
     per_label: dict[str, int] = {}
     for e in tracks.values():
         per_label[e.label or ""] = per_label.get(e.label or "", 0) + 1
-    return {"uri": ds.uri, "tracks": len(tracks), "segments": sum(e.n_segments for e in tracks.values()),
-            "per_label": per_label, "fingerprint": h.hexdigest()}
+    return {"uri": ds.uri, "version": ds.version, "tracks": len(tracks),
+            "segments": sum(e.n_segments for e in tracks.values()), "per_label": per_label, "fingerprint": h.hexdigest()}
 
 
 def is_better(challenger: float, champion: float | None, margin: float) -> bool:
@@ -77,7 +79,11 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
     with folder_lock(reg.location, "genrecls retrain"), one_ray_session():  # Ray starts once, and only if needed
         ingest_summary = ingest(source, dataset, cfg, address=address, workers=workers, prune=True,
                                 progress=progress, verbose=verbose)
-        ds = Dataset(dataset)
+        # every read of this cycle is of the version this ingest committed (one read of the index)
+        ds = Dataset(dataset, version=ingest_summary.index_version)
+        compaction = _maybe_compact(ds, cfg)
+        if compaction is not None:
+            ds = Dataset(dataset, version=compaction["version"])
         snapshot = dataset_snapshot(ds)
         champion = reg.champion()
         champion_info = reg.version_info(champion) if champion else None
@@ -98,7 +104,7 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
         work = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=tmp_parent)
         try:
             run_dir = os.path.join(work, "run")
-            result = training.train(dataset, run_dir, cfg, address=address, workers=workers,
+            result = training.train(ds, run_dir, cfg, address=address, workers=workers,
                                     splits=reg.splits_path(), progress=progress, verbose=verbose)
             holdout = _holdout(ds, os.path.join(run_dir, "splits.parquet"))
             champion_run = reg.version_location(champion).uri if champion else None
@@ -132,8 +138,8 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
             reg.add_version(run_dir, version, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if better:
-            reg.set_champion(version, reason=reason)  # we hold the registry's lock
+        if better:  # a compare-and-swap on the champion this cycle compared with (we hold the registry's lock)
+            reg.set_champion(version, reason=reason, expected=champion)
         decision = {"decision": decision_name, "champion": version if better else champion,
                     "challenger": version, "previous_champion": champion, "reason": reason,
                     "challenger_metrics": challenger_metrics, "champion_metrics": champion_metrics,
@@ -143,6 +149,23 @@ def retrain(source: str, dataset: str, registry: str, cfg: Config | None = None,
         reg.record_decision(decision)
         log.info(reason)
         return decision
+
+
+def _maybe_compact(ds: Dataset, cfg: Config) -> dict[str, Any] | None:
+    """Compact the dataset (its lock, one commit) when it has ``retrain.compact_shards`` small shards or more."""
+    from genrecls.jobs.compact import compact
+
+    if not cfg.retrain.compact_shards:
+        return None
+    half = cfg.retrain.compact_segments / 2
+    per_shard: dict[str, int] = {}
+    for e in ds.tracks().values():
+        per_shard[e.shard] = per_shard.get(e.shard, 0) + e.n_segments
+    small = sum(1 for n in per_shard.values() if n < half)
+    if small < cfg.retrain.compact_shards:
+        return None
+    log.info("%s has %d small shards: compacting it", ds.uri, small)
+    return compact(ds.uri, target_segments=cfg.retrain.compact_segments)
 
 
 def _save_splits(reg: Registry, splits_file: str) -> None:

@@ -39,20 +39,15 @@ def score_segments(predictor: Predictor, dataset: Dataset, track_ids: Iterable[s
     Returns (segment track ids, segment labels, probabilities (n, n_labels)); rows in shard order.
     With ``segment_index`` (a list), each row's position in its track is appended to it.
     """
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
     ids = sorted(set(track_ids))
     if not ids:
         return [], [], np.zeros((0, len(predictor.labels)), np.float32)
     shape = predictor.features.mel_shape
-    pds = pads.dataset(dataset.shard_paths(), filesystem=dataset.location.fs, format="parquet")
-    flt = pc.field("track_id").isin(ids)
     tids: list[str] = []
     labels: list[str] = []
     probs = []
     columns = ["track_id", "label", "mel"] + (["segment_index"] if segment_index is not None else [])
-    for batch in pds.to_batches(columns=columns, filter=flt, batch_size=batch_rows):
+    for batch in dataset.iter_segments(columns, track_ids=ids, batch_rows=batch_rows):
         if batch.num_rows == 0:
             continue
         if segment_index is not None:
@@ -151,7 +146,8 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     ----------
     run : a run folder written by :func:`genrecls.jobs.training.train`.
     dataset : None to re-score the run's own validation and test splits (on the dataset it
-        was trained on); or another dataset.  On another dataset the ``test`` figures cover
+        was trained on, at the index version it was trained on: ``run.json``'s ``dataset_version``);
+        or another dataset (its newest version).  On another dataset the ``test`` figures cover
         every labelled track the run neither trained nor validated on (matched by
         ``track_id``; tracks whose label the model does not know are left out and counted),
         or every labelled track with ``all_tracks=True``.
@@ -175,7 +171,11 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
         dataset = info.get("dataset")
         if not dataset:
             raise EvaluationError(f"{loc.uri} does not record its dataset; pass one")
-    ds = Dataset(dataset) if not isinstance(dataset, Dataset) else dataset
+    if own and info.get("dataset_version") is not None and not isinstance(dataset, Dataset):
+        # exactly the version the run was trained on (readable while genrecls vacuum keeps it)
+        ds = Dataset(dataset, version=int(info["dataset_version"]))
+    else:
+        ds = Dataset(dataset) if not isinstance(dataset, Dataset) else dataset
     if not ds.exists():
         raise DatasetError(f"{ds.uri} is not a genrecls dataset (no manifest.json)"
                            + (" (the run's dataset moved or was deleted? pass --dataset)" if own else ""))
@@ -184,7 +184,7 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
                         names=("run", "dataset"), remedy="re-ingest it with the run's config.json", error=EvaluationError)
     tracks = ds.tracks()
     vocab = set(predictor.labels)
-    scope: dict[str, Any] = {"dataset": ds.uri, "track_rule": TRACK_RULE}
+    scope: dict[str, Any] = {"dataset": ds.uri, "dataset_version": ds.version, "track_rule": TRACK_RULE}
     if own and not all_tracks:
         groups = {s: [t for t, e in tracks.items() if assigned.get(t) == s and e.label in vocab] for s in ("val", "test")}
         scope["tracks"] = "the run's validation and test splits"

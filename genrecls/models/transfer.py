@@ -307,7 +307,7 @@ def score_stored(run, dataset, track_ids: Iterable[str], *, prefix: str = "test"
         info = read_run_info(run)
     except FileNotFoundError:
         return None
-    store = EmbeddingStore(ds.location)
+    store = EmbeddingStore(ds)
     try:
         described = store.check(head.info.get("backbone", ""), FeatureConfig(**info["features"]))
     except EmbeddingStoreError:

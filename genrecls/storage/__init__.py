@@ -1,4 +1,5 @@
-"""Everything that is kept: locations and locks, atomic files, the dataset and its shards, its embedding store, failure
+"""Everything that is kept: locations and locks, atomic files, the dataset, its track index (a Delta Lake table) and its
+shards, its embedding store, failure
 records, predictions, the model registry, the track split.
 
 Imports only :mod:`genrecls.core`.
@@ -25,6 +26,16 @@ from genrecls.storage.embeddings import (
     embedding_schema,
     layer_array,
 )
+from genrecls.storage.index import (
+    INDEX,
+    CommitConflict,
+    IndexWriter,
+    StoredEmbedding,
+    TrackEntry,
+    entries_table,
+    index_schema,
+    is_converted,
+)
 from genrecls.storage.location import TMP_PREFIX, AtomicFile, Location, new_shard_name
 from genrecls.storage.locks import LEASE_SECONDS, LockedError, folder_lock, s3_client
 from genrecls.storage.predictions import (
@@ -40,7 +51,7 @@ from genrecls.storage.predictions import (
     top_k_type,
 )
 from genrecls.storage.records import Records, RecordTable, problem_rows, record_row, record_schema, warning_row
-from genrecls.storage.registry import Registry, RegistryError, is_registry, resolve_run
+from genrecls.storage.registry import ChampionConflict, Registry, RegistryError, is_registry, resolve_run
 from genrecls.storage.split import (
     SPLITS,
     SplitError,
@@ -101,6 +112,15 @@ __all__ = [
     "PredictionStore",
     "read_predictions",
     "RegistryError",
+    "ChampionConflict",
+    "INDEX",
+    "CommitConflict",
+    "IndexWriter",
+    "StoredEmbedding",
+    "TrackEntry",
+    "entries_table",
+    "index_schema",
+    "is_converted",
     "Registry",
     "resolve_run",
     "is_registry",

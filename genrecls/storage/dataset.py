@@ -3,35 +3,41 @@
 Layout of a dataset folder (local path or URI)::
 
     DATASET/
-      manifest.json           feature config, label vocabulary, counts, library versions
+      manifest.json           feature config, label vocabulary, counts, library versions, the index's version
       config.json             the resolved configuration of the last ingest
-      shards/part-*.parquet   one row per segment (zstd); each track lives in exactly one shard
+      index/                  the track index: a Delta Lake table, one row per track (genrecls.storage.index)
+      shards/part-*.parquet   one row per segment (zstd); the index names each track's shard
       failures/part-*.parquet one row per file that could not be used, with its reason
       warnings/part-*.parquet one row per file kept although something is off (truncated, ...)
-      touched/part-*.parquet  files whose stat changed but content did not (skipped without re-reading)
       .lock                   held while an ingest writes
 
 Segment rows: ``track_id, path, label, segment_index, start_seconds, mel`` (a fixed-size
 list of ``n_mels * n_frames`` values, row-major (mel, frame)), plus ``fingerprint``
 (BLAKE2b of the file's bytes), ``size``, ``mtime_ns`` and ``duration_seconds`` of the
 source file.  Each shard's schema metadata holds the feature configuration and the mel
-shape; its Parquet footer lists the tracks it holds (so the dataset's track index is read
-from footers, never from the data).
+shape; its Parquet footer lists the tracks it was written with.  A shard is never rewritten:
+the index says which of its rows are the dataset (a changed or pruned track leaves the index
+in a commit; its old rows stay until ``genrecls vacuum``).  A dataset from before the index
+(no ``index/``) is read from its footers, as then, until converted.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Iterable
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genrecls.core.config import FeatureConfig
-from genrecls.storage.location import Location, new_shard_name
+from genrecls.storage.index import TRACK_COLUMNS, IndexError_, IndexSnapshot, IndexWriter, TrackEntry, is_converted
+from genrecls.storage.location import Location, new_shard_name  # noqa: F401 (re-exported)
 from genrecls.storage.records import Records, RecordTable, record_schema
 
 __all__ = [
@@ -43,7 +49,10 @@ __all__ = [
     "ShardWriter",
     "TrackBuffer",
     "OutputError",
+    "TrackEntry",
     "Dataset",
+    "legacy_rows",
+    "read_footers",
 
     "mel_array",
 ]
@@ -53,10 +62,16 @@ TRACKS_KEY = b"genrecls.tracks"
 FEATURES_KEY = b"genrecls.features"
 SHAPE_KEY = b"genrecls.mel_shape"
 VERSION_KEY = b"genrecls.schema_version"
+#: an embedding part's footer (genrecls.storage.embeddings): what computed it
+BACKBONE_KEY = b"genrecls.backbone"
+LAYERS_KEY = b"genrecls.layers"
+ENGINE_KEY = b"genrecls.engine"
 ROW_GROUP_SEGMENTS = 256
 SHARD_COMPRESSION = "zstd"
 #: zstd level 1: 40% less CPU than level 3 for 5% larger float16 shards (bench/ingest_parts.py --profile)
 SHARD_COMPRESSION_LEVEL = 1
+
+log = logging.getLogger("genrecls")
 
 
 def _writer_options(schema: pa.Schema) -> dict[str, Any]:
@@ -227,6 +242,11 @@ class PartWriter:
     def n_tracks(self) -> int:
         return len(self._tracks)
 
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The track list of the footer (what the driver commits to the index once the part is whole)."""
+        return list(self._tracks)
+
     def _add(self, batches: Iterable[pa.RecordBatch], entry: dict[str, Any]) -> None:
         """Queue a track's rows (flushing full row groups), then record it in the footer's track list."""
         n = 0
@@ -342,26 +362,32 @@ class ShardWriter(PartWriter):
         )
 
 
-@dataclass(frozen=True)
-class TrackEntry:
-    track_id: str
-    path: str
-    label: str | None
-    fingerprint: str
-    size: int
-    mtime_ns: int
-    n_segments: int
-    duration_seconds: float
-    shard: str
+#: a legacy dataset's leftover "touched" table (before the index held every track's stat)
+TOUCHED = "touched"
+#: footers read at once when a dataset without an index is read (or converted)
+FOOTER_THREADS = 16
 
 
 class Dataset:
-    """A dataset folder: read its manifest, its track index, its segments and failures."""
+    """A dataset folder: its manifest, its track index (one version of ``index/``), its segments and failures.
 
-    def __init__(self, location: Location | str):
+    ``Dataset(uri)`` reads the newest version of the index when first asked (once: every read of
+    this object is of that version); ``Dataset(uri, version=v)`` reads version ``v`` (what a run
+    was trained on).  A dataset written before the index existed has no ``index/``: it is read
+    from its shards' footers as before, with a warning, until ``genrecls convert`` (or the next
+    ``genrecls ingest``) converts it.  Writes (:meth:`writing`, :meth:`relabel`,
+    :meth:`record_touched`, :meth:`reconcile`) are commits of the index; the caller holds the
+    dataset's lock.
+    """
+
+    def __init__(self, location: Location | str, version: int | None = None):
         self.location = location if isinstance(location, Location) else Location.parse(location)
-        #: shard name -> track list read from its footer (shards are immutable but for rewrite_without)
-        self._footers: dict[str, list[dict[str, Any]]] = {}
+        self._asked_version = version
+        self._snapshot = None  # genrecls.storage.index.IndexSnapshot, or None for a dataset without an index
+        self._legacy_rows: pa.Table | None = None
+        self._tracks: dict[str, TrackEntry] | None = None
+        self._tracks_of: Any = None  # the rows self._tracks was built from
+        self._writer = None  # genrecls.storage.index.IndexWriter while this object writes
         #: the failures and warnings tables (genrecls.storage.records); a write that fails raises OutputError
         self.records = Records(self.location, OutputError)
 
@@ -394,110 +420,208 @@ class Dataset:
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(**self.manifest()["features"]).validate()
 
+    # -- the index ----------------------------------------------------------------------
+    def converted(self) -> bool:
+        """True when the dataset has its index table (else it is read from its shards' footers)."""
+        return self._snapshot is not None or self._writer is not None or is_converted(self.location)
+
+    def _open(self) -> None:
+        if self._snapshot is not None or self._legacy_rows is not None:
+            return
+        if self._asked_version is not None or is_converted(self.location):
+            try:
+                self._snapshot = IndexSnapshot.load(self.location, self._asked_version)
+            except IndexError_ as exc:
+                raise DatasetError(str(exc)) from exc
+            return
+        if self.location.exists("shards") and self.location.list("shards", suffix=".parquet"):
+            log.warning("%s has no index table (a dataset from before the index): its tracks are read from every "
+                        "shard's footer; run 'genrecls convert %s' once (or the next ingest converts it)",
+                        self.uri, self.uri)
+        self._legacy_rows = legacy_rows(self.location)
+
+    def rows(self) -> pa.Table:
+        """The index of this object's version: one row per track (``genrecls.storage.index.index_schema``)."""
+        if self._writer is not None:
+            return self._writer.snapshot.rows
+        self._open()
+        return self._snapshot.rows if self._snapshot is not None else self._legacy_rows
+
+    @property
+    def version(self) -> int | None:
+        """The index version this object reads (None: a dataset without an index, or none yet)."""
+        if self._writer is not None:
+            return self._writer.version
+        self._open()
+        return self._snapshot.version if self._snapshot is not None else None
+
+    def refresh(self) -> None:
+        """Read the newest version on the next access (this object read one version until now)."""
+        self._snapshot = self._legacy_rows = self._tracks = self._tracks_of = None
+        self._asked_version = None
+
+    def tracks(self) -> dict[str, TrackEntry]:
+        """The track index: track_id -> entry (this object's version)."""
+        rows = self.rows()
+        if self._tracks is None or self._tracks_of is not rows:
+            cols = [rows.column(c).to_pylist() for c in TRACK_COLUMNS]
+            self._tracks = {vals[0]: TrackEntry(*vals) for vals in zip(*cols)}
+            self._tracks_of = rows
+        return self._tracks
+
+    def track_entries(self) -> list[TrackEntry]:
+        """Every track of the index (one entry per track)."""
+        return list(self.tracks().values())
+
+    def track_table(self) -> pa.Table:
+        """The track index as a table (one row per track; TrackEntry's columns)."""
+        return self.rows().select(TRACK_COLUMNS)
+
     # -- shards -----------------------------------------------------------------------
     def shard_names(self) -> list[str]:
-        return self.location.list("shards", suffix=".parquet")
+        """The shards this version references (sorted; older shards may stay until ``genrecls vacuum``)."""
+        rows = self.rows()
+        return sorted(pc.unique(rows.column("shard")).to_pylist()) if rows.num_rows else []
 
     def shard_paths(self) -> list[str]:
         return [self.location.join("shards", n) for n in self.shard_names()]
 
-    def _read_footer_tracks(self, name: str) -> list[dict[str, Any]]:
-        cached = self._footers.get(name)
-        if cached is not None:
-            return cached
-        with self.location.fs.open_input_file(self.location.join("shards", name)) as f:
-            meta = pq.read_metadata(f).metadata or {}
-        raw = meta.get(TRACKS_KEY)
-        if raw is None:
-            raise DatasetError(f"shard {name} has no track list in its footer (not written by genrecls?)")
-        tracks = json.loads(raw)
-        self._footers[name] = tracks
-        return tracks
-
-    def track_entries(self) -> list[TrackEntry]:
-        """Every (track, shard) pair recorded in shard footers, oldest shard first."""
-        entries = []
-        for name in self.shard_names():
-            for t in self._read_footer_tracks(name):
-                entries.append(TrackEntry(shard=name, **t))
-        return entries
-
-    def tracks(self) -> dict[str, TrackEntry]:
-        """The current track index: track_id -> newest entry."""
-        return {e.track_id: e for e in self.track_entries()}
-
-    def track_table(self) -> pa.Table:
-        """The track index as a table (one row per track)."""
-        entries = list(self.tracks().values())
-        cols = ["track_id", "path", "label", "fingerprint", "size", "mtime_ns", "n_segments", "duration_seconds", "shard"]
-        return pa.table({c: [getattr(e, c) for e in entries] for c in cols})
-
-    def read_segments(self, columns: list[str] | None = None, filter=None) -> pa.Table:
+    def iter_segments(self, columns: list[str] | None = None, track_ids: Iterable[str] | None = None,
+                      filter=None, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+        """The segment rows of this version (of ``track_ids``, default every track), batch by batch: only
+        rows of each track's own shard (an older shard may hold rows of a track that changed since), with
+        ``label``, ``size`` and ``mtime_ns`` from the index (a relabel or a new stat changes no shard)."""
         import pyarrow.dataset as pads
 
-        paths = self.shard_paths()
-        if not paths:
-            return segment_schema(self.feature_config()).empty_table()
-        ds = pads.dataset(paths, filesystem=self.location.fs, format="parquet")
-        return ds.to_table(columns=columns, filter=filter)
+        tracks = self.tracks()
+        ids = set(tracks) if track_ids is None else {t for t in track_ids if t in tracks}
+        shards = sorted({tracks[t].shard for t in ids})
+        if not shards:
+            return
+        names = list(columns) if columns is not None else segment_schema(self.feature_config()).names
+        read = list(dict.fromkeys(["track_id", *[c for c in names if c not in _FROM_INDEX]]))
+        pds = pads.dataset([self.location.join("shards", s) for s in shards], filesystem=self.location.fs,
+                           format="parquet")
+        flt = pc.field("track_id").isin(sorted(ids))
+        if filter is not None:
+            flt = flt & filter
+        for tagged in pds.scanner(columns=read, filter=flt, batch_size=batch_rows).scan_batches():
+            batch = tagged.record_batch
+            if not batch.num_rows:
+                continue
+            shard = tagged.fragment.path.rsplit("/", 1)[-1]
+            tids = batch.column("track_id").to_pylist()
+            mask = [tracks[t].shard == shard for t in tids]
+            if not all(mask):
+                batch = batch.filter(pa.array(mask))
+                tids = [t for t, m in zip(tids, mask) if m]
+                if not batch.num_rows:
+                    continue
+            cols = []
+            for c in names:
+                if c in _FROM_INDEX:
+                    cols.append(pa.array([getattr(tracks[t], c) for t in tids], _FROM_INDEX[c]))
+                else:
+                    cols.append(batch.column(c))
+            yield pa.RecordBatch.from_arrays(cols, names=names)
 
-    def rewrite_without(self, shard: str, drop_track_ids: set[str]) -> None:
-        """Rewrite a shard without some tracks (atomic replace, row group by row group); deletes it if nothing is left."""
-        import pyarrow.compute as pc
+    def read_segments(self, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """Every segment row of this version (see :meth:`iter_segments`), as one table."""
+        batches = list(self.iter_segments(columns, filter=filter))
+        if not batches:
+            schema = segment_schema(self.feature_config())
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        return pa.Table.from_batches(batches)
 
-        path = self.location.join("shards", shard)
-        drop = pa.array(sorted(drop_track_ids), pa.string())
-        with self.location.fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            meta = dict(pf.metadata.metadata or {})
-            tracks = [t for t in json.loads(meta[TRACKS_KEY]) if t["track_id"] not in drop_track_ids]
-            if not tracks:
-                self.location.delete("shards", shard)
-                self._footers.pop(shard, None)
-                return
-            schema = pf.schema_arrow
+    # -- writing: commits of the index (the caller holds the dataset's lock) ------------------
+    @contextmanager
+    def writing(self, what: str) -> Iterator["Dataset"]:
+        """A writer session on the index while the block runs: a dataset without an index is converted
+        first (one commit: its footers' index), then the session's fence is committed; every write of this
+        object is then a commit fenced on the session's last version (a lost race raises
+        :class:`~genrecls.storage.index.CommitConflict`)."""
+        if self._writer is not None:
+            yield self
+            return
+        writer = IndexWriter(self.location, what)
+        if not is_converted(self.location):
+            initial = legacy_rows(self.location) if self.location.exists("shards") else None
+            writer.open(initial=initial, operation="convert")
+            self._retire_touched()
+        else:
+            writer.open()
+        self._writer = writer
+        self._tracks = self._tracks_of = None
+        try:
+            yield self
+        finally:
+            self._writer = None
+            self._snapshot = writer.snapshot
+            self._legacy_rows = None
+            self._asked_version = writer.version
 
-            def write(out):
-                with pq.ParquetWriter(out, schema, **_writer_options(schema)) as w:
-                    for i in range(pf.num_row_groups):
-                        table = pf.read_row_group(i)
-                        table = table.filter(pc.invert(pc.is_in(table.column("track_id"), drop)))
-                        if table.num_rows:
-                            w.write_table(table, row_group_size=max(table.num_rows, 1))
-                    w.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(tracks)})
+    def commit(self, *, upsert: pa.Table | None = None, update: Mapping[str, Mapping[str, Any]] | None = None,
+               delete: Iterable[str] = (), operation: str = "write") -> int | None:
+        """One commit of the index (see :meth:`genrecls.storage.index.IndexWriter.commit`); returns the version."""
+        if self._writer is None:
+            with self.writing(f"genrecls {operation}"):
+                return self.commit(upsert=upsert, update=update, delete=delete, operation=operation)
+        try:
+            return self._writer.commit(upsert=upsert, update=update, delete=delete, operation=operation)
+        except OSError as exc:
+            raise OutputError(f"cannot write the index of {self.uri}: {exc}") from exc
 
-            self._write(f"shards/{shard}", write)
-        self._footers[shard] = tracks
+    def _retire_touched(self) -> None:
+        """A converted dataset's index holds every stat: the old touched table goes."""
+        for n in self.location.list(TOUCHED, suffix=".parquet"):
+            self.location.delete(TOUCHED, n)
+
+    def relabel(self, labels: Mapping[str, str | None]) -> int:
+        """Give tracks another label (None: unlabelled, stored but never trained on), in one commit: no shard
+        is rewritten (readers take labels from the index).  Unknown tracks are ignored; returns how many
+        tracks changed."""
+        tracks = self.tracks()
+        change = {t: {"label": lab} for t, lab in labels.items() if t in tracks and tracks[t].label != lab}
+        if change:
+            self.commit(update=change, operation="relabel")
+        return len(change)
+
+    def touched(self) -> dict[str, tuple[int, int, str]]:
+        """track_id -> (size, mtime_ns, fingerprint) of files seen unchanged under a new stat that the index
+        does not hold yet: only a dataset without an index keeps such a table (``touched/``); with the
+        index, :meth:`record_touched` commits the new stat into the track's row."""
+        if self.converted():
+            return {}
+        return _read_touched(self.location)
+
+    def record_touched(self, rows: Mapping[str, tuple[int, int, str]]) -> int:
+        """The files of these tracks now have this stat (size, mtime_ns) and their content is the stored one
+        (fingerprint): one commit updating the tracks' size and mtime (none when nothing changes).  Returns
+        how many tracks changed.  ``genrecls tag`` records the files it wrote so (their tags changed, not the
+        audio the shards and the embedding store hold)."""
+        tracks = self.tracks()
+        change = {t: {"size": int(v[0]), "mtime_ns": int(v[1])} for t, v in rows.items()
+                  if t in tracks and tracks[t].fingerprint == v[2] and (tracks[t].size, tracks[t].mtime_ns) != tuple(v[:2])}
+        if change:
+            self.commit(update=change, operation="touched")
+        return len(change)
+
+    def reconcile(self, drop_track_ids: Iterable[str] = ()) -> dict[str, int]:
+        """Remove temporary files a killed writer left (local disks) and, in one commit, the given tracks.
+
+        No shard is rewritten: a dropped track's rows stay in their shard until ``genrecls vacuum``.
+        """
+        removed_tmp = self.location.remove_temporaries("shards") + self.records.remove_temporaries()
+        drop = [t for t in set(drop_track_ids) if t in self.tracks()]
+        if drop:
+            self.commit(delete=drop, operation="prune")
+        return {"temporaries_removed": removed_tmp, "tracks_dropped": len(drop), "rows_superseded": 0}
 
     def _write(self, rel: str, writer) -> None:
         try:
             self.location.write_atomic(rel, writer)
         except OSError as exc:
             raise OutputError(f"cannot write {rel} in {self.uri}: {exc}") from exc
-
-    def reconcile(self, drop_track_ids: Iterable[str] = ()) -> dict[str, int]:
-        """Make every track live in exactly one shard (the newest) and drop the given tracks.
-
-        Run under the dataset lock before and after an ingest.  It repairs what a killed
-        run can leave: temporary files, and a changed track whose old rows were not yet
-        removed.  Returns counts of what it did.
-        """
-        removed_tmp = self.location.remove_temporaries("shards") + self.records.remove_temporaries()
-        drop = set(drop_track_ids)
-        latest: dict[str, str] = {}
-        by_shard: dict[str, set[str]] = defaultdict(set)
-        for e in self.track_entries():  # oldest shard first: the last one seen wins
-            latest[e.track_id] = e.shard
-            by_shard[e.shard].add(e.track_id)
-        stale: dict[str, set[str]] = defaultdict(set)
-        for shard, ids in by_shard.items():
-            for tid in ids:
-                if tid in drop or latest[tid] != shard:
-                    stale[shard].add(tid)
-        for shard, ids in stale.items():
-            self.rewrite_without(shard, ids)
-        return {"temporaries_removed": removed_tmp, "shards_rewritten": len(stale),
-                "rows_superseded": sum(len(v) for v in stale.values())}
 
     # -- failures and warnings (genrecls.storage.records) --------------------------------------
     @property
@@ -525,36 +649,6 @@ class Dataset:
     def write_warnings(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
         self.records.write_warnings(rows, name)
 
-    # -- touched files -----------------------------------------------------------------
-    # A file whose size or modification time changed but whose content did not keeps its
-    # rows; its new stat is recorded here (track_id, size, mtime_ns, fingerprint) so that the
-    # next run skips it without reading it again.  ``genrecls tag`` records the files it wrote
-    # the same way (their tags changed, not their audio: what the shards hold).
-    def touched(self) -> dict[str, tuple[int, int, str]]:
-        """track_id -> (size, mtime_ns, fingerprint) of files seen unchanged under a new stat."""
-        out: dict[str, tuple[int, int, str]] = {}
-        for n in self.location.list("touched", suffix=".parquet"):
-            with self.location.fs.open_input_file(self.location.join("touched", n)) as f:
-                for r in pq.read_table(f).to_pylist():  # names are time-ordered: later overrides earlier
-                    out[r["track_id"]] = (r["size"], r["mtime_ns"], r["fingerprint"])
-        return out
-
-    def record_touched(self, rows: dict[str, tuple[int, int, str]]) -> None:
-        """Rewrite the touched table as one part: ``rows`` merged over the current one, for live tracks only."""
-        names = self.location.list("touched", suffix=".parquet")
-        merged = {**self.touched(), **rows}
-        index = self.tracks()
-        keep = {tid: v for tid, v in merged.items()
-                if tid in index and index[tid].fingerprint == v[2] and (index[tid].size, index[tid].mtime_ns) != v[:2]}
-        if keep == self.touched() and len(names) <= 1:
-            return
-        if keep:
-            table = pa.table({"track_id": list(keep), "size": [v[0] for v in keep.values()],
-                              "mtime_ns": [v[1] for v in keep.values()], "fingerprint": [v[2] for v in keep.values()]})
-            self._write(f"touched/{new_shard_name()}", lambda out: pq.write_table(table, out, compression="zstd"))
-        for n in names:
-            self.location.delete("touched", n)
-
     def compact_failures(self, live_paths: set[str], discovered_paths: set[str] | None = None) -> int:
         """Rewrite the failures table as one part: drop paths that now have rows or that vanished."""
         return self.records.compact_failures(live_paths, discovered_paths)
@@ -562,3 +656,66 @@ class Dataset:
     def compact_warnings(self) -> int:
         """Rewrite the warnings table as one part: only rows of the tracks' current versions."""
         return self.records.compact_warnings({e.path: (e.size, e.mtime_ns) for e in self.tracks().values()})
+
+
+#: columns a reader takes from the index, not from the shard (a commit changes them without rewriting a shard)
+_FROM_INDEX = {"label": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64()}
+
+
+def _read_touched(loc: Location) -> dict[str, tuple[int, int, str]]:
+    out: dict[str, tuple[int, int, str]] = {}
+    for n in loc.list(TOUCHED, suffix=".parquet"):
+        with loc.fs.open_input_file(loc.join(TOUCHED, n)) as f:
+            for r in pq.read_table(f).to_pylist():  # names are time-ordered: later overrides earlier
+                out[r["track_id"]] = (r["size"], r["mtime_ns"], r["fingerprint"])
+    return out
+
+
+def read_footers(loc: Location, folder: str, names: list[str]) -> list[tuple[str, dict[bytes, bytes]]]:
+    """(name, footer key-value metadata) of Parquet files in ``folder``, read in parallel (an object store
+    answers each in two round trips)."""
+    def one(name: str) -> tuple[str, dict[bytes, bytes]]:
+        with loc.fs.open_input_file(loc.join(folder, name)) as f:
+            return name, dict(pq.read_metadata(f).metadata or {})
+
+    if len(names) <= 1:
+        return [one(n) for n in names]
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(names))) as pool:
+        return list(pool.map(one, names))
+
+
+def legacy_rows(loc: Location) -> pa.Table:
+    """The index of a dataset written before the index existed, from its footers (in parallel): every
+    shard's track list (the newest shard of a track wins), the touched table's stats, and the embedding
+    store's entries that serve each track (the newest part with the track's fingerprint and segments)."""
+    from genrecls.storage.index import StoredEmbedding, entries_table
+
+    latest: dict[str, TrackEntry] = {}
+    for name, meta in read_footers(loc, "shards", loc.list("shards", suffix=".parquet")):  # names sort by time
+        raw = meta.get(TRACKS_KEY)
+        if raw is None:
+            raise DatasetError(f"shard {name} has no track list in its footer (not written by genrecls?)")
+        for t in json.loads(raw):
+            latest[t["track_id"]] = TrackEntry(shard=name, **{k: t[k] for k in _FOOTER_FIELDS})
+    for tid, (size, mtime, fp) in _read_touched(loc).items():
+        e = latest.get(tid)
+        if e is not None and e.fingerprint == fp:
+            latest[tid] = replace(e, size=size, mtime_ns=mtime)
+    stored: dict[str, StoredEmbedding] = {}
+    for name, meta in read_footers(loc, "embeddings", loc.list("embeddings", suffix=".parquet")):
+        if TRACKS_KEY not in meta or BACKBONE_KEY not in meta:
+            raise DatasetError(f"{loc.uri}/embeddings/{name} is not an embedding part written by genrecls "
+                               "(no track list or backbone in its footer); remove it")
+        how = StoredEmbedding(part=name, backbone=meta[BACKBONE_KEY].decode(),
+                              features=json.dumps(json.loads(meta[FEATURES_KEY]), sort_keys=True),
+                              layers=json.dumps(json.loads(meta[LAYERS_KEY])),
+                              engine=json.dumps(json.loads(meta.get(ENGINE_KEY, b"{}") or b"{}"), sort_keys=True))
+        for t in json.loads(meta[TRACKS_KEY]):
+            e = latest.get(t["track_id"])
+            if e is not None and (e.fingerprint, e.n_segments) == (t["fingerprint"], t["n_segments"]):
+                stored[e.track_id] = how
+    return entries_table(sorted(latest.values(), key=lambda e: e.track_id), stored)
+
+
+#: what a shard footer lists of each track (TrackEntry but its shard)
+_FOOTER_FIELDS = ("track_id", "path", "label", "fingerprint", "size", "mtime_ns", "n_segments", "duration_seconds")

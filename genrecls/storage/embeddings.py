@@ -23,10 +23,12 @@ both named (:meth:`EmbeddingStore.check`), never mixed.
 
 Writes are the shards' (:mod:`genrecls.storage.location`): a part appears only complete,
 on local disks and object stores alike; a footer lists the tracks it holds (``track_id``,
-``fingerprint``, ``n_segments``), so the store's index is read from footers, never from the
-data.  :meth:`EmbeddingStore.reconcile` (under the dataset's lock) keeps each live track in
-exactly one part, the newest, and drops the entries of changed and pruned tracks: a killed
-writer leaves no duplicate and no partial file.
+``fingerprint``, ``n_segments``).  The store's index is the dataset's (:mod:`genrecls.storage.index`):
+each track's row names the part that holds its embeddings and what computed them
+(``embedding_*`` columns), committed with the track or later (an ingest that embeds stored
+segments); a part is never rewritten, and an entry of a changed or pruned track leaves with the
+track's row.  The same schema keys are in each part's metadata, so a part read alone says what
+it holds.
 
 Nothing here knows a model: the layers and their widths, the backbone's id and the engine's
 description are given by the caller (:mod:`genrecls.jobs.ingest`, :mod:`genrecls.jobs.training`).
@@ -38,26 +40,34 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genrecls.core.config import FeatureConfig
-from genrecls.storage.dataset import TRACKS_KEY, DatasetError, OutputError, PartWriter
+from genrecls.storage.dataset import (
+    BACKBONE_KEY,
+    ENGINE_KEY,
+    FEATURES_KEY,
+    LAYERS_KEY,
+    DatasetError,
+    PartWriter,
+)
 from genrecls.storage.location import Location
 
+if TYPE_CHECKING:
+    from genrecls.storage.dataset import Dataset
+    from genrecls.storage.index import StoredEmbedding
+
 __all__ = ["EMBEDDINGS", "EmbeddingStoreError", "EmbeddingEntry", "EmbeddingWriter", "EmbeddingStore",
-           "embedding_schema", "layer_array"]
+           "embedding_schema", "layer_array", "stored_embedding"]
 
 #: the store's folder in a dataset
 EMBEDDINGS = "embeddings"
 STORE_VERSION = 1
-BACKBONE_KEY = b"genrecls.backbone"
-FEATURES_KEY = b"genrecls.features"
-LAYERS_KEY = b"genrecls.layers"
-ENGINE_KEY = b"genrecls.engine"
 VERSION_KEY = b"genrecls.embeddings_version"
 ROW_GROUP_SEGMENTS = 1024
 #: float16 rounds to 11 significant bits; its largest finite value is 65504
@@ -139,83 +149,76 @@ class EmbeddingEntry:
 
 
 class EmbeddingStore:
-    """A dataset's embedding store (``DATASET/embeddings/``): its parts, their footers, what computed them."""
+    """A dataset's embedding store (``DATASET/embeddings/``): its parts, and its index (the dataset's index's
+    ``embedding_*`` columns: which part holds each track's rows, and what computed them).
 
-    def __init__(self, dataset: Location | str):
-        self.location = dataset if isinstance(dataset, Location) else Location.parse(dataset)
-        #: part name -> (track list, schema metadata); parts are immutable but for :meth:`_rewrite_without`
-        self._footers: dict[str, tuple[list[dict[str, Any]], dict[bytes, bytes]]] = {}
+    ``EmbeddingStore(dataset)`` reads the index of the :class:`~genrecls.storage.dataset.Dataset` given
+    (the same version, read once for both), or of the newest version for a location.
+    """
+
+    def __init__(self, dataset: "Dataset | Location | str"):
+        from genrecls.storage.dataset import Dataset
+
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+        self.location = self.dataset.location
 
     @property
     def uri(self) -> str:
         return self.location.child(EMBEDDINGS).uri
 
-    # -- parts and footers -------------------------------------------------------------
+    # -- the store's index ----------------------------------------------------------------
+    def _stored(self) -> pa.Table:
+        rows = self.dataset.rows()
+        return rows.filter(pc.is_valid(rows.column("embedding_part"))) if rows.num_rows else rows
+
     def part_names(self) -> list[str]:
-        return self.location.list(EMBEDDINGS, suffix=".parquet")
+        """The parts this version of the dataset references (sorted)."""
+        stored = self._stored()
+        return sorted(pc.unique(stored.column("embedding_part")).to_pylist()) if stored.num_rows else []
 
     def part_paths(self, names: Iterable[str] | None = None) -> list[str]:
         return [self.location.join(EMBEDDINGS, n) for n in (self.part_names() if names is None else names)]
 
     def exists(self) -> bool:
-        return bool(self.part_names())
-
-    def _footer(self, name: str) -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
-        cached = self._footers.get(name)
-        if cached is not None:
-            return cached
-        with self.location.fs.open_input_file(self.location.join(EMBEDDINGS, name)) as f:
-            md = pq.read_metadata(f)
-        meta = dict(md.metadata or {})
-        if TRACKS_KEY not in meta or BACKBONE_KEY not in meta:
-            raise EmbeddingStoreError(f"{self.uri}/{name} is not an embedding part written by genrecls "
-                                      "(no track list or backbone in its footer); remove it")
-        out = (json.loads(meta[TRACKS_KEY]), meta)
-        self._footers[name] = out
-        return out
-
-    def _read_footers(self, names: list[str]) -> None:
-        todo = [n for n in names if n not in self._footers]
-        if len(todo) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(8, len(todo))) as pool:  # an object store answers each in a round trip
-                list(pool.map(self._footer, todo))
+        return bool(self._stored().num_rows)
 
     def describe(self) -> dict[str, Any] | None:
         """What the store holds: ``backbone``, ``features``, ``layers`` (name -> width), ``engines`` (every
         distinct description of what computed it), ``parts``, ``tracks`` and ``segments``; None when empty.
 
-        Raises :class:`EmbeddingStoreError` when its parts disagree on the backbone, the feature
+        Raises :class:`EmbeddingStoreError` when its entries disagree on the backbone, the feature
         configuration or the layers (naming two parts that differ): they are never mixed.
         """
-        names = self.part_names()
-        if not names:
+        stored = self._stored()
+        if not stored.num_rows:
             return None
-        self._read_footers(names)
+        cols = {c: stored.column(f"embedding_{c}").to_pylist() for c in ("part", "backbone", "features", "layers", "engine")}
         first = None
         engines: list[dict[str, Any]] = []
-        tracks = segments = 0
-        for name in names:
-            entries, meta = self._footer(name)
-            key = (meta[BACKBONE_KEY].decode(), json.loads(meta[FEATURES_KEY]), json.loads(meta[LAYERS_KEY]))
+        seen: set[tuple[str, str, str]] = set()
+        for part, backbone, features, layers, engine in zip(*cols.values()):
+            raw = (backbone, features, layers)
+            if raw in seen and first is not None:
+                continue
+            seen.add(raw)
+            key = (backbone, json.loads(features), json.loads(layers))
             if first is None:
-                first = (name, key)
+                first = (part, key)
             elif key != first[1]:
                 what = ("backbone" if key[0] != first[1][0] else "feature configuration" if key[1] != first[1][1]
                         else "layers")
                 raise EmbeddingStoreError(
-                    f"{self.uri} mixes two {what}s: {first[0]} ({_short(first[1], what)}) and {name} "
+                    f"{self.uri} mixes two {what}s: {first[0]} ({_short(first[1], what)}) and {part} "
                     f"({_short(key, what)}); embeddings of different backbones or features are never mixed: "
                     f"delete {self.uri} and run genrecls ingest again to compute them anew")
-            engine = json.loads(meta.get(ENGINE_KEY, b"{}") or b"{}")
+        for raw in dict.fromkeys(cols["engine"]):
+            engine = json.loads(raw or "{}")
             if engine and engine not in engines:
                 engines.append(engine)
-            tracks += len(entries)
-            segments += sum(e["n_segments"] for e in entries)
         backbone, features, layers = first[1]
         return {"backbone": backbone, "features": features, "layers": layers, "engines": engines,
-                "dtype": "float16", "parts": len(names), "tracks": tracks, "segments": segments}
+                "dtype": "float16", "parts": len(set(cols["part"])), "tracks": stored.num_rows,
+                "segments": int(pc.sum(stored.column("n_segments")).as_py() or 0)}
 
     def check(self, backbone: str, features: FeatureConfig, layers: Mapping[str, int] | None = None) -> dict[str, Any] | None:
         """Refuse a store computed by another backbone or from other features than asked (both named).
@@ -243,20 +246,20 @@ class EmbeddingStore:
         return d
 
     def entries(self) -> list[EmbeddingEntry]:
-        """Every (track, part) pair recorded in the parts' footers, oldest part first."""
-        names = self.part_names()
-        self._read_footers(names)
-        return [EmbeddingEntry(part=name, **t) for name in names for t in self._footer(name)[0]]
+        """Every track's entry (one per track: the index keeps the one that serves it)."""
+        stored = self._stored()
+        cols = [stored.column(c).to_pylist() for c in ("track_id", "fingerprint", "n_segments", "embedding_part")]
+        return [EmbeddingEntry(*vals) for vals in zip(*cols)]
 
     def index(self) -> dict[str, EmbeddingEntry]:
-        """track_id -> its newest entry."""
+        """track_id -> its entry."""
         return {e.track_id: e for e in self.entries()}
 
     def valid_for(self, tracks: Mapping[str, tuple[str, int]]) -> dict[str, EmbeddingEntry]:
-        """The entries that serve the given tracks (track_id -> (fingerprint, n_segments)): the newest entry
-        with the track's fingerprint and number of segments, whichever part holds it."""
+        """The entries that serve the given tracks (track_id -> (fingerprint, n_segments)): those with the
+        track's fingerprint and number of segments."""
         out: dict[str, EmbeddingEntry] = {}
-        for e in self.entries():  # oldest first: a later valid entry wins
+        for e in self.entries():
             want = tracks.get(e.track_id)
             if want is not None and (e.fingerprint, e.n_segments) == (want[0], int(want[1])):
                 out[e.track_id] = e
@@ -278,8 +281,6 @@ class EmbeddingStore:
 
     def read_part(self, name: str, track_ids: Iterable[str], layers: Iterable[str] | None = None) -> pa.Table:
         """One part's rows of the given tracks."""
-        import pyarrow.compute as pc
-
         ids = pa.array(sorted(set(track_ids)), pa.string())
         with self.location.fs.open_input_file(self.location.join(EMBEDDINGS, name)) as f:
             pf = pq.ParquetFile(f)
@@ -294,55 +295,22 @@ class EmbeddingStore:
             return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(cols)
 
     # -- keeping it consistent (under the dataset's lock) ------------------------------
-    def reconcile(self, live: Mapping[str, tuple[str, int]]) -> dict[str, int]:
-        """Keep exactly the entries that serve a live track (track_id -> (fingerprint, n_segments)), one each.
+    def reconcile(self, live: Mapping[str, tuple[str, int]] | None = None) -> dict[str, int]:
+        """Remove temporary files a killed writer left (local disks).  Nothing else is needed: the index
+        holds one entry per track, the one that serves it, and an entry of a changed or pruned track leaves
+        with its row.  Returns counts of what it did."""
+        return {"temporaries_removed": self.location.remove_temporaries(EMBEDDINGS), "parts_rewritten": 0,
+                "entries_dropped": 0}
 
-        Drops temporary files a killed writer left, entries of tracks that are gone (pruned) or
-        changed (another fingerprint), and older duplicates (a track embedded again); a part
-        left with nothing is deleted.  Returns counts of what it did.
-        """
-        removed = self.location.remove_temporaries(EMBEDDINGS)
-        keep = self.valid_for(live)
-        drop: dict[str, set[str]] = defaultdict(set)
-        entries = self.entries()
-        for e in entries:
-            k = keep.get(e.track_id)
-            if k is None or k.part != e.part:
-                drop[e.part].add(e.track_id)
-        for part, ids in drop.items():
-            self._rewrite_without(part, ids)
-        return {"temporaries_removed": removed, "parts_rewritten": len(drop),
-                "entries_dropped": sum(len(v) for v in drop.values())}
 
-    def _rewrite_without(self, name: str, drop: set[str]) -> None:
-        import pyarrow.compute as pc
+def stored_embedding(part: str, backbone: str, features: FeatureConfig | Mapping[str, Any], layers: Mapping[str, int],
+                     engine: Mapping[str, Any] | None) -> "StoredEmbedding":
+    """The index's record of a track embedded into ``part`` (see :class:`~genrecls.storage.index.StoredEmbedding`)."""
+    from genrecls.storage.index import StoredEmbedding
 
-        path = self.location.join(EMBEDDINGS, name)
-        with self.location.fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            meta = dict(pf.metadata.metadata or {})
-            tracks = [t for t in json.loads(meta[TRACKS_KEY]) if t["track_id"] not in drop]
-            if not tracks:
-                self.location.delete(EMBEDDINGS, name)
-                self._footers.pop(name, None)
-                return
-            schema = pf.schema_arrow
-            ids = pa.array(sorted(drop), pa.string())
-
-            def write(out):
-                with pq.ParquetWriter(out, schema, **_writer_options()) as w:
-                    for i in range(pf.num_row_groups):
-                        t = pf.read_row_group(i)
-                        t = t.filter(pc.invert(pc.is_in(t.column("track_id"), ids)))
-                        if t.num_rows:
-                            w.write_table(t, row_group_size=max(t.num_rows, 1))
-                    w.add_key_value_metadata({TRACKS_KEY.decode(): json.dumps(tracks)})
-
-            try:
-                self.location.write_atomic(f"{EMBEDDINGS}/{name}", write)
-            except OSError as exc:
-                raise OutputError(f"cannot write {EMBEDDINGS}/{name} in {self.location.uri}: {exc}") from exc
-        self._footers.pop(name, None)
+    return StoredEmbedding(part=part, backbone=str(backbone), features=json.dumps(_features_json(features), sort_keys=True),
+                           layers=json.dumps({k: int(v) for k, v in layers.items()}),
+                           engine=json.dumps(dict(engine or {}), sort_keys=True, default=str))
 
 
 def _short(key: tuple[str, dict, dict], what: str) -> str:

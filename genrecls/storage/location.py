@@ -137,7 +137,13 @@ class Location:
         return json.loads(self.read_text(rel))
 
     def remove_temporaries(self, *parts: str) -> int:
-        """Delete temporary files left in a sub-folder by a killed writer; returns how many."""
+        """Delete temporary files left in a sub-folder by a killed writer; returns how many.
+
+        Only local disks have any: an object store is never written under a temporary name (see the
+        module's docstring), so nothing is listed there (a listing of ``shards/`` is one request per
+        1,000 shards)."""
+        if not self.is_local:
+            return 0
         sel = pafs.FileSelector(self.join(*parts), allow_not_found=True, recursive=False)
         n = 0
         for info in self.fs.get_file_info(sel):

@@ -48,7 +48,7 @@ import pyarrow.fs as pafs
 from genrecls.core.provenance import utc_timestamp
 from genrecls.storage.location import Location
 
-__all__ = ["LockedError", "LEASE_SECONDS", "folder_lock", "s3_client"]
+__all__ = ["LockedError", "LEASE_SECONDS", "folder_lock", "s3_client", "error_code", "CONFLICT_CODES"]
 
 log = logging.getLogger("genrecls")
 
@@ -173,6 +173,8 @@ def _code(exc: Exception) -> str:
 
 #: answers to a conditional request that mean "someone else changed or removed the object"
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"}
+CONFLICT_CODES = frozenset(_CONFLICT)
+error_code = _code
 
 
 class _Lease:

@@ -15,8 +15,15 @@ under a temporary name and renamed; on an object store its files are uploaded fi
 appears whole, see :mod:`genrecls.storage.location`) and ``version.json`` last, so a half-uploaded
 version is invisible and is cleared by the next retrain.  The champion pointer is replaced
 in one write (a rename, or one PUT), so a retrain that dies leaves the registry as it was.
-Every change of the champion holds the registry's lock.  ``classify --model REGISTRY``
-uses the current champion.
+Every change of the champion holds the registry's lock, and is a compare-and-swap on the
+pointer's own version besides (the lock's lease can expire under a stalled holder): on S3 a
+``PUT`` with ``If-Match`` on the ETag it read (``If-None-Match: *`` for the first champion), on a
+local disk a read-compare-rename under ``flock`` on ``.champion.lock``; a swap that lost the race
+reads the pointer again and re-applies its change (promote, rollback), or fails when it was made
+against a champion that is no longer the champion (retrain's promotion:
+:class:`ChampionConflict`).  Stores with no conditional write through pyarrow (``gs://``) rely
+on the lock alone.  ``version.json`` records the dataset's index version the version was trained
+on (``dataset.version``).  ``classify --model REGISTRY`` uses the current champion.
 """
 
 from __future__ import annotations
@@ -28,14 +35,22 @@ from genrecls.core.provenance import utc_timestamp
 from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
 
-__all__ = ["RegistryError", "Registry", "resolve_run", "is_registry"]
+__all__ = ["RegistryError", "ChampionConflict", "Registry", "resolve_run", "is_registry"]
 
 CHAMPION = "champion.json"
 SPLITS = "splits.parquet"
+CHAMPION_LOCK = ".champion.lock"
+#: tries of a compare-and-swap of the champion pointer that keeps losing races
+CAS_TRIES = 50
+_ANY = object()
 
 
 class RegistryError(ValueError):
     """A registry is missing, empty, or asked for a version it does not hold."""
+
+
+class ChampionConflict(RegistryError):
+    """The champion changed between reading it and replacing it (a promotion decided against another champion)."""
 
 
 class Registry:
@@ -120,27 +135,91 @@ class Registry:
     def rollback(self) -> str:
         """Make the previous champion the champion again, holding the registry's lock; returns it."""
         with folder_lock(self.location, "genrecls models rollback"):
-            if not self.location.exists(CHAMPION):
-                raise RegistryError(f"{self.uri} has no champion to roll back from")
-            current = self.location.read_json(CHAMPION)
-            previous = current.get("previous", [])
-            if not previous:
-                raise RegistryError(f"{self.uri}: champion {current['version']} has no previous champion to roll back to")
-            target, rest = previous[0], previous[1:]
-            self.location.write_json(CHAMPION, {"version": target, "since": utc_timestamp(),
-                                                "reason": f"rollback from {current['version']}", "previous": rest})
-            return target
+            def change(current):
+                if current is None:
+                    raise RegistryError(f"{self.uri} has no champion to roll back from")
+                previous = current.get("previous", [])
+                if not previous:
+                    raise RegistryError(f"{self.uri}: champion {current['version']} has no previous champion to "
+                                        "roll back to")
+                return {"version": previous[0], "since": utc_timestamp(),
+                        "reason": f"rollback from {current['version']}", "previous": previous[1:]}
 
-    def set_champion(self, version: str, reason: str) -> None:
-        """Replace the champion pointer (one atomic write); the caller holds the registry's lock.
+            return self._swap(change)["version"]
 
-        The old champion is remembered for rollback.
+    def set_champion(self, version: str, reason: str, expected: Any = _ANY) -> None:
+        """Replace the champion pointer (one atomic write, a compare-and-swap); the caller holds the registry's lock.
+
+        The old champion is remembered for rollback.  ``expected`` (a version, or None for no
+        champion): replace it only if the champion is still that one, else :class:`ChampionConflict`.
         """
         self.version_info(version)  # must exist
-        current = self.location.read_json(CHAMPION) if self.location.exists(CHAMPION) else None
-        previous = ([current["version"]] + current.get("previous", [])) if current else []
-        previous = [v for v in previous if v != version][:50]
-        self.location.write_json(CHAMPION, {"version": version, "since": utc_timestamp(), "reason": reason, "previous": previous})
+
+        def change(current):
+            now = current["version"] if current else None
+            if expected is not _ANY and now != expected:
+                raise ChampionConflict(f"{self.uri}: the champion is {now}, not {expected} as when {version} was "
+                                       f"compared with it: {version} is not promoted (promote it by hand if wanted)")
+            previous = ([current["version"]] + current.get("previous", [])) if current else []
+            previous = [v for v in previous if v != version][:50]
+            return {"version": version, "since": utc_timestamp(), "reason": reason, "previous": previous}
+
+        self._swap(change)
+
+    # -- the pointer's compare-and-swap ---------------------------------------------------
+    def _swap(self, change) -> dict[str, Any]:
+        """Apply ``change(current) -> new`` to champion.json as a compare-and-swap, again on a lost race."""
+        import pyarrow.fs as pafs
+
+        if self.location.is_local:
+            return self._swap_local(change)
+        if isinstance(self.location.fs, pafs.S3FileSystem):
+            return self._swap_s3(change)
+        new = change(self._read() if self.location.exists(CHAMPION) else None)
+        self.location.write_json(CHAMPION, new)
+        return new
+
+    def _read(self) -> dict[str, Any]:
+        return self.location.read_json(CHAMPION)
+
+    def _swap_local(self, change) -> dict[str, Any]:
+        import fcntl
+        import os
+
+        self.location.makedirs()
+        fd = os.open(self.location.join(CHAMPION_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for one read and one rename
+            new = change(self._read() if self.location.exists(CHAMPION) else None)
+            self.location.write_json(CHAMPION, new)
+            return new
+        finally:
+            os.close(fd)
+
+    def _swap_s3(self, change) -> dict[str, Any]:
+        import json
+
+        from genrecls.storage.locks import CONFLICT_CODES, error_code, s3_client
+
+        client = s3_client(self.location.fs)
+        bucket, _, key = self.location.join(CHAMPION).partition("/")
+        for _ in range(CAS_TRIES):
+            try:
+                r = client.get_object(Bucket=bucket, Key=key)
+                current, condition = json.loads(r["Body"].read()), {"IfMatch": r["ETag"]}
+            except Exception as exc:
+                if error_code(exc) not in ("NoSuchKey", "404"):
+                    raise
+                current, condition = None, {"IfNoneMatch": "*"}
+            new = change(current)
+            body = (json.dumps(new, indent=2, sort_keys=True, default=str) + "\n").encode()
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **condition)
+                return new
+            except Exception as exc:
+                if error_code(exc) not in CONFLICT_CODES:
+                    raise
+        raise RegistryError(f"{self.uri}: the champion kept changing under {CAS_TRIES} tries to replace it")
 
     # -- decisions --------------------------------------------------------------------
     def record_decision(self, decision: dict[str, Any]) -> None:

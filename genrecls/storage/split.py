@@ -67,6 +67,9 @@ def as_mapping(assignment: Any) -> dict[str, str]:
         return {}
     if isinstance(assignment, Mapping):
         out = {str(k): str(v) for k, v in assignment.items()}
+    elif isinstance(assignment, pa.Table) and {"track_id", "split"} <= set(assignment.column_names) and all(
+            pa.types.is_string(assignment.schema.field(c).type) for c in ("track_id", "split")):
+        out = dict(zip(assignment.column("track_id").to_pylist(), assignment.column("split").to_pylist()))
     else:
         if isinstance(assignment, (str, bytes)) or hasattr(assignment, "__fspath__"):
             assignment = read_splits(assignment)
@@ -117,6 +120,18 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
     known = as_mapping(previous)
     labelled = []
     seen: set[str] = set()
+    if group_column is None:  # the usual case, a million tracks in a second: the same rules, list by list
+        try:
+            pairs = [(r["track_id"], r["label"]) for r in rows]
+        except KeyError:
+            raise SplitError("tracks need 'track_id' and 'label' columns") from None
+        labelled = [(str(t), str(lab), f"track:{t}") for t, lab in pairs if lab is not None and lab != ""]
+        if len({x[0] for x in labelled}) != len(labelled):
+            for tid, _, _ in labelled:
+                if tid in seen:
+                    raise SplitError(f"track {tid} appears twice in the track list")
+                seen.add(tid)
+        rows = []
     for r in rows:
         if "track_id" not in r or "label" not in r:
             raise SplitError("tracks need 'track_id' and 'label' columns")
@@ -136,13 +151,24 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
         labelled.append((tid, str(r["label"]), group))
 
     # units: groups (or single tracks) with their majority label
-    unit_tracks: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for tid, label, group in labelled:
-        unit_tracks[group].append((tid, label))
-    unit_label = {u: sorted(Counter(l for _, l in ts).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-                  for u, ts in unit_tracks.items()}
+    unit_label: dict[str, str] = {}
     unit_split: dict[str, str] = {}
+    unit_tracks: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    if group_column is None:  # every track its own unit: no list, no vote (a million tracks plan in seconds)
+        for tid, label, group in labelled:
+            unit_label[group] = label
+            if tid in known:
+                unit_split[group] = known[tid]
+    else:
+        for tid, label, group in labelled:
+            unit_tracks[group].append((tid, label))
     for u, ts in unit_tracks.items():
+        if len(ts) == 1:  # a track of its own (the usual unit): no vote to count
+            tid, unit_label[u] = ts[0]
+            if tid in known:
+                unit_split[u] = known[tid]
+            continue
+        unit_label[u] = sorted(Counter(l for _, l in ts).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         sides = Counter(known[t] for t, _ in ts if t in known)
         if sides:
             unit_split[u] = sorted(sides.items(), key=lambda kv: (-kv[1], SPLITS.index(kv[0])))[0][0]
@@ -152,7 +178,9 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
         by_label[label].append(u)
     for label, units in sorted(by_label.items()):
         assigned = Counter(unit_split[u] for u in units if u in unit_split)
-        new = sorted((u for u in units if u not in unit_split), key=lambda u: (_unit_hash(u, seed), u))
+        blake, prefix = hashlib.blake2b, f"{seed}:"  # _unit_hash, inlined: a million calls
+        new = [u for _, u in sorted((int.from_bytes(blake((prefix + u).encode(), digest_size=8).digest(), "big"), u)
+                                    for u in units if u not in unit_split)]
         if not new:
             continue
         if len(units) < 3 and not all(assigned[s] for s in SPLITS):
@@ -172,12 +200,13 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
                 x = _unit_hash(u, seed) / 2.0 ** 64
                 unit_split[u] = "test" if x < test_fraction else ("val" if x < test_fraction + val_fraction else "train")
 
-    out = sorted(((tid, label, unit_split[group], group) for tid, label, group in labelled), key=lambda r: r[0])
+    out = sorted(labelled)  # by track id (unique)
     table = pa.table({
         "track_id": pa.array([r[0] for r in out], pa.string()),
         "label": pa.array([r[1] for r in out], pa.string()),
-        "split": pa.array([r[2] for r in out], pa.string()),
-        "group": pa.array([r[3].split(":", 1)[1] if r[3].startswith("group:") else None for r in out], pa.string()),
+        "split": pa.array([unit_split[r[2]] for r in out], pa.string()),
+        "group": (pa.array([r[2].split(":", 1)[1] if r[2].startswith("group:") else None for r in out], pa.string())
+                  if group_column is not None else pa.nulls(len(out), pa.string())),
     })
     return table
 
@@ -185,9 +214,10 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
 def split_counts(table: pa.Table) -> dict[str, dict[str, int]]:
     """Tracks per split and label: ``{split: {label: n, ..., "total": n}}``."""
     out: dict[str, dict[str, int]] = {s: {"total": 0} for s in SPLITS}
-    for label, split in zip(table.column("label").to_pylist(), table.column("split").to_pylist()):
-        out[split][label] = out[split].get(label, 0) + 1
-        out[split]["total"] += 1
+    counts = table.select(["split", "label"]).group_by(["split", "label"], use_threads=False).aggregate([([], "count_all")])
+    for row in counts.to_pylist():
+        out[row["split"]][row["label"]] = row["count_all"]
+        out[row["split"]]["total"] += row["count_all"]
     return out
 
 

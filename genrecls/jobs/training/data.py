@@ -1,7 +1,10 @@
 """The training input as Ray Datasets, built on the driver and handed to the trainer.
 
-The shards are read with ``read_parquet`` (only ``track_id``, ``label``, ``mel``; the split's
-track ids pushed into the scan) and decoded to ``x`` (float16, (n_mels, n_frames)), ``y``
+The shards the plan's index version names are read with ``read_parquet`` (only ``track_id`` and
+``mel``, with each row's file; the split's track ids pushed into the scan); a row is kept only
+when its file is its track's shard in the index (an older shard keeps the rows of a track that
+changed since, until ``genrecls vacuum``), and its label is the index's (a relabel rewrites no
+shard).  Rows are decoded to ``x`` (float16, (n_mels, n_frames)), ``y``
 (label index) and, for training, ``w`` (the segment's loss weight) or, for validation, ``t``
 (the track's row in the per-track sums).  The trainer splits each dataset between the workers
 (``streaming_split(equal=True)``); each worker reads its share with ``get_dataset_shard``
@@ -33,17 +36,30 @@ __all__ = ["make_ray_dataset", "prepare_datasets", "val_track_index", "normalisa
 
 
 def _to_xy(batch, labels: list[str], shape: tuple[int, int], weights: dict[str, float] | None = None,
-           track_index: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+           track_index: dict[str, int] | None = None, tracks: dict[str, tuple[str, str]] | None = None
+           ) -> dict[str, np.ndarray]:
     """Shard rows (pyarrow) -> ``x`` float16 (n, n_mels, n_frames), ``y`` int32 label index
     and, with ``weights`` (track_id -> weight), ``w`` float32; with ``track_index`` (track_id ->
-    index), ``t`` int32 (validation: segment probabilities are summed per track)."""
+    index), ``t`` int32 (validation: segment probabilities are summed per track).  With ``tracks``
+    (track_id -> (its shard, its label) in the index) a row read from another file than its
+    track's shard is dropped, and the label is the index's (the batch then has a ``path`` column:
+    each row's file)."""
+    ids = batch.column("track_id").to_pylist()
+    if tracks is not None:
+        files = batch.column("path").to_pylist()
+        keep = [f.rsplit("/", 1)[-1] == tracks[t][0] for t, f in zip(ids, files)]
+        if not all(keep):
+            batch = batch.filter(np.array(keep, bool))
+            ids = [t for t, k in zip(ids, keep) if k]
+        row_labels = [tracks[t][1] for t in ids]
+    else:
+        row_labels = batch.column("label").to_pylist()
     mel = batch.column("mel").combine_chunks()
     x = mel.flatten().to_numpy(zero_copy_only=False).reshape(len(mel), *shape).astype(np.float16, copy=False)
     index = {l: i for i, l in enumerate(labels)}
-    y = np.fromiter((index[l] for l in batch.column("label").to_pylist()), dtype=np.int32, count=len(mel))
+    y = np.fromiter((index[l] for l in row_labels), dtype=np.int32, count=len(mel))
     out = {"x": x, "y": y}
     if weights is not None or track_index is not None:
-        ids = batch.column("track_id").to_pylist()
         if weights is not None:
             out["w"] = np.fromiter((weights[t] for t in ids), dtype=np.float32, count=len(mel))
         if track_index is not None:
@@ -71,15 +87,20 @@ def make_ray_dataset(plan: TrainPlan, track_ids: list[str], *, shuffle_files: bo
     v2 = getattr(ctx, "use_datasource_v2", None)
     if v2:  # the file list is known: Ray 2.5x's V2 reader adds a ListFiles stage costing seconds per epoch
         ctx.use_datasource_v2 = False
+    tracks = None
+    if plan.track_rows is not None:
+        tracks = {t: plan.track_rows[t] for t in track_ids}
+        kwargs["include_paths"] = True
     try:
-        ds = ray.data.read_parquet(plan.shard_paths, columns=["track_id", "label", "mel"], **kwargs)
+        ds = ray.data.read_parquet(plan.shard_paths, columns=["track_id", "mel"] if tracks else
+                                   ["track_id", "label", "mel"], **kwargs)
     finally:
         if v2:
             ctx.use_datasource_v2 = v2
     ds = ds.filter(expr=col("track_id").is_in(sorted(track_ids)))
     return ds.map_batches(_to_xy, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"labels": plan.labels, "shape": plan.mel_shape, "weights": weights,
-                                     "track_index": track_index})
+                                     "track_index": track_index, "tracks": tracks})
 
 
 def prepare_datasets(plan: TrainPlan, ids: dict[str, list[str]]) -> tuple[dict[str, Any], Any]:

@@ -45,7 +45,7 @@ from genrecls.core.runtime import (
     quiet_environment,
     ray_session,
 )
-from genrecls.storage.dataset import DatasetError
+from genrecls.storage.dataset import Dataset, DatasetError
 from genrecls.storage.location import Location
 from genrecls.storage.locks import folder_lock
 from genrecls.storage.split import as_mapping, write_splits
@@ -194,14 +194,15 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_f
             printer.stop()
 
 
-def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str | None = None,
+def train(dataset: "str | Dataset", run_dir: str, cfg: Config | None = None, *, address: str | None = None,
           workers: int | None = None, resume: bool = False, splits: Any = None, progress: bool = True,
           verbose: bool = False) -> dict[str, Any]:
     """Train a genre classifier on a dataset; write everything into ``run_dir``.
 
     Parameters
     ----------
-    dataset : dataset folder or URI written by ``genrecls ingest``.
+    dataset : dataset folder or URI written by ``genrecls ingest`` (its newest version), or a
+        :class:`~genrecls.storage.dataset.Dataset` (the version it reads: what retrain just committed).
     run_dir : the run folder or URI to create (or, with ``resume``, to continue).
     cfg : configuration (``train`` section; features come from the dataset).
     address : Ray cluster to join; None starts a local Ray (or uses one already initialised).
@@ -236,6 +237,12 @@ def train(dataset: str, run_dir: str, cfg: Config | None = None, *, address: str
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
+    if resume and isinstance(dataset, str) and run.exists("plan.json"):
+        version = run.read_json("plan.json").get("dataset_version")
+        if version is not None:  # the version the run started on, if it is still there
+            from genrecls.storage.dataset import Dataset
+
+            dataset = Dataset(dataset, version=version)
     check = check_dataset(dataset, cfg)
     cfg = cfg.with_section(features=check.features)
     if resume:
@@ -352,7 +359,7 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     history = state["history"]
     versions = _versions()
     info = export_model(model, run, labels=plan.labels, features=check.features, model_name=plan.model, extra={
-        "dataset": check.dataset.uri, "normalisation": {"file": "normalisation.json", "axis": "mel band",
+        "dataset": check.dataset.uri, "dataset_version": check.version, "normalisation": {"file": "normalisation.json", "axis": "mel band",
                                                         "inside_model": plan.model not in ("tutorial", "musicnn")},
         "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"], "versions": versions,
         "model": model_summary(model), "splits": "splits.parquet", "config": "config.json",

@@ -154,7 +154,7 @@ def head_embeddings(check: DatasetCheck, track_ids: list[str], *, engine: str = 
         if k:
             keep = keep or {}
             keep.update({t: _kept_indices(want[t][1], k).tolist() for t in ids if want[t][1] > k})
-    store = EmbeddingStore(ds.location)
+    store = EmbeddingStore(ds)
     bid = backbone_id()
     record: dict[str, Any] = {"store": store.uri, "backbone": bid, "rows_per_track_cap": caps}
     valid = {}
@@ -453,7 +453,7 @@ def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, he
                    "dims": head.dims, "c": head.info["c"], "backbone": emb["backbone"], "fit_on": refit["on"],
                    "function": "genrecls.models.transfer.head_probabilities(layers, load_head(RUN))"}
     info = export_model(model, run, labels=head.labels, features=check.features, model_name=plan.model, extra={
-        "dataset": check.dataset.uri,
+        "dataset": check.dataset.uri, "dataset_version": check.version,
         "normalisation": {"file": "normalisation.json", "axis": "embedding dimension", "inside_model": True},
         "best_epoch": None, "epochs_run": 0, "versions": versions, "model": model_summary(model),
         "splits": "splits.parquet", "config": "config.json", "max_batch": MAX_BATCH,

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from genrecls.audio.features import check_same_features
 from genrecls.core.config import Config, ConfigError, FeatureConfig
@@ -29,8 +29,6 @@ __all__ = ["TrainingError", "REQUIRED_COLUMNS", "FOLDER_GROUP", "DatasetCheck", 
 
 REQUIRED_COLUMNS = ("track_id", "label", "segment_index", "mel")
 FOLDER_GROUP = "folder"
-#: shard footers read at once by check_dataset (an object store answers each in one round trip)
-_FOOTER_THREADS = 8
 
 
 class TrainingError(RuntimeError):
@@ -48,8 +46,11 @@ class DatasetCheck:
     tracks: list[dict[str, Any]]  # track_id, label, n_segments, shard, path (+ group)
     labels: list[str]
     unlabelled: int
+    #: the segments' bytes before compression (n_segments x the mel's size in the storage dtype)
     stored_bytes: int
     columns: list[str]
+    #: the index version read (None: a dataset without an index, read from its footers)
+    version: int | None = None
 
 
 def _check_shard(ds: Dataset, name: str, features: FeatureConfig, group: str | None) -> tuple[int, list[str]]:
@@ -83,10 +84,12 @@ def _check_shard(ds: Dataset, name: str, features: FeatureConfig, group: str | N
 def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetCheck:
     """Everything that can be wrong with a dataset before training, as a clear :class:`DatasetError`.
 
-    Checks: the dataset exists and has segments; every shard has the columns training needs
-    (and ``train.group_column``); every shard was written with the manifest's feature
-    configuration; ``cfg.features``, when not the default, equals the dataset's; at least two
-    labels.  The tracks are the dataset's own track index (:meth:`Dataset.tracks`).
+    Checks: the dataset exists and has segments; its newest shard has the columns training needs
+    (and ``train.group_column``) and was written with the manifest's feature configuration (every
+    shard is written by the same ingest code from the manifest's features, which ingest refuses to
+    change: one footer, not one per shard); ``cfg.features``, when not the default, equals the
+    dataset's; at least two labels.  The tracks are one version of the dataset's index
+    (:meth:`Dataset.tracks`, read once: a ``Dataset`` given is used as it is).
     """
     cfg = cfg or Config()
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
@@ -100,23 +103,23 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
     if not names:
         raise DatasetError(f"{ds.uri} is empty: it holds no segments (no shards); ingest a library into it first")
     group = cfg.train.group_column
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(names))) as pool:
-        checked = list(pool.map(lambda n: _check_shard(ds, n, features, group), names))
-    stored = sum(size for size, _ in checked)
-    tracks = [{"track_id": e.track_id, "label": e.label, "n_segments": e.n_segments, "path": e.path, "shard": e.shard}
-              for e in ds.tracks().values() if e.n_segments > 0]
+    _, columns = _check_shard(ds, names[-1], features, group)
+    rows = ds.rows()
+    keep = pc.greater(rows.column("n_segments"), 0)
+    rows = rows.filter(keep) if not pc.all(keep).as_py() else rows
+    cols = {c: rows.column(c).to_pylist() for c in ("track_id", "label", "n_segments", "path", "shard")}
+    tracks = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
     if not tracks:
         raise DatasetError(f"{ds.uri} is empty: its shards hold no segments")
+    itemsize = 2 if features.dtype == "float16" else 4
+    stored = int(pc.sum(rows.column("n_segments")).as_py() or 0) * features.n_mels * features.n_frames * itemsize
     if group == FOLDER_GROUP:
         for t in tracks:
             t["group"] = t["path"].rsplit("/", 1)[0] if "/" in t["path"] else ""
     elif group:
-        import pyarrow.compute as pc
-        import pyarrow.dataset as pads
-
-        pds = pads.dataset(ds.shard_paths(), filesystem=ds.location.fs, format="parquet")
-        table = pds.to_table(columns=["track_id", group], filter=pc.field("segment_index") == 0)
-        groups = dict(zip(table.column("track_id").to_pylist(), table.column(group).to_pylist()))
+        groups: dict[str, Any] = {}
+        for batch in ds.iter_segments(columns=["track_id", group], filter=pc.field("segment_index") == 0):
+            groups.update(zip(batch.column("track_id").to_pylist(), batch.column(group).to_pylist()))
         for t in tracks:
             t["group"] = groups.get(t["track_id"])
     labelled = [t for t in tracks if t["label"]]
@@ -126,7 +129,7 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
         raise DatasetError(f"{ds.uri} has {what}; a classifier needs at least two labels "
                            "(lay the library out as SOURCE/<label>/... or give a label column)")
     return DatasetCheck(ds, features, [ds.location.join("shards", n) for n in names], labelled, labels,
-                        len(tracks) - len(labelled), stored, checked[0][1])
+                        len(tracks) - len(labelled), stored, columns, ds.version)
 
 
 def check_model_input(model: str, check: DatasetCheck) -> None:
@@ -217,6 +220,10 @@ class TrainPlan:
     #: embeddings: a linear head, genrecls.jobs.training.head)
     input: str = "mel"
     fine_tune: bool = False
+    #: the dataset's index version the plan was made on (None: a dataset without an index)
+    dataset_version: int | None = None
+    #: track_id -> (its shard, its label) in that version (readers keep only those rows); not in plan.json
+    track_rows: dict[str, tuple[str, str]] | None = None
 
     @property
     def mel_shape(self) -> tuple[int, int]:
@@ -234,6 +241,7 @@ class TrainPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("track_rows")  # the index's, per track
         weights = d.pop("segment_weights")  # one number per track: summarised, not listed
         d["track_weights"] = weights is not None
         if weights:
@@ -242,11 +250,14 @@ class TrainPlan:
 
 
 def _segments_per_split(tracks: list[dict[str, Any]], assignment: dict[str, str]) -> dict[str, dict[str, int]]:
+    import pyarrow as pa
+
     out: dict[str, dict[str, int]] = {s: {"total": 0} for s in ("train", "val", "test")}
-    for t in tracks:
-        s = assignment[t["track_id"]]
-        out[s][t["label"]] = out[s].get(t["label"], 0) + t["n_segments"]
-        out[s]["total"] += t["n_segments"]
+    table = pa.table({"split": [assignment[t["track_id"]] for t in tracks], "label": [t["label"] for t in tracks],
+                      "n": pa.array([t["n_segments"] for t in tracks], pa.int64())})
+    for row in table.group_by(["split", "label"], use_threads=False).aggregate([("n", "sum")]).to_pylist():
+        out[row["split"]][row["label"]] = row["n_sum"]
+        out[row["split"]]["total"] += row["n_sum"]
     return out
 
 
@@ -337,7 +348,9 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         shuffle_buffer=t.shuffle_buffer, cache=cache, early_stopping_patience=t.early_stopping_patience,
         class_weights=class_weights, tracks_per_split=counts, segments_per_split=segs,
         unlabelled_tracks=check.unlabelled, notes=notes, segment_weights=weights, input=train_input,
-        fine_tune=t.fine_tune)
+        fine_tune=t.fine_tune, dataset_version=check.version,
+        track_rows=dict(zip([tr["track_id"] for tr in check.tracks],
+                            zip([tr["shard"] for tr in check.tracks], [tr["label"] for tr in check.tracks]))))
     return plan, table
 
 
@@ -350,15 +363,19 @@ def segment_weights(tracks: list[dict[str, Any]], assignment: dict[str, str], by
     times a 20-second one, and the model learns the long tracks of a library rather than
     its labels.
     """
-    train = [t for t in tracks if assignment.get(t["track_id"]) == "train" and t["n_segments"] > 0]
-    per_label: dict[str, int] = {}
-    for t in train:
-        per_label[t["label"]] = per_label.get(t["label"], 0) + 1
-    raw = {t["track_id"]: 1.0 / (t["n_segments"] * (per_label[t["label"]] if by_label else 1)) for t in train}
-    total_segments = sum(t["n_segments"] for t in train)
-    total_weight = sum(raw[t["track_id"]] * t["n_segments"] for t in train)
+    from collections import Counter
+
+    train = [(t["track_id"], t["label"], t["n_segments"]) for t in tracks
+             if t["n_segments"] > 0 and assignment.get(t["track_id"]) == "train"]
+    per_label = Counter(label for _, label, _ in train)
+    if by_label:
+        raw = [(tid, n, 1.0 / (n * per_label[label])) for tid, label, n in train]
+    else:
+        raw = [(tid, n, 1.0 / (n * 1)) for tid, _, n in train]
+    total_segments = sum(n for _, n, _ in raw)
+    total_weight = sum(w * n for _, n, w in raw)
     scale = total_segments / total_weight if total_weight else 1.0
-    return {k: v * scale for k, v in raw.items()}
+    return {tid: w * scale for tid, _, w in raw}
 
 
 def learning_rate_at(epoch: int, epochs: int, base: float, floor: float = 0.05) -> float:
