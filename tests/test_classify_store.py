@@ -23,8 +23,6 @@ import pytest
 from genrecls.core.config import Config
 from genrecls.jobs.classify import classify
 from genrecls.storage.dataset import Dataset
-from genrecls.storage.embeddings import EmbeddingStore, EmbeddingWriter, embedding_schema
-from genrecls.storage.location import Location
 from genrecls.storage.predictions import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,19 +158,19 @@ def test_changed_and_new_files_are_computed_the_rest_read_from_the_store(library
 @pytest.mark.parametrize("other", ["backbone", "features"])
 def test_a_store_of_another_backbone_or_features_is_named_and_not_used(other, library, dataset, run, small_cfg,
                                                                        tmp_path, caplog):
-    from genrecls.models.engine import backbone_id
+    from dataclasses import asdict
+
+    from genrecls.models.engine import BACKBONE_OUTPUTS, backbone_id
+    from genrecls.storage.embeddings import stored_embedding
 
     ds = tmp_path / "ds"
     shutil.copytree(dataset, ds)
-    for name in EmbeddingStore(str(ds)).part_names():
-        os.remove(ds / "embeddings" / name)
     features = Dataset(str(ds)).feature_config()
-    schema = (embedding_schema({"penultimate": 200}, backbone="other-backbone-0000", features=features)
-              if other == "backbone" else embedding_schema({"penultimate": 200}, backbone=backbone_id(),
-                                                           features=small_cfg.features))
-    w = EmbeddingWriter(Location.parse(str(ds)), "part-x.parquet", schema)
-    w.add_track("t", "f", {"penultimate": np.zeros((1, 200))})
-    w.close()
+    how = (stored_embedding("part-x.parquet", "other-backbone-0000", features, BACKBONE_OUTPUTS, {})
+           if other == "backbone" else stored_embedding("part-x.parquet", backbone_id(), small_cfg.features,
+                                                        BACKBONE_OUTPUTS, {}))
+    entry = {f"embedding_{k}": v for k, v in asdict(how).items() if k != "part"}
+    Dataset(str(ds)).commit(update={t: entry for t in Dataset(str(ds)).tracks()})  # the store's every entry
     s = classify(str(library), str(run), str(tmp_path / "p"), cfg(f"classify.dataset={json.dumps(str(ds))}"),
                  progress=False)
     named = "other-backbone-0000" if other == "backbone" else "another feature configuration"

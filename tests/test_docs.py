@@ -35,7 +35,7 @@ def commands(text: str) -> list[list[str]]:
                 except ValueError:
                     continue
                 words = words[:next((i for i, w in enumerate(words) if REDIRECT.match(w) or w == "|"), len(words))]
-                if "..." in words:  # an abbreviated example, not a command
+                if "..." in words or any(w.startswith("[") for w in words):  # an abbreviation or a synopsis
                     continue
                 for i, w in enumerate(words):
                     if w == "genrecls" or w.endswith("/genrecls"):
