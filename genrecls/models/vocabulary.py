@@ -53,6 +53,8 @@ __all__ = [
     "TagVocabulary",
     "load_tag_vocabulary",
     "spelling_labels",
+    "TAG_SEPARATOR",
+    "labels_from_tags",
     "Vocabulary",
     "VocabularyError",
     "example_vocabulary",
@@ -572,3 +574,38 @@ def spelling_labels(texts: Sequence[str]) -> dict[str, str]:
         counts[normalise_name(t)][t] += 1
     best = {k: sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for k, v in counts.items()}
     return {t: best[normalise_name(t.strip())] for t in texts}
+
+
+#: joins the values of a multi-valued genre tag in the dataset's ``genre_tag`` column
+TAG_SEPARATOR = "; "
+
+
+def labels_from_tags(genre_tags: dict[str, str | None], vocab: TagVocabulary) -> tuple[
+        dict[str, str | None], dict[str, str], dict[str, list[str]]]:
+    """The label of every track from the genres a person wrote (``genre_tags``: track -> its values joined by
+    :data:`TAG_SEPARATOR`; ``""`` or None: none).
+
+    A track's label is its first value that names a genre (:meth:`TagVocabulary.first_label`); a text no
+    vocabulary genre names (``unlisted = "keep"``) is a genre of its own, spelled as most tracks spell it
+    (:func:`spelling_labels` over the whole library, so ``Hip Hop``, ``hip-hop`` and ``HIPHOP`` are one).
+    Returns ``(labels, why, merged)``: track -> label or None; track -> why it is unlabelled; label ->
+    the other spellings merged into it.
+    """
+    first: dict[str, tuple[str | None, str | None]] = {}
+    for tid, text in genre_tags.items():
+        values = [v for v in (text or "").split(TAG_SEPARATOR) if v.strip()]
+        first[tid] = vocab.first_label(values)
+    named = set(vocab.genres)
+    free = [label for label, _ in first.values() if label is not None and label not in named]
+    spelled = spelling_labels(free)
+    labels, why, merged = {}, {}, {}
+    for tid, (label, reason) in first.items():
+        if label is not None and label not in named:
+            canonical = spelled[label.strip()]
+            if canonical != label.strip():
+                merged.setdefault(canonical, set()).add(label.strip())
+            label = canonical
+        labels[tid] = label
+        if label is None:
+            why[tid] = reason or "no genre tag"
+    return labels, why, {k: sorted(v) for k, v in sorted(merged.items())}
