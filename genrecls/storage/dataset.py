@@ -14,7 +14,8 @@ Layout of a dataset folder (local path or URI)::
 Segment rows: ``track_id, path, label, segment_index, start_seconds, mel`` (a fixed-size
 list of ``n_mels * n_frames`` values, row-major (mel, frame)), plus ``fingerprint``
 (BLAKE2b of the file's bytes), ``size``, ``mtime_ns`` and ``duration_seconds`` of the
-source file.  Each shard's schema metadata holds the feature configuration and the mel
+source file, and its ``album`` and ``album_artist`` tags (null without; shards written
+before they were recorded lack both columns).  Each shard's schema metadata holds the feature configuration and the mel
 shape; its Parquet footer lists the tracks it holds (so the dataset's track index is read
 from footers, never from the data).
 """
@@ -97,6 +98,8 @@ def segment_schema(cfg: FeatureConfig) -> pa.Schema:
             pa.field("size", pa.int64(), nullable=False),
             pa.field("mtime_ns", pa.int64(), nullable=False),
             pa.field("duration_seconds", pa.float64(), nullable=False),
+            pa.field("album", pa.string()),
+            pa.field("album_artist", pa.string()),
         ],
         metadata={
             FEATURES_KEY: _feature_json(cfg).encode(),
@@ -298,8 +301,10 @@ class ShardWriter(PartWriter):
 
     def add_track(self, *, track_id: str, path: str, label: str | None, fingerprint: str, size: int,
                   mtime_ns: int, duration: float, mels: "np.ndarray | TrackBuffer",
-                  starts: Iterable[float] | None = None) -> None:
-        """Add every segment of one track (``mels`` as an array with ``starts``, or a :class:`TrackBuffer`)."""
+                  starts: Iterable[float] | None = None, album: str | None = None,
+                  album_artist: str | None = None) -> None:
+        """Add every segment of one track (``mels`` as an array with ``starts``, or a :class:`TrackBuffer`);
+        ``album``, ``album_artist``: its tags (None without), kept per track for album-aware splits."""
         if isinstance(mels, TrackBuffer):
             buf = mels
         else:
@@ -314,15 +319,17 @@ class ShardWriter(PartWriter):
             for chunk in buf.chunks(ROW_GROUP_SEGMENTS):
                 k = chunk.shape[0]
                 yield self._batch(track_id, path, label, fingerprint, size, mtime_ns, duration, chunk,
-                                  buf.starts[first:first + k], first)
+                                  buf.starts[first:first + k], first, album, album_artist)
                 first += k
 
         self._add(batches(), {
             "track_id": track_id, "path": path, "label": label, "fingerprint": fingerprint,
             "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration,
+            "album": album, "album_artist": album_artist,
         })
 
-    def _batch(self, track_id, path, label, fingerprint, size, mtime_ns, duration, rows, starts, first) -> pa.RecordBatch:
+    def _batch(self, track_id, path, label, fingerprint, size, mtime_ns, duration, rows, starts, first,
+               album=None, album_artist=None) -> pa.RecordBatch:
         n = rows.shape[0]
         values = pa.array(rows.reshape(-1), type=self.schema.field("mel").type.value_type)
         return pa.RecordBatch.from_arrays(
@@ -337,6 +344,8 @@ class ShardWriter(PartWriter):
                 pa.array(np.full(n, size, np.int64)),
                 pa.array(np.full(n, mtime_ns, np.int64)),
                 pa.array(np.full(n, duration, np.float64)),
+                pa.array([album] * n, pa.string()),
+                pa.array([album_artist] * n, pa.string()),
             ],
             schema=self.schema,
         )
@@ -353,6 +362,9 @@ class TrackEntry:
     n_segments: int
     duration_seconds: float
     shard: str
+    #: the file's album and album-artist tags (None: none, or a shard written before they were recorded)
+    album: str | None = None
+    album_artist: str | None = None
 
 
 class Dataset:
@@ -416,7 +428,8 @@ class Dataset:
     def track_table(self) -> pa.Table:
         """The track index as a table (one row per track)."""
         entries = list(self.tracks().values())
-        cols = ["track_id", "path", "label", "fingerprint", "size", "mtime_ns", "n_segments", "duration_seconds", "shard"]
+        cols = ["track_id", "path", "label", "fingerprint", "size", "mtime_ns", "n_segments", "duration_seconds", "shard",
+                "album", "album_artist"]
         return pa.table({c: [getattr(e, c) for e in entries] for c in cols})
 
     def read_segments(self, columns: list[str] | None = None, filter=None) -> pa.Table:
