@@ -203,5 +203,5 @@ def test_album_tags_written_with_mutagen_reach_the_split(tmp_path, small_cfg):
         by_album.setdefault(album[name], set()).add(s)
     assert all(len(v) == 1 for v in by_album.values()) and len(by_album) == 6
     assert any("split by album (train.group_by=album): 24 of 24 tracks in 6 groups" in n for n in plan.notes), plan.notes
-    plan_t, table_t = plan_training(check, small_cfg.with_section(train={"group_by": "track"}))
+    plan_t, _ = plan_training(check, small_cfg.with_section(train={"group_by": "track"}))
     assert any("split by track (train.group_by=track)" in n for n in plan_t.notes)

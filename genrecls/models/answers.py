@@ -15,13 +15,19 @@ model's labels) into a prediction row's answer columns:
    nothing is asserted); ``parent_genres`` every ancestor of those genres (the vocabulary's
    parents).
 
-Every threshold is chosen on **validation tracks** (:func:`choose_rules`), never on test
-tracks, or set by hand:
+Every threshold is chosen on **validation tracks** (:func:`choose_rules`), or, for a frozen
+head, on the **out-of-fold** scores of every training and validation track (issue 27), never
+on test tracks, or set by hand:
 
+* the calibration: temperature scaling, kept only when, fit on the other folds, it lowers the
+  NLL of each fold's tracks (fit on the same tracks it always lowers theirs);
 * the ``uncertain`` threshold: ``classify.min_confidence`` when set; else the lowest confidence
-  at which the validation tracks it keeps reach ``classify.target_precision``
-  (:func:`genrecls.models.calibration.precision_threshold`); a run whose validation tracks
-  cannot reach it answers ``uncertain`` everywhere (and says so);
+  at which the tracks it keeps reach ``classify.target_precision``
+  (:func:`genrecls.models.calibration.precision_threshold`); when none does, the threshold of
+  best estimated precision, and ``train``, ``classify`` and ``evaluate`` each say in one line
+  that the target was not reached and what precision the answers are estimated to have
+  (:func:`not_reached_line`); with ``classify.strict_precision`` every answer is then
+  ``uncertain`` (answers only at a shown precision);
 * each genre's threshold for ``genres``: the vocabulary's ``threshold`` when set; else the same
   rule, one genre against the rest; a genre with too few validation tracks to reach the
   target takes the ``uncertain`` threshold.
@@ -587,8 +593,8 @@ def format_answer_counts(summary: dict[str, Any]) -> list[str]:
     classified = int(summary.get("classified", 0) or 0)
     total = int(summary.get("tracks_total", 0) or 0)
     lib_uncertain = int(summary.get("uncertain_total", 0) or 0)
-    lines = [f"answered {classified - run_uncertain}, {word} {run_uncertain} of the {classified} track(s) this run "
-             f"classified; in the library: answered {total - lib_uncertain}, {word} {lib_uncertain} of {total}"]
+    lines = [(f"answered {classified - run_uncertain}, {word} {run_uncertain} of the {classified} track(s) this run "
+              f"classified; in the library: answered {total - lib_uncertain}, {word} {lib_uncertain} of {total}")]
     line = not_reached_line(a)
     if line:
         lines.append(line)

@@ -1,4 +1,4 @@
-"""A frozen-backbone ``musicnn`` run: a linear head chosen on validation tracks, then refit (issue 20).
+"""A frozen-backbone ``musicnn`` run: every choice made by cross-validation, the head fit once (issues 20, 27).
 
 The driver (:func:`genrecls.jobs.training.train`) hands a frozen-backbone plan here instead of
 to Ray Train.  Everything runs in the run's Ray session:
@@ -14,20 +14,26 @@ to Ray Train.  Everything runs in the run's Ray session:
    not the dataset's, so it never writes the dataset folder (another ingest may be writing it,
    it may be read-only); ``genrecls ingest`` on the dataset fills the store from the shards
    (no decoding), and the next ``train`` reads it.
-2. **Selection on validation tracks** (:mod:`genrecls.models.selection`): every candidate
-   embedding (``train.head_candidates``) at every strength (``train.head_c``) is fit on the
-   training tracks (a multinomial logistic regression after standardisation, L-BFGS; one Ray
-   task per candidate, its strengths as a warm-started path) and scored per validation track;
-   the best, ties to the simpler.  Classify's K is chosen on the same validation
-   probabilities, as for every model.
-3. **Refit** (``train.refit``, on by default): the choice is fit again on the training and
-   validation tracks together; the test tracks, never seen by 2 or 3, score it.  The report
-   gives the test figures of the model before the refit too: the gain of the refit alone.
+2. **Cross-validation** of the training and validation tracks together (``train.cv_folds``
+   folds, :func:`genrecls.storage.split.assign_folds`: stratified by label, albums whole, the
+   split's grouping): every candidate embedding (``train.head_candidates``) at every strength
+   (``train.head_c``) is fit on the other folds and scores each fold's tracks
+   (:func:`genrecls.models.selection.cross_validate_candidate`; one Ray task per candidate).  A
+   first round fits each track on ``train.cv_screen_segments`` evenly spaced segments; the
+   ``train.cv_finalists`` best pairs are cross-validated again on every segment, and the best of
+   them is chosen (:data:`~genrecls.models.selection.CV_HEAD_RULE`).  Its out-of-fold scores,
+   every training and validation track's, choose classify's K, the calibration (kept only when
+   it lowers the NLL of folds it was not fit on) and the thresholds
+   (:func:`genrecls.models.answers.record_answers`).
+3. **The final head**: the choice fit once on the training and validation tracks (``train.refit``,
+   on by default; off: on the training split alone); the test tracks, never seen by 2 or 3,
+   score it.  The report gives the test figures of the head fit on the training split alone too.
 4. **Export**: ``RUN/model`` (SavedModel) and ``model.keras`` hold the backbone, the chosen
    layers, the standardisation and the head as Keras layers (stored segments in, as every
    model), ``RUN/head.npz`` the head alone (for classify's engine path), ``run.json`` the
-   choice and every candidate's validation figures.  A few stored segments are scored by the
-   exported model and compared with the head on their stored embeddings (``export_check``).
+   choice, every candidate's out-of-fold figures and the cross-validation's spread across folds.
+   A few stored segments are scored by the exported model and compared with the head on their
+   stored embeddings (``export_check``).
 
 The training rows: every segment of each track, unless a split holds more than
 ``train.head_max_rows``: each of its tracks then gives at most the same number of evenly
@@ -343,7 +349,6 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
         records = cross_validate(grid, 0)
     else:
         records = cross_validate([(n, ls, list(t.head_c)) for n, ls in order], 0)
-    del pool_ref, folds_ref
     chosen = choose_head_cv(records)
     timings["selection"] = time.monotonic() - t1
     n_oof = int((folds >= 0).sum())

@@ -52,8 +52,8 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
     if h and h[-1].get("onednn") == "0":
         lines.append("- note: the workers ran TensorFlow with oneDNN disabled (TF_ENABLE_ONEDNN_OPTS=0 in their "
                      "environment): convolutions run 2-3x slower on x86 CPUs than with it enabled")
-    lines += ["", "## Split (stratified by label; the validation split chooses the epoch, K, the calibration and the "
-              "thresholds: a network trained from scratch is not cross-validated)", ""]
+    lines += ["", ("## Split (stratified by label; the validation split chooses the epoch, K, the calibration and the "
+                   "thresholds: a network trained from scratch is not cross-validated)"), ""]
     rows = []
     for label in plan.labels + ["total"]:
         rows.append((label, *[plan.tracks_per_split[s].get(label, 0) for s in ("train", "val", "test")],
