@@ -226,7 +226,8 @@ def skewed_run(tmp_path_factory, ray_local):
 
     root = tmp_path_factory.mktemp("head-skewed")
     ds = planted_dataset(root / "ds", "mean_pool", tracks=SKEWED, album_of=album_of)
-    summary = train(ds, str(root / "run"), CFG.override(["classify.target_precision=1.0"]), progress=False)
+    cfg = CFG.override(["classify.target_precision=1.0", "train.head_candidates=mean_pool,penultimate"])  # 4 pairs
+    summary = train(ds, str(root / "run"), cfg, progress=False)
     return ds, str(root / "run"), summary
 
 
