@@ -187,23 +187,12 @@ def small_assignment(dataset: str, folder: str, per_label: int, seed: int) -> st
     return folder
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small synthetic set (16 kHz), a smoke run")
-    p.add_argument("--dataset", default="/tmp/bench-data/cv/ds", help="the real set's dataset (ingested if missing)")
-    p.add_argument("--source", default="/work/realset", help="the real library (5 styles)")
-    p.add_argument("--work", default="/tmp/bench-data/cv", help="folder for runs")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--small", type=int, default=8, help="labelled tracks per genre of the small-library runs")
-    p.add_argument("--skip-small", action="store_true")
-    p.add_argument("--out", default=None)
-    a = p.parse_args()
+def per_seed(a) -> tuple[dict, list]:
+    """The default run on each seed's own split: accuracy, pooled answers, ECE, NLL, wall time."""
     import numpy as np
 
     from genrecls.models import ece, ece_floor, nll
 
-    os.makedirs(a.work, exist_ok=True)
-    t_all = time.monotonic()
     results: dict = {"quick": a.quick, "cpu": cpu(), "load_at_start": load(), "dataset": a.dataset,
                      "source": None if a.quick else a.source, "today": TODAY}
     ensure_dataset(a.dataset, None if a.quick else a.source, a.quick)
@@ -243,6 +232,32 @@ def main() -> int:
                                   else summary["train_wall_seconds_median"] <= 2 * TODAY["train_seconds_idle"]),
     }
     results["per_seed"] = {"runs": [{k: v for k, v in r.items() if k != "_pooled"} for r in runs], "summary": summary}
+    return results, acc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small synthetic set (16 kHz), a smoke run")
+    p.add_argument("--dataset", default="/tmp/bench-data/cv/ds", help="the real set's dataset (ingested if missing)")
+    p.add_argument("--source", default="/work/realset", help="the real library (5 styles)")
+    p.add_argument("--work", default="/tmp/bench-data/cv", help="folder for runs")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--small", type=int, default=8, help="labelled tracks per genre of the small-library runs")
+    p.add_argument("--skip-small", action="store_true")
+    p.add_argument("--only-small", action="store_true", help="only the small-library runs (merged into --out)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    import numpy as np
+
+    os.makedirs(a.work, exist_ok=True)
+    t_all = time.monotonic()
+    out = a.out or os.path.join(HERE, "results", "cv-quick.json" if a.quick else "cv.json")
+    if a.only_small:
+        with open(out) as f:
+            results = json.load(f)
+        ensure_dataset(a.dataset, None if a.quick else a.source, a.quick)
+    else:
+        results, _ = per_seed(a)
     if not a.skip_small:
         small = []
         for s in range(a.seeds):
@@ -257,11 +272,11 @@ def main() -> int:
                             "pooled_coverage": float(ans.mean()), "pooled_unseen_tracks": len(ans),
                             "pooled_answered_precision": float(ok[ans].mean()) if ans.any() else None,
                             "target_coverage_0.60": statistics.median(cov) >= 0.60}
-    results["total_seconds"] = round(time.monotonic() - t_all, 1)
+    results["total_seconds" if not a.only_small else "small_seconds"] = round(time.monotonic() - t_all, 1)
     results["load_at_end"] = load()
-    out = a.out or os.path.join(HERE, "results", "cv-quick.json" if a.quick else "cv.json")
     save(results, out)
-    s = summary
+    s = results["per_seed"]["summary"]
+    acc = s["test_track_accuracy_per_seed"]
     print(f"\ntest track accuracy per seed {[f'{v:.3f}' for v in acc]}: median {s['test_track_accuracy_median']:.3f}, "
           f"min {s['test_track_accuracy_min']:.3f} (today {TODAY['test_track_accuracy_median']} / "
           f"{TODAY['test_track_accuracy_min']})")

@@ -171,6 +171,18 @@ def test_small_libraries_keep_every_track_in_the_cross_validation(n, test, folds
         assign_folds(_tracks({"a": 1, "b": 1}), folds=5)
 
 
+def test_a_holdout_assigned_by_track_keeps_its_meaning_when_album_tags_arrive():
+    """Known tracks keep their own side although their album now groups them; a new track of an album follows it."""
+    rows = _albums(("rock", "jazz"), albums=4, size=5, singles=0)
+    by_track = assign_splits([{k: v for k, v in r.items() if k != "group"} for r in rows], seed=2)
+    before = _mapping(by_track)
+    new = rows + [{"track_id": "rock-0-new", "label": "rock", "group": "rock-album-0"}]
+    after = _mapping(assign_splits(new, seed=2, group_column="group", previous=by_track))
+    assert all(after[t] == s for t, s in before.items())
+    sides = [before[f"rock-0-{i}"] for i in range(5)]
+    assert after["rock-0-new"] == max(("train", "val", "test"), key=sides.count)  # its album's majority (ties: train first)
+
+
 def test_album_tags_written_with_mutagen_reach_the_split(tmp_path, small_cfg):
     """Real files with real album tags: ingest records them per track, and the split keeps each album on one side."""
     from mutagen.flac import FLAC

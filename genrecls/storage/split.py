@@ -17,7 +17,8 @@ named).  So:
   challenger is compared with the champion on the champion's holdout plus new tracks.
 
 The split of a group follows its majority label; a group with tracks already assigned
-keeps their (majority) side for its new tracks.
+keeps their (majority) side for its new tracks, and every known track keeps its own side (a
+holdout assigned by track keeps its meaning once album tags group its tracks).
 
 :func:`assign_folds` cuts the train and validation tracks of a frozen-backbone run into
 cross-validation folds by the same units (:mod:`genrecls.models.selection`).
@@ -248,8 +249,10 @@ def assign_splits(tracks: pa.Table | Iterable[Mapping[str, Any]], *, val_fractio
             got = _fill(singles, {u: 1 for u in singles}, {}, val_fraction, test_fraction, seed)
         unit_split.update(got)
 
-    out = sorted(((tid, label, unit_split[track_unit.get(tid, group)], group) for tid, label, group in labelled),
-                 key=lambda r: r[0])
+    # a known track keeps its own side, whatever its group's majority (a fixed holdout keeps its meaning when tags
+    # arrive later); a new track follows its group
+    out = sorted(((tid, label, known.get(tid) or unit_split[track_unit.get(tid, group)], group)
+                  for tid, label, group in labelled), key=lambda r: r[0])
     table = pa.table({
         "track_id": pa.array([r[0] for r in out], pa.string()),
         "label": pa.array([r[1] for r in out], pa.string()),
