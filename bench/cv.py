@@ -122,7 +122,10 @@ def _labels(run: str):
     return t.column("track_id").to_pylist(), t.column("label").to_pylist()
 
 
-def one_seed(dataset: str, work: str, seed: int, splits: str | None = None, tag: str = "") -> dict:
+def one_seed(dataset: str, work: str, seed: int, splits: str | None = None, tag: str = "",
+             overrides: list[str] | None = None, reuse: dict | None = None) -> dict:
+    """One default run (or, with ``reuse``, the run already in WORK, re-measured with today's answer rules: the
+    rules are re-chosen from its out-of-fold scores as classify does; ``reuse`` holds its recorded time)."""
     import numpy as np
 
     from genrecls.core import Config
@@ -131,12 +134,19 @@ def one_seed(dataset: str, work: str, seed: int, splits: str | None = None, tag:
     from genrecls.storage import read_splits
 
     run = os.path.join(work, f"run{tag}-seed{seed}")
-    shutil.rmtree(run, ignore_errors=True)
-    before = load()
-    t0 = time.monotonic()
-    r = train(dataset, run, Config().override([f"train.seed={seed}"]), progress=True, splits=splits)
-    wall = time.monotonic() - t0
-    m = r["metrics"]
+    if reuse is not None and os.path.exists(os.path.join(run, "metrics.json")):
+        with open(os.path.join(run, "metrics.json")) as f:
+            m = json.load(f)
+        before, wall, timings, notes, after = (reuse.get("load_before"), reuse.get("wall_seconds"), reuse.get("timings"),
+                                               reuse.get("split_notes", []), reuse.get("load_after"))
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        before = load()
+        t0 = time.monotonic()
+        r = train(dataset, run, Config().override([f"train.seed={seed}", *(overrides or [])]), progress=True,
+                  splits=splits)
+        wall, m, timings, after = round(time.monotonic() - t0, 1), r["metrics"], r["timings"], load()
+        notes = [n for n in r["notes"] if n.startswith(("split by", "label("))]
     with open(os.path.join(run, "run.json")) as f:
         info = json.load(f)
     t = read_splits(run)
@@ -144,7 +154,6 @@ def one_seed(dataset: str, work: str, seed: int, splits: str | None = None, tag:
     raw, cal, y, rules = test_scores(run, dataset, test_ids)
     answered = np.asarray([g != rules.uncertain_label for g in rules.answer(cal)["genre"]], bool)
     right = cal.argmax(axis=1) == y
-    a = m["answers"]
     return {"seed": seed, "splits": "fixed" if splits else f"seed {seed}", "test_tracks": len(y),
             "test_track_accuracy": m.get("test_track_accuracy"),
             "test_track_accuracy_at_classify_k": m.get("test_track_accuracy_at_classify_k"),
@@ -152,14 +161,14 @@ def one_seed(dataset: str, work: str, seed: int, splits: str | None = None, tag:
             "cross_validation": {k: info["cross_validation"][k] for k in ("folds", "groups", "grouped_tracks",
                                                                           "labels_folded_by_track", "track_accuracy")},
             "chosen": info["selection"]["chosen"], "k": m["classify_max_segments"],
-            "calibration": {**a["rules"]["calibration"], "kept": a["rules"]["chosen"]["calibration"].get("kept")},
-            "threshold": a["rules"]["threshold"], "reached": a["rules"]["reached"],
+            "calibration": {**rules.calibration.to_dict(), **{k: rules.chosen["calibration"].get(k) for k in (
+                "kept", "fitted_temperature", "lowering", "lowering_se")}},
+            "threshold": rules.threshold, "reached": rules.reached,
             "answered": int(answered.sum()), "answered_right": int((answered & right).sum()),
             "coverage": float(answered.mean()) if len(y) else None,
             "answered_precision": float(right[answered].mean()) if answered.any() else None,
             "nll_before": nll(raw, y), "nll_after": nll(cal, y), "ece_after": ece(cal, y), "ece_before": ece(raw, y),
-            "split_notes": [n for n in r["notes"] if n.startswith(("split by", "label("))],
-            "wall_seconds": round(wall, 1), "timings": r["timings"], "load_before": before, "load_after": load(),
+            "split_notes": notes, "wall_seconds": wall, "timings": timings, "load_before": before, "load_after": after,
             "_pooled": (raw, cal, y, answered, right)}
 
 
@@ -187,16 +196,27 @@ def small_assignment(dataset: str, folder: str, per_label: int, seed: int) -> st
     return folder
 
 
+def _previous(a, part: str) -> dict:
+    """seed -> the run's record in the results file --out already holds (for --reuse)."""
+    path = a.out or os.path.join(HERE, "results", "cv-quick.json" if a.quick else "cv.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {r["seed"]: r for r in (json.load(f).get(part) or {}).get("runs", [])}
+
+
 def per_seed(a) -> tuple[dict, list]:
     """The default run on each seed's own split: accuracy, pooled answers, ECE, NLL, wall time."""
     import numpy as np
 
     from genrecls.models import ece, ece_floor, nll
 
-    results: dict = {"quick": a.quick, "cpu": cpu(), "load_at_start": load(), "dataset": a.dataset,
+    results: dict = {"quick": a.quick, "cpu": cpu(), "load_at_start": load(), "dataset": a.dataset, "overrides": a.set,
                      "source": None if a.quick else a.source, "today": TODAY}
     ensure_dataset(a.dataset, None if a.quick else a.source, a.quick)
-    runs = [one_seed(a.dataset, a.work, s) for s in range(a.seeds)]
+    old = _previous(a, "per_seed")
+    runs = [one_seed(a.dataset, a.work, s, overrides=a.set, reuse=old.get(s) if a.reuse else None)
+            for s in range(a.seeds)]
     raw = np.concatenate([r["_pooled"][0] for r in runs])
     cal = np.concatenate([r["_pooled"][1] for r in runs])
     y = np.concatenate([r["_pooled"][2] for r in runs])
@@ -246,6 +266,10 @@ def main() -> int:
     p.add_argument("--skip-small", action="store_true")
     p.add_argument("--only-small", action="store_true", help="only the small-library runs (merged into --out)")
     p.add_argument("--out", default=None)
+    p.add_argument("--reuse", action="store_true", help="re-measure the runs already in WORK (their recorded times "
+                   "from --out) with today's answer rules instead of training again")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a configuration override for every run (e.g. train.group_by=track: today's split by track)")
     a = p.parse_args()
     import numpy as np
 
@@ -259,10 +283,12 @@ def main() -> int:
     else:
         results, _ = per_seed(a)
     if not a.skip_small:
+        old_small = _previous(a, "small")
         small = []
         for s in range(a.seeds):
             folder = small_assignment(a.dataset, os.path.join(a.work, f"small-split-{s}"), a.small, s)
-            small.append(one_seed(a.dataset, a.work, s, splits=os.path.join(folder, "splits.parquet"), tag="-small"))
+            small.append(one_seed(a.dataset, a.work, s, splits=os.path.join(folder, "splits.parquet"), tag="-small",
+                                  overrides=a.set, reuse=old_small.get(s) if a.reuse else None))
         ans = np.concatenate([r["_pooled"][3] for r in small])
         ok = np.concatenate([r["_pooled"][4] for r in small])
         cov = [r["coverage"] for r in small]

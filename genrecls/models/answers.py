@@ -248,9 +248,11 @@ def choose_rules(labels: Sequence[str], ccfg: ClassifyConfig, *, kind: str = "so
             check = cross_fitted_nll(scores, y, folds)
             calibration = fitted if check["lowers"] else Calibration(kind=kind)
             record.update({"kept": check["lowers"], "fitted_temperature": fitted.temperature,
-                           "nll_cross_fitted": check["nll_cross_fitted"], "folds": check["folds"],
+                           "nll_cross_fitted": check["nll_cross_fitted"], "lowering": check["lowering"],
+                           "lowering_se": check["lowering_se"], "folds": check["folds"],
                            "fold_temperatures": check["fold_temperatures"],
-                           "rule": "kept only when, fit on the other folds, it lowers the NLL of each fold's tracks"})
+                           "rule": "kept only when, fit on the other folds, it lowers the NLL of each fold's tracks "
+                                   "by more than the standard error of that lowering"})
         cal = calibration.apply(scores)
         record["val_nll_after"] = nll(cal, y)
         chosen["calibration"] = record
@@ -622,7 +624,8 @@ def format_answers(answers: dict[str, Any]) -> str:
     elif cc.get("kept") is False:
         lines.append(f"  calibration: none (temperature scaling, T = {cc.get('fitted_temperature', 0):.3f}, fit on the "
                      f"other folds gives NLL {_f(cc.get('nll_cross_fitted'))}, not lower than "
-                     f"{_f(cc.get('val_nll_before'))} uncalibrated on the {cc.get('tracks', '?')} {where}: skipped)")
+                     f"{_f(cc.get('val_nll_before'))} uncalibrated on the {cc.get('tracks', '?')} {where} by more than "
+                     f"its standard error {_f(cc.get('lowering_se'))}: skipped)")
     else:
         lines.append(f"  calibration: identity ({'independent tags' if r.get('kind') == 'sigmoid' else 'none recorded'})")
     if "ece_before" in t:
