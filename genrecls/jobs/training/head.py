@@ -282,11 +282,8 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
         choose_head_cv,
         choose_k,
         finalists,
-        fit_linear,
         fold_spread,
-        row_weights,
         softmax_probabilities,
-        standardisation,
         track_means,
     )
     from genrecls.models.transfer import LinearHead
@@ -379,24 +376,24 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     metrics["classify_max_segments"] = k = choose_k(by_k, metrics.get("oof_tracks", 0))
     tt, tl = rows_of(test)
 
-    def fit_on(split: HeadSplit):
-        x = split.matrix(layers)
-        mean, std = standardisation(x)
-        w8 = row_weights(split.track, split.y, len(labels), track_weights=cfg.train.track_weights,
-                         class_weights=cfg.train.class_weights)
-        w, b, fit_info, _ = fit_linear((x - mean) / std, split.y, w8, chosen["c"], len(labels))
-        return mean, std, w, b, fit_info
+    final_fit = ray.remote(num_cpus=1, max_retries=1)(_final_fit_task)
+
+    def fit_on(split):  # a Ray task (one thread in every native pool), so that two fits run side by side
+        return final_fit.remote(split, layers, chosen["c"], len(labels), t.track_weights, t.class_weights)
 
     # -- the final head: fit once on the training and validation tracks; the test tracks stay unseen
     t2 = time.monotonic()
     train_only = _subset(pool, set(ids["train"]))
-    before = fit_on(train_only) if len(test) and len(train_only) else None  # the training split alone, for the record
+    # the training split alone, for the record (the gain of fitting on the validation tracks too), beside the final fit
+    before_ref = fit_on(train_only) if len(test) and len(train_only) else None
+    final_ref = fit_on(pool_ref) if cfg.train.refit else None
+    before = ray.get(before_ref) if before_ref is not None else None
     if cfg.train.refit:
-        mean, std, w, b, fit_info = fit_on(pool)
+        mean, std, w, b, fit_info = ray.get(final_ref)
         refit = {"done": True, "on": "training and validation tracks", "tracks": len(pool.track_ids),
                  "segments": len(pool), **fit_info}
     else:
-        mean, std, w, b, fit_info = before if before is not None else fit_on(train_only)
+        mean, std, w, b, fit_info = before if before is not None else ray.get(fit_on(train_only))
         refit = {"done": False, "on": "training tracks (train.refit=false)", "tracks": len(train_only.track_ids),
                  "segments": len(train_only), **fit_info}
     timings["refit"] = time.monotonic() - t2
@@ -496,6 +493,21 @@ def _subset(split: HeadSplit, keep_ids: set[str]) -> HeadSplit:
     return HeadSplit(layers={n: v[rows] for n, v in split.layers.items()}, y=split.y[rows],
                      track=new_index[split.track[rows]], track_ids=[split.track_ids[i] for i in keep_tracks],
                      segment_index=split.segment_index[rows], weights=split.weights[rows])
+
+
+def _final_fit_task(split: HeadSplit, layers, c: float, n_labels: int, track_weights: bool,
+                    class_weights: bool) -> tuple:
+    """A Ray task: the chosen head fit on every row of ``split`` (one thread in every native pool, as
+    :func:`_cv_task`); ``(mean, std, weights, bias, info)``."""
+    from genrecls.audio.pipeline import one_thread
+    from genrecls.models.selection import fit_linear, row_weights, standardisation
+
+    with one_thread():
+        x = split.matrix(layers)
+        mean, std = standardisation(x)
+        w8 = row_weights(split.track, split.y, n_labels, track_weights=track_weights, class_weights=class_weights)
+        w, b, fit_info, _ = fit_linear((x - mean) / std, split.y, w8, c, n_labels)
+        return mean, std, w, b, fit_info
 
 
 def _cv_task(pool: HeadSplit, folds: np.ndarray, candidate: str, layers, cs, n_labels: int, track_weights: bool,
