@@ -229,6 +229,9 @@ def _classify():
         p.add_argument("--min-confidence", type=float, metavar="X", help="the 'uncertain' threshold set by hand: a calibrated "
                        "probability, 0 = never uncertain (classify.min_confidence)")
         p.add_argument("--max-genres", type=int, metavar="N", help="at most N genres in the genres column (classify.max_genres)")
+        p.add_argument("--strict-precision", action="store_true", help="answer only at a shown precision: when "
+                       "classify.target_precision cannot be shown on the run's tracks, every answer is 'uncertain' "
+                       "(classify.strict_precision; default: the answers of best estimated precision, and a line says so)")
         add_config_args(p)
         add_ray_args(p)
 
@@ -243,7 +246,7 @@ def _classify():
         if a.dataset is not None:  # a folder made absolute: config.json records it
             extra.append(f"classify.dataset={json.dumps(a.dataset if '://' in a.dataset else os.path.abspath(a.dataset))}")
         extra += [f"classify.{k}=true" for k, v in (("strict", a.strict), ("retry_failed", a.retry_failed),
-                                                    ("gpu", a.gpu)) if v]
+                                                    ("gpu", a.gpu), ("strict_precision", a.strict_precision)) if v]
         cfg = resolve_config(a, extra)
         summary = classify(a.library, a.model, a.out, cfg, address=a.address, workers=a.workers, root=a.root,
                            csv=a.csv, prune=a.prune, progress=not a.quiet, verbose=a.verbose)

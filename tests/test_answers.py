@@ -89,6 +89,57 @@ def test_precision_threshold_keeps_the_most_tracks_that_reach_the_target():
     assert not precision_threshold(np.full(40, 0.6), np.ones(40), 0.9)["reached"]
 
 
+def calibrated(n: int, seed: int, labels: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Tracks whose true label is drawn from the very probabilities the model gives: calibrated already."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.2, (n, labels))
+    z[np.arange(n), rng.integers(0, labels, n)] += 1.5
+    p = softmax(z)
+    return p, np.array([rng.choice(labels, p=row) for row in p])
+
+
+def test_calibration_is_kept_only_when_it_lowers_the_nll_of_tracks_it_was_not_fit_on():
+    labels = ["a", "b", "c", "d"]
+    over, y_over = overconfident(150, seed=7)
+    folds = np.arange(150) % 5
+    rules = choose_rules(labels, ClassifyConfig(), val_scores=over, val_truth=[labels[i] for i in y_over],
+                         val_folds=folds, chosen_on="out-of-fold tracks")
+    c = rules.chosen["calibration"]
+    assert rules.calibration.method == "temperature" and c["kept"] and c["nll_cross_fitted"] < c["val_nll_before"]
+    assert len(c["fold_temperatures"]) == 5 and all(t > 1.5 for t in c["fold_temperatures"])
+    # already calibrated scores: a temperature fit on 4 folds does not lower the 5th's NLL: skipped, and said so
+    good, y_good = calibrated(150, seed=8)
+    rules = choose_rules(labels, ClassifyConfig(), val_scores=good, val_truth=[labels[i] for i in y_good],
+                         val_folds=folds, chosen_on="out-of-fold tracks")
+    c = rules.chosen["calibration"]
+    assert rules.calibration.method == "identity" and c["kept"] is False
+    assert c["nll_cross_fitted"] >= c["val_nll_before"] and c["fitted_temperature"] != 1.0  # fit, then not kept
+    assert rules.calibrate(good).tolist() == good.tolist()
+    text = format_answers({"rules": rules.to_dict()})
+    assert "calibration: none (temperature scaling, T = " in text and "not lower than" in text and "skipped" in text
+
+
+def test_an_impossible_target_keeps_the_best_estimated_precision_and_says_so():
+    labels = ["a", "b", "c", "d"]
+    val, y = overconfident(120, seed=9)
+    truth = [labels[i] for i in y]
+    rules = choose_rules(labels, ClassifyConfig(target_precision=0.99), val_scores=val, val_truth=truth)
+    u = rules.chosen["uncertain"]
+    assert not rules.reached and rules.threshold == u["best_threshold"] and 0 < u["coverage"] < 1
+    assert u["estimated_precision"] < 0.99 and "the best estimated precision on 120 validation tracks" in u["source"]
+    answered = [g != "uncertain" for g in rules.answer(rules.calibrate(val))["genre"]]
+    assert 0 < sum(answered) == u["kept"]  # it still answers: exactly the tracks at the best estimated precision
+    line = [ln for ln in format_answers({"rules": rules.to_dict()}).splitlines() if "NOT reached" in ln]
+    assert len(line) == 1 and f"confidence >= {rules.threshold:.3f}" in line[0] and "strict_precision" in line[0]
+    strict = choose_rules(labels, ClassifyConfig(target_precision=0.99, strict_precision=True), val_scores=val,
+                          val_truth=truth)
+    assert strict.threshold is None and set(strict.answer(strict.calibrate(val))["genre"]) == {"uncertain"}
+    assert "every answer is 'uncertain'" in format_answers({"rules": strict.to_dict()})
+    # a reachable target: no such line
+    easy = choose_rules(labels, ClassifyConfig(target_precision=0.6), val_scores=val, val_truth=truth)
+    assert easy.reached and "NOT reached" not in format_answers({"rules": easy.to_dict()})
+
+
 # -- the vocabulary -----------------------------------------------------------------------------------
 LABELS = ["rock", "punk", "techno", "house", "swing", "electro swing", "hiphop", "female vocalists"]
 VOCAB = """\
@@ -379,9 +430,17 @@ def test_classify_answers_in_the_users_words_with_albums_and_re_answers_without_
     assert sum(r["genre"] == "uncertain" for r in csv) == uncertain
     assert {r["path"]: r["genres"] or "" for r in csv} == {p: ";".join(r["genres"]) for p, r in rows.items()}
     # another vocabulary on the same folder: every row answered again from its stored probabilities, nothing decoded
-    again = classify(str(tagged_library), str(answered_run), str(out), classify_cfg(small_cfg, labels="none"),
-                     progress=False)
+    text = format_summary(summary)
+    assert f"answered {12 - uncertain}, uncertain {uncertain} of the 12 track(s) this run classified" in text, text
+    assert "NOT reached" not in text
+    # (and the target precision no track can show, 0.999: said in one line, the best estimated precision kept)
+    again = classify(str(tagged_library), str(answered_run), str(out),
+                     classify_cfg(small_cfg, labels="none", target_precision=0.999), progress=False)
     assert again["classified"] == 0 and again["skipped_done"] == 12 and again["rows_answered_again"] == 12
+    text = format_summary(again)
+    assert "answered 0, uncertain 0 of the 0 track(s) this run classified; in the library: answered" in text, text
+    assert len([ln for ln in text.splitlines() if "target precision 0.999 NOT reached: answers kept at confidence >="
+                in ln]) == 1, text
     rows2 = {r["path"]: r for r in read_predictions(out).to_pylist()}
     for p, r in rows2.items():
         assert r["top_genre"] in GENRES and r["album_genre"] is None  # no group_by this time

@@ -1,5 +1,6 @@
 """Split by track: stratified, no leakage of tracks or groups, stable as the library grows."""
 
+import os
 import random
 
 import pyarrow as pa
@@ -9,8 +10,10 @@ from genrecls.storage.location import Location
 from genrecls.storage.split import (
     SplitError,
     as_mapping,
+    assign_folds,
     assign_splits,
     split_counts,
+    split_notes,
     write_splits,
 )
 
@@ -106,3 +109,111 @@ def test_bad_previous_assignment_and_fractions():
 def test_unlabelled_tracks_are_not_assigned():
     rows = _tracks({"a": 5, "b": 5}) + [{"track_id": "x", "label": None}]
     assert "x" not in _mapping(assign_splits(rows))
+
+
+# -- albums and cross-validation folds (issue 27) ------------------------------------------------------
+def _albums(labels=("rock", "jazz", "pop"), albums: int = 5, size: int = 10, singles: int = 4) -> list[dict]:
+    """Each label: ``albums`` albums of ``size`` tracks, and ``singles`` tracks without tags."""
+    rows = []
+    for label in labels:
+        for a in range(albums):
+            rows += [{"track_id": f"{label}-{a}-{i}", "label": label, "group": f"{label}-album-{a}"} for i in range(size)]
+        rows += [{"track_id": f"{label}-single-{i}", "label": label, "group": None} for i in range(singles)]
+    return rows
+
+
+def _whole(rows: list[dict], side: dict) -> bool:
+    seen: dict[str, set] = {}
+    for r in rows:
+        if r["group"] is not None and r["track_id"] in side:
+            seen.setdefault(r["group"], set()).add(side[r["track_id"]])
+    return all(len(v) == 1 for v in seen.values())
+
+
+def test_albums_of_ten_tracks_stay_whole_in_the_split_and_in_the_folds():
+    rows = _albums()
+    table = assign_splits(rows, seed=0, group_column="group")
+    side = _mapping(table)
+    assert _whole(rows, side)
+    counts = split_counts(table)
+    for label in ("rock", "jazz", "pop"):  # 54 tracks: quotas of 8 filled by an album of 10 (and a single or none)
+        assert 8 <= counts["test"][label] <= 12 and 8 <= counts["val"][label] <= 12
+    assert split_notes(table) == {"grouped": True, "labels_split_by_track": [], "labels_without_test_tracks": []}
+    pool = [r for r in rows if side[r["track_id"]] != "test"]
+    folds, info = assign_folds(pool, folds=5, seed=0, group_column="group")
+    assert _whole(pool, folds) and set(folds.values()) == set(range(5)) and info["folds"] == 5
+    assert info["groups"] == 12 and info["grouped_tracks"] == 120 and info["never_held_out"] == {}
+    # a label of one album (or one album holding most of its tracks) is split and folded by track, and named
+    one = _albums(("rock", "jazz"), albums=3, size=4, singles=0) + _albums(("solo",), albums=1, size=10, singles=0)
+    table = assign_splits(one, seed=0, group_column="group")
+    assert split_notes(table)["labels_split_by_track"] == ["solo"]
+    assert {s for t, s in _mapping(table).items() if t.startswith("solo")} == {"train", "val", "test"}
+    folds, info = assign_folds(one, folds=5, seed=0, group_column="group", by_track_labels=["solo"])
+    assert info["labels_folded_by_track"] == ["solo"] and len({folds[f"solo-0-{i}"] for i in range(10)}) == 5
+
+
+@pytest.mark.parametrize("n, test, folds_held", [(2, 0, 2), (5, 1, 4), (8, 1, 5)])
+def test_small_libraries_keep_every_track_in_the_cross_validation(n, test, folds_held):
+    """2, 5 and 8 tracks per genre, and one genre of a single track (a frozen head's split: small_labels='train')."""
+    rows = _tracks({"a": n, "b": n, "c": 1})
+    table = assign_splits(rows, seed=0, small_labels="train")
+    counts = split_counts(table)
+    assert counts["test"].get("a", 0) == counts["test"].get("b", 0) == test and counts["train"]["c"] == 1
+    assert "c" in split_notes(table)["labels_without_test_tracks"]
+    pool = [r for r in rows if _mapping(table)[r["track_id"]] != "test"]
+    folds, info = assign_folds(pool, folds=5, seed=1)
+    assert info["folds"] == min(5, n - test) and info["never_held_out"] == {"c": 1} and folds["t-c-000"] == -1
+    for label in ("a", "b"):  # each of its tracks in a fold of its own while there are folds enough
+        assert len({folds[r["track_id"]] for r in pool if r["label"] == label}) == folds_held
+    with pytest.raises(SplitError, match="has [12] tracks; at least 3"):
+        assign_splits(rows, seed=0)  # a network trained from scratch needs its validation split
+    with pytest.raises(SplitError, match="at least 2 tracks"):
+        assign_folds(_tracks({"a": 1, "b": 1}), folds=5)
+
+
+def test_a_holdout_assigned_by_track_keeps_its_meaning_when_album_tags_arrive():
+    """Known tracks keep their own side although their album now groups them; a new track of an album follows it."""
+    rows = _albums(("rock", "jazz"), albums=4, size=5, singles=0)
+    by_track = assign_splits([{k: v for k, v in r.items() if k != "group"} for r in rows], seed=2)
+    before = _mapping(by_track)
+    new = rows + [{"track_id": "rock-0-new", "label": "rock", "group": "rock-album-0"}]
+    after = _mapping(assign_splits(new, seed=2, group_column="group", previous=by_track))
+    assert all(after[t] == s for t, s in before.items())
+    sides = [before[f"rock-0-{i}"] for i in range(5)]
+    assert after["rock-0-new"] == max(("train", "val", "test"), key=sides.count)  # its album's majority (ties: train first)
+
+
+def test_album_tags_written_with_mutagen_reach_the_split(tmp_path, small_cfg):
+    """Real files with real album tags: ingest records them per track, and the split keeps each album on one side."""
+    from mutagen.flac import FLAC
+
+    from genrecls.audio.sample_data import make_sample_collection
+    from genrecls.jobs.ingest import ingest
+    from genrecls.jobs.training import check_dataset, plan_training
+    from genrecls.storage.dataset import Dataset
+
+    paths = sorted(make_sample_collection(str(tmp_path / "lib"), genres=2, tracks_per_genre=12, seconds=1.0, sr=8000,
+                                          formats=("flac",), seed=3))
+    album = {}
+    for i, path in enumerate(paths):  # three albums of four tracks per genre; the last one's artist missing
+        f = FLAC(path)
+        f["album"] = f"Album {i // 4}"
+        if i % 12 < 8:
+            f["albumartist"] = f"Artist {i // 12}"
+        f.save()
+        album[os.path.basename(path)] = f"Album {i // 4}"
+    ingest(str(tmp_path / "lib"), str(tmp_path / "ds"), small_cfg, progress=False)
+    entries = Dataset(str(tmp_path / "ds")).tracks().values()
+    assert {os.path.basename(e.path): e.album for e in entries} == album
+    assert sum(e.album_artist is not None for e in entries) == 16
+    check = check_dataset(str(tmp_path / "ds"), small_cfg)
+    plan, table = plan_training(check, small_cfg)
+    side = {os.path.basename(next(t["path"] for t in check.tracks if t["track_id"] == tid)): s
+            for tid, s in _mapping(table).items()}
+    by_album: dict[str, set] = {}
+    for name, s in side.items():
+        by_album.setdefault(album[name], set()).add(s)
+    assert all(len(v) == 1 for v in by_album.values()) and len(by_album) == 6
+    assert any("split by album (train.group_by=album): 24 of 24 tracks in 6 groups" in n for n in plan.notes), plan.notes
+    plan_t, _ = plan_training(check, small_cfg.with_section(train={"group_by": "track"}))
+    assert any("split by track (train.group_by=track)" in n for n in plan_t.notes)

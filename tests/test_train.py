@@ -140,7 +140,9 @@ def test_two_worker_run_leaves_every_artefact(trained, easy_dataset):
     assert "test" in report and "mean of its segment probabilities" in report
     # issue 21: calibration and thresholds chosen on the validation tracks, measured on the test tracks
     answers = info["answers"]
-    assert answers["calibration"]["method"] == "temperature" and answers["chosen"]["calibration"]["tracks"] == m["val_tracks"]
+    cal = answers["chosen"]["calibration"]  # kept only when, fit on other validation tracks, it lowers their NLL
+    assert cal["tracks"] == m["val_tracks"] and (answers["calibration"]["method"] == "temperature") == cal["kept"]
+    assert cal["nll_cross_fitted"] is not None and "a network trained from scratch is not cross-validated" in report
     assert answers["rule"] == "global" and answers["validation_tracks"] == "validation_tracks.parquet"
     assert m["answers"]["test"]["tracks"] == 8 and {"ece_before", "ece_after", "coverage"} <= set(m["answers"]["test"])
     assert "test ECE (15 bins)" in report and "![reliability diagram" in report

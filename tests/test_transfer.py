@@ -52,7 +52,7 @@ def test_musicnn_on_another_preset_stops_before_any_worker_with_the_ingest_comma
 
 @pytest.fixture(scope="module")
 def frozen_run(musicnn_dataset, musicnn_cfg, tmp_path_factory):
-    """The default model (frozen backbone, a linear head chosen on validation tracks; a 2-C grid) on the dataset."""
+    """The default model (frozen backbone, a linear head chosen by cross-validation; a 2-C grid) on the dataset."""
     from genrecls.jobs.training import train
 
     run = tmp_path_factory.mktemp("frozen") / "run"
@@ -77,9 +77,9 @@ def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_wh
     assert info["embeddings"]["backbone"] == backbone_id() == info["head"]["backbone"]
     assert info["embeddings"]["store_engines"][0]["engine"] in ("openvino", "onnxruntime", "tensorflow")
     chosen = info["selection"]["chosen"]
-    assert len(info["selection"]["candidates"]) == 9 * 2 and info["head"]["candidate"] == chosen["candidate"]
-    best = max(r["val_track_accuracy"] for r in info["selection"]["candidates"])
-    assert info["selection"]["val_track_accuracy"] == best  # chosen on validation tracks
+    assert len(info["selection"]["first_round"]["candidates"]) == 9 * 2 and info["head"]["candidate"] == chosen["candidate"]
+    best = max(r["oof_track_accuracy"] for r in info["selection"]["candidates"])  # the finalists, on every segment
+    assert info["selection"]["oof_track_accuracy"] == best  # chosen on the out-of-fold tracks
     assert info["model"]["parameters"] > 450_000  # the backbone is inside the exported model
     # the export scores raw stored segments: the same as the head on the backbone's layers (TensorFlow, fp32)
     ds = Dataset(musicnn_dataset)
@@ -94,8 +94,8 @@ def test_frozen_backbone_run_fits_a_head_on_stored_embeddings_and_exports_the_wh
     assert info["export_check"]["segments"] > 0 and info["export_check"]["max_abs_difference"] < 0.1
     # the synthetic genres are distinct: the pretrained embedding separates them on held-out tracks
     m = summary["metrics"]
-    assert m["test_track_accuracy"] >= 0.7 and m["val_track_accuracy"] == best, m
-    by_k = {r["k"]: r["track_accuracy"] for r in m["val_track_accuracy_by_k"]}  # K chosen on the validation tracks
+    assert m["test_track_accuracy"] >= 0.7 and m["oof_track_accuracy"] == best, m
+    by_k = {r["k"]: r["track_accuracy"] for r in m["oof_track_accuracy_by_k"]}  # K chosen on the out-of-fold tracks
     assert by_k[m["classify_max_segments"]] == max(by_k.values())
     assert info["classify"]["max_segments"] == m["classify_max_segments"]
     assert np.abs(Predictor(str(run)).predict(mels) - probs).max() < 0.05  # model.onnx on the engine (bf16 here)

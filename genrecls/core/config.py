@@ -331,7 +331,12 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    #: optional column (e.g. artist) whose groups stay on one side of the split
+    #: which tracks stay together on one side of the split and in one cross-validation fold: "album" (its album
+    #: artist and album tags, or folder and album tag), "album_artist" (its album-artist tag, else its album), or
+    #: "track"; a track without the tags is its own unit (genrecls.storage.split.album_group)
+    group_by: Literal["album", "album_artist", "track"] = "album"
+    #: optional column of the shards (e.g. artist) or "folder" whose groups stay on one side of the split; when
+    #: set, it replaces group_by
     group_column: str | None = None
     class_weights: bool = True
     #: every training track weighs the same in the loss, whatever its length (a track's segments
@@ -362,6 +367,14 @@ class TrainConfig:
     #: frozen musicnn backbone: after the choice, fit the head again on training AND validation tracks (test
     #: tracks stay untouched)
     refit: bool = True
+    #: frozen musicnn backbone: cross-validation folds of the training + validation tracks on which every choice is
+    #: made (head, C, K, calibration, thresholds); fewer when even the largest label has fewer tracks (albums)
+    cv_folds: int = 5
+    #: frozen musicnn backbone: the cross-validation's cheap first round fits each track on at most this many evenly
+    #: spaced segments (its weight kept), and only the cv_finalists best (embedding, C) pairs are cross-validated again on
+    #: every segment; 0: every pair on every segment (about 4x the time)
+    cv_screen_segments: int = 8
+    cv_finalists: int = 4
     #: frozen musicnn backbone: at most this many segments of a split go into the head's fit (each track then
     #: gives evenly spaced segments, all tracks alike; 0 = every segment): bounds the driver's memory
     head_max_rows: int = 100_000
@@ -387,6 +400,11 @@ class TrainConfig:
             head_candidate_layers(candidate)
         _check(len(self.head_c) >= 1 and all(c > 0 for c in self.head_c), "train.head_c", "must be one or more numbers > 0")
         _check(self.head_max_rows >= 0, "train.head_max_rows", "must be >= 0 (0 = every segment)")
+        _check(self.group_by in ("album", "album_artist", "track"), "train.group_by",
+               "must be 'album', 'album_artist' or 'track'")
+        _check(2 <= self.cv_folds <= 20, "train.cv_folds", "must be in [2, 20]")
+        _check(self.cv_screen_segments >= 0, "train.cv_screen_segments", "must be >= 0 (0 = no first round)")
+        _check(self.cv_finalists >= 1, "train.cv_finalists", "must be >= 1")
         return self
 
 
@@ -440,6 +458,10 @@ class ClassifyConfig:
     target_precision: float = 0.9
     #: the 'uncertain' threshold set by hand (a calibrated probability; 0 = never uncertain); null: from target_precision
     min_confidence: float | None = None
+    #: when no threshold shows classify.target_precision on the run's out-of-fold (or validation) tracks: false keeps
+    #: the threshold of best estimated precision and says so; true answers 'uncertain' for every track (answers only
+    #: at a shown precision)
+    strict_precision: bool = False
     #: the genre of a track below the threshold (top_genre and the probabilities still say what the model thought)
     uncertain_label: str = "uncertain"
     #: at most this many genres in the genres column, best first

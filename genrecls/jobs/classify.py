@@ -584,15 +584,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.append((f"({len(dist) - len(shown)} other genres)", 0, "0.0%"))
     rows.append(("total", s["tracks_total"], "100%" if s["tracks_total"] else "0%"))
     lines += ["", "genre distribution of the library:", format_table(rows, ("genre", "tracks", "share"))]
+    from genrecls.models.answers import format_answer_counts
+
     a = s.get("answers") or {}
     if a:
         word = a.get("uncertain_label", "uncertain")
+        lines += format_answer_counts(s)  # answered / uncertain, and the line when the target precision was not shown
         if a.get("rule") == "global" and a.get("reached", True) and a.get("threshold") is not None:
             why = f"confidence below {a['threshold']:.3f} ({a.get('uncertain_source')}"
             why += f", target precision {a['target_precision']})" if "target_precision" in str(a.get("uncertain_source")) else ")"
+        elif a.get("rule") == "global" and a.get("threshold") is not None:
+            why = f"confidence below {a['threshold']:.3f} (target precision not reached: the best estimated precision)"
         elif a.get("rule") == "global":
-            why = (f"every track: no threshold reached precision {a.get('target_precision')} on the run's validation "
-                   "tracks; set classify.min_confidence or lower classify.target_precision")
+            why = (f"every track: no threshold reached precision {a.get('target_precision')} on the run's tracks "
+                   "(classify.strict_precision); set classify.min_confidence or lower classify.target_precision")
         elif a.get("rule") == "per_genre":
             why = "the best genre below its own threshold (classify.tag_threshold or the vocabulary's)"
         else:

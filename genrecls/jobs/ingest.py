@@ -158,6 +158,7 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
 
 def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str,
                    decode: DecodeConfig | None, embed: EmbedSpec | None = None, backbone=None) -> dict[str, Any]:
+    from genrecls.audio.tags import album_tags
     from genrecls.models.transfer import embed_segments
 
     loc = Location.parse(dataset_uri)
@@ -187,8 +188,10 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
                     t_embed = time.perf_counter()
                     layers = embed_segments(backbone, buf.chunks(256), cfg.mel_shape)
                     embed_seconds += time.perf_counter() - t_embed
+                album, album_artist = album_tags(t.path)  # a header read; never fails the file
                 writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
-                                 size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf)
+                                 size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf,
+                                 album=album, album_artist=album_artist)
                 if embedder is not None:
                     embedder.add_track(t.track_id, fingerprint, layers)
                 warned = warning_row(t.rel_path, t.label, stream.warnings, t.size, t.mtime_ns)

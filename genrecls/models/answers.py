@@ -15,13 +15,19 @@ model's labels) into a prediction row's answer columns:
    nothing is asserted); ``parent_genres`` every ancestor of those genres (the vocabulary's
    parents).
 
-Every threshold is chosen on **validation tracks** (:func:`choose_rules`), never on test
-tracks, or set by hand:
+Every threshold is chosen on **validation tracks** (:func:`choose_rules`), or, for a frozen
+head, on the **out-of-fold** scores of every training and validation track (issue 27), never
+on test tracks, or set by hand:
 
+* the calibration: temperature scaling, kept only when, fit on the other folds, it lowers the
+  NLL of each fold's tracks (fit on the same tracks it always lowers theirs);
 * the ``uncertain`` threshold: ``classify.min_confidence`` when set; else the lowest confidence
-  at which the validation tracks it keeps reach ``classify.target_precision``
-  (:func:`genrecls.models.calibration.precision_threshold`); a run whose validation tracks
-  cannot reach it answers ``uncertain`` everywhere (and says so);
+  at which the tracks it keeps reach ``classify.target_precision``
+  (:func:`genrecls.models.calibration.precision_threshold`); when none does, the threshold of
+  best estimated precision, and ``train``, ``classify`` and ``evaluate`` each say in one line
+  that the target was not reached and what precision the answers are estimated to have
+  (:func:`not_reached_line`); with ``classify.strict_precision`` every answer is then
+  ``uncertain`` (answers only at a shown precision);
 * each genre's threshold for ``genres``: the vocabulary's ``threshold`` when set; else the same
   rule, one genre against the rest; a genre with too few validation tracks to reach the
   target takes the ``uncertain`` threshold.
@@ -52,6 +58,7 @@ from genrecls.core.config import ClassifyConfig
 from genrecls.models.calibration import (
     ECE_BINS,
     Calibration,
+    cross_fitted_nll,
     ece,
     ece_floor,
     nll,
@@ -69,7 +76,9 @@ __all__ = [
     "answer_metrics_for_run",
     "choose_rules",
     "evaluate_rules",
+    "format_answer_counts",
     "format_answers",
+    "not_reached_line",
     "output_kind",
     "record_answers",
     "rules_for_run",
@@ -102,7 +111,8 @@ class AnswerRules:
     #: threshold; "none": never uncertain
     rule: str = "none"
     threshold: float | None = None
-    #: False: no threshold reached the target precision on the validation tracks (every answer is uncertain)
+    #: False: no threshold reached the target precision on the validation (out-of-fold) tracks: ``threshold`` is the
+    #: one of best estimated precision, or None (every answer uncertain) with ``classify.strict_precision``
     reached: bool = True
     genre_thresholds: dict[str, float | None] = field(default_factory=dict)
     max_genres: int = 3
@@ -180,8 +190,8 @@ class AnswerRules:
         return out
 
     def _uncertain(self, top: str, conf: float) -> bool:
-        if self.rule == "global":
-            return (not self.reached) or self.threshold is None or conf < self.threshold
+        if self.rule == "global":  # (not reached: the threshold of best estimated precision, or None when strict)
+            return self.threshold is None or conf < self.threshold
         if self.rule == "per_genre":
             t = self.genre_thresholds.get(top)
             return t is not None and conf < t
@@ -197,33 +207,55 @@ def _indices(labels: Sequence[str], truth: Sequence[str]) -> tuple[np.ndarray, n
 
 def choose_rules(labels: Sequence[str], ccfg: ClassifyConfig, *, kind: str = "softmax",
                  vocabulary: Vocabulary | None = None, val_scores: Any = None,
-                 val_truth: Sequence[str] | None = None) -> AnswerRules:
-    """The answer rules of a model, every choice made on its validation tracks.
+                 val_truth: Sequence[str] | None = None, val_folds: Sequence[int] | None = None,
+                 chosen_on: str = "validation tracks") -> AnswerRules:
+    """The answer rules of a model, every choice made on its validation (or out-of-fold) tracks.
 
     Parameters
     ----------
     labels : the model's labels (output order)
-    ccfg : ``classify.calibration``, ``target_precision``, ``min_confidence``, ``uncertain_label``,
-        ``max_genres``, ``tag_threshold``
+    ccfg : ``classify.calibration``, ``target_precision``, ``strict_precision``, ``min_confidence``,
+        ``uncertain_label``, ``max_genres``, ``tag_threshold``
     kind : ``softmax`` (a genre classifier) or ``sigmoid`` (independent tags)
     vocabulary : the user's genres (None: the model's labels)
-    val_scores, val_truth : the validation tracks' scores (tracks, labels; mean segment
-        probabilities, uncalibrated) and true labels; None when there are none (the tagger, a
-        run from before calibration)
+    val_scores, val_truth : the tracks' scores (tracks, labels; mean segment probabilities,
+        uncalibrated) and true labels; None when there are none (the tagger, a run from before
+        calibration)
+    val_folds : each track's cross-validation fold (a frozen head's out-of-fold tracks); None:
+        folds of the tracks in turn.  The calibration is kept only when, fit on the other folds,
+        it lowers each fold's NLL overall (:func:`~genrecls.models.calibration.cross_fitted_nll`)
+    chosen_on : what the tracks are, for the record ("out-of-fold tracks", "validation tracks")
+
+    When no threshold shows ``target_precision``, the ``uncertain`` threshold is the one of best
+    estimated precision (and the rules say so: ``reached`` False); with ``strict_precision``
+    every answer is then ``uncertain``.
     """
     labels = list(labels)
     vocab = vocabulary or identity_vocabulary(labels)
-    chosen: dict[str, Any] = {"target_precision": ccfg.target_precision}
+    chosen: dict[str, Any] = {"target_precision": ccfg.target_precision, "chosen_on": chosen_on,
+                              "strict_precision": bool(ccfg.strict_precision)}
     has_val = val_scores is not None and val_truth is not None and len(val_truth) > 0 and kind == "softmax"
     calibration = Calibration(kind=kind)
     if has_val:
         scores = np.asarray(val_scores, np.float64).reshape(-1, len(labels))
         rows, y = _indices(labels, list(val_truth))
         scores = scores[rows]
-        calibration = Calibration.fit(scores, y, method=ccfg.calibration, kind=kind)
+        folds = (np.asarray(val_folds, np.int64)[rows] if val_folds is not None
+                 else np.arange(len(y)) % max(2, min(5, len(y))))
+        fitted = Calibration.fit(scores, y, method=ccfg.calibration, kind=kind)
+        record: dict[str, Any] = {"chosen_on": chosen_on, "tracks": len(y), "val_nll_before": nll(scores, y)}
+        if fitted.method == "temperature":
+            check = cross_fitted_nll(scores, y, folds)
+            calibration = fitted if check["lowers"] else Calibration(kind=kind)
+            record.update({"kept": check["lowers"], "fitted_temperature": fitted.temperature,
+                           "nll_cross_fitted": check["nll_cross_fitted"], "lowering": check["lowering"],
+                           "lowering_se": check["lowering_se"], "folds": check["folds"],
+                           "fold_temperatures": check["fold_temperatures"],
+                           "rule": "kept only when, fit on the other folds, it lowers the NLL of each fold's tracks "
+                                   "by more than the standard error of that lowering"})
         cal = calibration.apply(scores)
-        chosen["calibration"] = {"chosen_on": "validation tracks", "tracks": len(y),
-                                 "val_nll_before": nll(scores, y), "val_nll_after": nll(cal, y)}
+        record["val_nll_after"] = nll(cal, y)
+        chosen["calibration"] = record
         q = vocab.apply(cal, kind)
         g_truth = np.asarray([vocab.label_genre[j] for j in y], np.int64)
         keep = g_truth >= 0  # tracks of dropped labels say nothing about the genres
@@ -239,7 +271,15 @@ def choose_rules(labels: Sequence[str], ccfg: ClassifyConfig, *, kind: str = "so
     elif has_val and len(g_truth):
         got = precision_threshold(q.max(axis=1), q.argmax(axis=1) == g_truth, ccfg.target_precision)
         rule, threshold, reached = "global", got["threshold"], got["reached"]
-        chosen["uncertain"] = {"source": "classify.target_precision on validation tracks", **got}
+        chosen["uncertain"] = {"source": f"classify.target_precision on {chosen_on}", **got}
+        if not reached and not ccfg.strict_precision:
+            threshold = got["best_threshold"]
+            chosen["uncertain"]["source"] = (
+                f"confidence >= {threshold:.3f}, the best estimated precision on {len(g_truth)} {chosen_on}: "
+                f"{got['estimated_precision']:.2f} ({got['kept']} of {len(g_truth)} kept)")
+        elif not reached:
+            chosen["uncertain"]["source"] = (f"classify.strict_precision: {ccfg.target_precision:g} is not shown on "
+                                             f"{len(g_truth)} {chosen_on}, so every answer is uncertain")
     elif kind == "sigmoid":
         rule = "per_genre"
         chosen["uncertain"] = {"source": "per-genre thresholds (independent tags: no validation tracks)"}
@@ -255,10 +295,10 @@ def choose_rules(labels: Sequence[str], ccfg: ClassifyConfig, *, kind: str = "so
             got = precision_threshold(q[:, j], g_truth == j, ccfg.target_precision)
             if got["reached"]:
                 thresholds[g] = got["threshold"]
-                genre_chosen[g] = {"source": "validation tracks", **got}
+                genre_chosen[g] = {"source": chosen_on, **got}
             else:
-                thresholds[g] = threshold if reached else None
-                genre_chosen[g] = {"source": "the uncertain threshold (too few validation tracks of this genre to reach "
+                thresholds[g] = threshold
+                genre_chosen[g] = {"source": f"the uncertain threshold (too few {chosen_on} of this genre to reach "
                                    "the target alone)", **got}
             pos = g_truth == j
             genre_chosen[g]["val_tracks"] = int(pos.sum())
@@ -366,28 +406,39 @@ def vocabulary_path(value: str) -> str:
     return value
 
 
-def _read_validation(run: Location, labels: Sequence[str]) -> tuple[np.ndarray, list[str]] | None:
+def _read_validation(run: Location, labels: Sequence[str]) -> tuple[np.ndarray, list[str], list[int] | None, str] | None:
     import pyarrow.parquet as pq
 
     if not run.exists(VALIDATION_TRACKS):
         return None
     with run.fs.open_input_file(run.join(VALIDATION_TRACKS)) as f:
         table = pq.read_table(f)
-    stored = json.loads((table.schema.metadata or {}).get(b"genrecls.labels", b"[]"))
+    meta = table.schema.metadata or {}
+    stored = json.loads(meta.get(b"genrecls.labels", b"[]"))
     if list(stored) != list(labels):
         return None
     scores = np.asarray(table.column("scores").to_pylist(), np.float64).reshape(-1, len(labels))
-    return scores, table.column("label").to_pylist()
+    folds = table.column("fold").to_pylist() if "fold" in table.column_names else None
+    chosen_on = meta.get(b"genrecls.tracks", b"validation tracks").decode()
+    return scores, table.column("label").to_pylist(), folds, chosen_on
 
 
-def _write_validation(run: Location, ids: list[str], truth: list[str], scores: np.ndarray, labels: Sequence[str]) -> None:
+def _write_validation(run: Location, ids: list[str], truth: list[str], scores: np.ndarray, labels: Sequence[str],
+                      folds: list[int] | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"track_id": pa.array(ids, pa.string()), "label": pa.array(truth, pa.string()),
-                      "scores": pa.array([list(map(float, r)) for r in scores], pa.list_(pa.float64()))})
+    columns = {"track_id": pa.array(ids, pa.string()), "label": pa.array(truth, pa.string()),
+               "scores": pa.array([list(map(float, r)) for r in scores], pa.list_(pa.float64()))}
+    if folds is not None:
+        columns["fold"] = pa.array(folds, pa.int32())
+    table = pa.table(columns)
+    what = ("mean of classify's K segment probabilities, uncalibrated" + (
+        ", each track scored by the head fit without its fold (out-of-fold)" if folds is not None else ""))
     table = table.replace_schema_metadata({b"genrecls.labels": json.dumps(list(labels)).encode(),
-                                           b"genrecls.scores": b"mean of classify's K segment probabilities, uncalibrated"})
+                                           b"genrecls.scores": what.encode(),
+                                           b"genrecls.tracks": (b"out-of-fold tracks" if folds is not None
+                                                                else b"validation tracks")})
     run.write_atomic(VALIDATION_TRACKS, lambda out: pq.write_table(table, out, compression="zstd"))
 
 
@@ -399,17 +450,22 @@ def rules_for_run(run: Location, info: dict[str, Any], ccfg: ClassifyConfig) -> 
     val = _read_validation(run, labels) if kind == "softmax" else None
     if val is None:
         return choose_rules(labels, ccfg, kind=kind, vocabulary=vocab)
-    return choose_rules(labels, ccfg, kind=kind, vocabulary=vocab, val_scores=val[0], val_truth=val[1])
+    return choose_rules(labels, ccfg, kind=kind, vocabulary=vocab, val_scores=val[0], val_truth=val[1],
+                        val_folds=val[2], chosen_on=val[3])
 
 
-def record_answers(run: Location, info: dict[str, Any], scored: dict[str, tuple], ccfg: ClassifyConfig) -> dict[str, Any]:
-    """After training: choose the rules on the validation tracks, keep them in the run, measure them on the test tracks.
+def record_answers(run: Location, info: dict[str, Any], scored: dict[str, tuple], ccfg: ClassifyConfig, *,
+                   folds: dict[str, int] | None = None) -> dict[str, Any]:
+    """After training: choose the rules on the validation (or out-of-fold) tracks, keep them in the run, measure them
+    on the test tracks.
 
     ``scored``: per split (``val``, ``test``) what :func:`genrecls.models.evaluation.evaluate_predictor`
-    kept (segment track ids, segment indices, labels, probabilities).  Updates ``info`` (the
-    caller writes ``run.json``), writes ``RUN/validation_tracks.parquet``, ``RUN/labels.toml``
-    (with ``classify.labels``) and ``RUN/reliability.png``; returns ``{"answers": ...}`` for
-    the metrics.
+    kept (segment track ids, segment indices, labels, probabilities); a frozen head's ``val``
+    is every training and validation track's out-of-fold probabilities, and ``folds`` their
+    folds (track -> fold).  Updates ``info`` (the caller writes ``run.json``), writes
+    ``RUN/validation_tracks.parquet``, ``RUN/labels.toml`` (with ``classify.labels``) and
+    ``RUN/reliability.png``; returns ``{"answers": ...}`` for the metrics (with ``folds``:
+    ``oof``, the rules on the out-of-fold tracks and their spread across folds).
     """
     labels = list(info["labels"])
     k = int((info.get("classify") or {}).get("max_segments", 0))
@@ -422,11 +478,16 @@ def record_answers(run: Location, info: dict[str, Any], scored: dict[str, tuple]
         rules = choose_rules(labels, ccfg, kind=kind, vocabulary=vocab)
     else:
         ids, truth, scores = track_scores_at_k(*scored["val"], k)
-        _write_validation(run, ids, truth, scores, labels)
-        rules = choose_rules(labels, ccfg, kind=kind, vocabulary=vocab, val_scores=scores, val_truth=truth)
+        fold_list = [int(folds[t]) for t in ids] if folds is not None else None
+        _write_validation(run, ids, truth, scores, labels, fold_list)
+        rules = choose_rules(labels, ccfg, kind=kind, vocabulary=vocab, val_scores=scores, val_truth=truth,
+                             val_folds=fold_list, chosen_on="out-of-fold tracks" if folds is not None
+                             else "validation tracks")
     info["answers"] = {**rules.to_dict(), "k": k, "validation_tracks": VALIDATION_TRACKS,
                        "labels_file": LABELS_FILE if vocab is not None else None}
     out: dict[str, Any] = {"rules": _brief(rules)}
+    if folds is not None and scored.get("val") and scored["val"][0]:
+        out["oof"] = _fold_figures(rules, scores, truth, fold_list, labels)
     if "test" in scored and scored["test"][0]:
         _, truth, scores = track_scores_at_k(*scored["test"], k)
         out["test"] = evaluate_rules(rules, scores, truth, labels)
@@ -467,6 +528,24 @@ def answer_metrics_for_run(run: Location, info: dict[str, Any], scored: dict[str
     return {"answers": out}
 
 
+def _fold_figures(rules: AnswerRules, scores: np.ndarray, truth: list[str], folds: list[int],
+                  labels: Sequence[str]) -> dict[str, Any]:
+    """The rules on the out-of-fold tracks, pooled and per fold (their spread): top-genre accuracy, NLL before and
+    after calibration, answered precision and coverage.  (The thresholds were chosen on these tracks: their
+    precision here is what they were chosen for; the test tracks measure it.)"""
+    from genrecls.models.selection import fold_spread
+
+    f = np.asarray(folds, np.int64)
+    pooled = evaluate_rules(rules, scores, truth, labels)
+    per = [evaluate_rules(rules, scores[f == v], [truth[i] for i in np.flatnonzero(f == v)], labels)
+           for v in sorted(set(f.tolist()))]
+    out = {"tracks": pooled.get("tracks", 0), "folds": len(per)}
+    for key in ("accuracy_of_top_genre", "nll_before", "nll_after", "answered_precision", "coverage"):
+        out[key] = {"pooled": pooled.get(key), **fold_spread([p.get(key) for p in per])}
+    out["answered"], out["uncertain"] = pooled.get("answered"), pooled.get("uncertain")
+    return out
+
+
 def _brief(rules: AnswerRules) -> dict[str, Any]:
     d = rules.to_dict()
     return {k: d[k] for k in ("kind", "calibration", "uncertain_label", "rule", "threshold", "reached",
@@ -478,19 +557,75 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _spread(d: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    """``0.870 (folds 0.80-0.93, sd 0.05)`` of a pooled figure and its spread across folds."""
+    if not d or d.get("pooled") is None:
+        return "-"
+    if d.get("min") is None:
+        return format(d["pooled"], fmt)
+    return f"{d['pooled']:{fmt}} (folds {d['min']:{fmt}}-{d['max']:{fmt}}, sd {d['sd']:{fmt}})"
+
+
+def not_reached_line(answers: dict[str, Any]) -> str | None:
+    """The one line that says the target precision was not reached and what precision the answers are estimated to
+    have (None when it was reached, or nothing was chosen for it).
+
+    ``answers``: a rules record (:meth:`AnswerRules.to_dict` or its brief), or classify's summary of them
+    (``reached``, ``threshold``, ``target_precision``, ``uncertain_source``).
+    """
+    if answers.get("rule") != "global" or answers.get("reached", True):
+        return None
+    chosen = answers.get("chosen") or {}
+    target = answers.get("target_precision", chosen.get("target_precision"))
+    source = answers.get("uncertain_source") or (chosen.get("uncertain") or {}).get("source", "")
+    if answers.get("threshold") is None:
+        return (f"target precision {target} NOT reached: every answer is {answers.get('uncertain_label', 'uncertain')!r}"
+                f" ({source}); lower classify.target_precision, or set classify.strict_precision=false to keep the "
+                "answers of best estimated precision")
+    return (f"target precision {target} NOT reached: answers kept at {source}; set classify.strict_precision=true to "
+            "answer only at a shown precision")
+
+
+def format_answer_counts(summary: dict[str, Any]) -> list[str]:
+    """Lines of a classify summary: how many tracks were answered and how many ``uncertain`` (this run's and the
+    library's), and the not-reached line when the target precision was not shown."""
+    a = summary.get("answers") or {}
+    word = a.get("uncertain_label", "uncertain")
+    run_uncertain = int(summary.get("uncertain", 0) or 0)
+    classified = int(summary.get("classified", 0) or 0)
+    total = int(summary.get("tracks_total", 0) or 0)
+    lib_uncertain = int(summary.get("uncertain_total", 0) or 0)
+    lines = [(f"answered {classified - run_uncertain}, {word} {run_uncertain} of the {classified} track(s) this run "
+              f"classified; in the library: answered {total - lib_uncertain}, {word} {lib_uncertain} of {total}")]
+    line = not_reached_line(a)
+    if line:
+        lines.append(line)
+    return lines
+
+
 def format_answers(answers: dict[str, Any]) -> str:
-    """The answers section of ``genrecls evaluate`` (and report.md): on test tracks, with choices made on validation."""
+    """The answers section of ``genrecls evaluate`` (and report.md): choices made on validation or out-of-fold tracks,
+    measured on test tracks, and (cross-validated runs) the out-of-fold figures with their spread across folds."""
     from genrecls.core.progress import format_table
 
     r = answers.get("rules") or {}
     t = answers.get("test") or {}
+    oof = answers.get("oof") or {}
     chosen = r.get("chosen") or {}
-    lines = ["answers (choices made on validation tracks, measured on test tracks):"]
+    where = chosen.get("chosen_on", "validation tracks")
+    lines = [f"answers (choices made on {where}, measured on test tracks):"]
     cal = r.get("calibration") or {}
     cc = chosen.get("calibration") or {}
     if cal.get("method") == "temperature":
-        lines.append(f"  calibration: temperature scaling, T = {cal['temperature']:.3f} (validation NLL "
-                     f"{_f(cc.get('val_nll_before'))} -> {_f(cc.get('val_nll_after'))}, {cc.get('tracks', '?')} tracks)")
+        lines.append(f"  calibration: temperature scaling, T = {cal['temperature']:.3f} ({where} NLL "
+                     f"{_f(cc.get('val_nll_before'))} -> {_f(cc.get('val_nll_after'))}, {cc.get('tracks', '?')} tracks"
+                     + (f"; fit on the other folds: {_f(cc.get('nll_cross_fitted'))}" if cc.get("nll_cross_fitted")
+                        is not None else "") + ")")
+    elif cc.get("kept") is False:
+        lines.append(f"  calibration: none (temperature scaling, T = {cc.get('fitted_temperature', 0):.3f}, fit on the "
+                     f"other folds gives NLL {_f(cc.get('nll_cross_fitted'))}, not lower than "
+                     f"{_f(cc.get('val_nll_before'))} uncalibrated on the {cc.get('tracks', '?')} {where} by more than "
+                     f"its standard error {_f(cc.get('lowering_se'))}: skipped)")
     else:
         lines.append(f"  calibration: identity ({'independent tags' if r.get('kind') == 'sigmoid' else 'none recorded'})")
     if "ece_before" in t:
@@ -501,18 +636,21 @@ def format_answers(answers: dict[str, Any]) -> str:
     word = r.get("uncertain_label", "uncertain")
     if r.get("rule") == "global":
         if r.get("reached", True) and r.get("threshold") is not None:
-            how = (f"chosen for precision {u.get('target', chosen.get('target_precision')):.2f} on validation tracks "
+            how = (f"chosen for precision {u.get('target', chosen.get('target_precision')):.2f} on {where} "
                    f"(there: precision {_f(u.get('precision'))}, coverage {_f(u.get('coverage'))})"
                    if "target" in u else "set by hand (classify.min_confidence)")
             lines.append(f"  {word!r} below confidence {r['threshold']:.3f}, {how}")
         else:
-            lines.append(f"  {word!r} for every track: no threshold reaches precision {chosen.get('target_precision')} on "
-                         f"the validation tracks (best there: precision {_f(u.get('precision'))}); set "
-                         "classify.min_confidence or lower classify.target_precision")
+            lines.append("  " + (not_reached_line({**r, "target_precision": chosen.get("target_precision")}) or ""))
     elif r.get("rule") == "per_genre":
         lines.append(f"  {word!r} when the best genre is below its own threshold")
     else:
         lines.append(f"  no {word!r} answer (no validation tracks recorded)")
+    if oof:
+        lines.append(f"  out-of-fold ({oof['tracks']} tracks, {oof['folds']} folds; the thresholds were chosen on them): "
+                     f"top genre right {_spread(oof.get('accuracy_of_top_genre'))}; NLL "
+                     f"{_spread(oof.get('nll_before'))} -> {_spread(oof.get('nll_after'))}; answered precision "
+                     f"{_spread(oof.get('answered_precision'))}, coverage {_spread(oof.get('coverage'))}")
     if t.get("answer_tracks"):
         lines.append(f"  test: {t['answered']} of {t['answer_tracks']} tracks answered (coverage {_f(t['coverage'])}), "
                      f"precision {_f(t['answered_precision'])}; {t['uncertain']} {word}; top genre right on "

@@ -211,10 +211,14 @@ def evaluate_run(run: str | Location, dataset: str | Location | None = None, *, 
     metrics["scope"] = scope
     metrics["model_id"] = info.get("model_id")
     metrics["engine"] = predictor.describe()
+    if info.get("cross_validation"):  # the run's out-of-fold figures, as training recorded them
+        metrics["cross_validation"] = info["cross_validation"]
     if info.get("answers"):  # the run's answer rules, as classify applies them, on these test tracks
         from genrecls.models.answers import answer_metrics_for_run
 
         metrics.update(answer_metrics_for_run(loc, info, {"test": scored.get("test", ([],))}))
+        if (info.get("cross_validation") or {}).get("answers"):
+            metrics["answers"]["oof"] = info["cross_validation"]["answers"]
     return metrics
 
 
@@ -245,7 +249,7 @@ def write_metrics(path: str, metrics: dict[str, Any]) -> None:
 def format_metrics(metrics: dict[str, Any]) -> str:
     """The metrics as text: a summary table per split and per-class precision/recall."""
     lines = []
-    splits = [s for s in ("train", "val", "test") if f"{s}_tracks" in metrics]
+    splits = [s for s in ("train", "val", "oof", "test") if f"{s}_tracks" in metrics]
     rows = []
     for s in splits:
         if not metrics.get(f"{s}_tracks"):
@@ -263,6 +267,16 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         lines.append(f"{s} per class (tracks):")
         lines.append(format_table([(l, v["tracks"], f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}")
                                    for l, v in per.items()], ("label", "tracks", "precision", "recall", "F1")))
+    cv = metrics.get("cross_validation")
+    if cv:  # a frozen head's choices, made by cross-validation (genrecls.models.selection)
+        acc = cv.get("track_accuracy") or {}
+        lines.append("")
+        lines.append(f"cross-validation: {cv['folds']} folds of {cv['tracks']} training + validation tracks "
+                     f"({cv.get('oof_tracks', cv['tracks'])} scored out-of-fold; grouped by {cv.get('group')}: "
+                     f"{cv.get('grouped_tracks', 0)} tracks in {cv.get('groups', 0)} groups); out-of-fold track accuracy "
+                     f"{acc.get('oof', float('nan')):.3f}"
+                     + (f", across folds {acc['min']:.3f}-{acc['max']:.3f} (mean {acc['mean']:.3f}, sd {acc['sd']:.3f})"
+                        if acc.get("min") is not None else ""))
     if metrics.get("answers"):  # calibration, uncertain and per-genre thresholds (genrecls.models.answers)
         from genrecls.models.answers import format_answers
 

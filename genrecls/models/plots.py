@@ -79,9 +79,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], locat
 
 
 def plot_selection(records: Sequence[dict[str, Any]], location, name: str = "curves.png", *,
-                   chosen: dict[str, Any] | None = None, title: str = "") -> None:
-    """A frozen-backbone head's selection: validation track accuracy against C (log scale), one line per
-    candidate embedding; the chosen one marked."""
+                   chosen: dict[str, Any] | None = None, title: str = "", key: str = "val_track_accuracy") -> None:
+    """A frozen-backbone head's selection: its track accuracy (``key``: out-of-fold, or validation) against C (log
+    scale), one line per candidate embedding; the chosen one marked."""
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -89,12 +89,12 @@ def plot_selection(records: Sequence[dict[str, Any]], location, name: str = "cur
     for n in names:
         rs = sorted((r for r in records if r["candidate"] == n), key=lambda r: r["c"])
         dims = rs[0]["dims"] if rs else 0
-        ax.plot([r["c"] for r in rs], [r["val_track_accuracy"] for r in rs], "o-", ms=3, label=f"{n} ({dims})")
+        ax.plot([r["c"] for r in rs], [r[key] for r in rs], "o-", ms=3, label=f"{n} ({dims})")
     if chosen is not None:
-        ax.plot([chosen["c"]], [chosen["val_track_accuracy"]], "k*", ms=14, label="chosen")
+        ax.plot([chosen["c"]], [chosen[key]], "k*", ms=14, label="chosen")
     ax.set_xscale("log")
     ax.set_xlabel("C (inverse L2 strength)")
-    ax.set_ylabel("validation track accuracy")
+    ax.set_ylabel("out-of-fold track accuracy" if key.startswith("oof") else "validation track accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)

@@ -11,7 +11,16 @@ The number of segments classify scores per track (K, ``classify.max_segments``) 
 on the validation tracks too (:func:`choose_k`: the most accurate K, ties to the one nearest
 10), never on the test tracks.
 
-A frozen backbone's linear head is chosen on the validation tracks too (issue 20): every
+A frozen backbone's linear head is chosen by cross-validation (issue 27: one validation split of
+10-25 tracks let the choice change between seeds and the thresholds fit a few dozen tracks):
+the training and validation tracks are cut into k folds (:func:`genrecls.storage.split.assign_folds`,
+albums whole), every candidate embedding at every strength is fit k times, each time on the
+other folds, and scores the held-out fold's tracks (:func:`cross_validate_candidate`); every
+labelled non-test track then has an out-of-fold score, on which :func:`choose_head_cv` picks the
+head (:data:`CV_HEAD_RULE`) and the caller chooses K, the calibration and the thresholds.
+:func:`fold_spread` gives a figure's spread across the folds.
+
+Before issue 27 the head was chosen on the validation tracks (issue 20): every
 candidate embedding (``train.head_candidates``) at every L2 strength (``train.head_c``) is fit
 on the training tracks (:func:`fit_candidate`, a convex solver: scikit-learn's multinomial
 logistic regression) and scored per validation track; :func:`choose_head` takes the best
@@ -25,6 +34,7 @@ sums across workers; the driver calls :func:`choose_k` on the exported model's s
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -34,7 +44,8 @@ from genrecls.audio.segments import evenly_spaced
 
 __all__ = ["TrackTally", "validation_metrics", "is_better", "K_CANDIDATES", "accuracy_by_k", "choose_k", "HEAD_RULE",
            "HeadSplit", "standardisation", "fit_linear", "softmax_probabilities", "track_metrics", "fit_candidate",
-           "choose_head"]
+           "choose_head", "CV_HEAD_RULE", "row_weights", "track_means", "cross_validate_candidate", "choose_head_cv",
+           "finalists", "fold_spread"]
 
 #: K values tried on the validation tracks (0 = every segment)
 K_CANDIDATES = (1, 2, 4, 6, 10, 16, 0)
@@ -285,3 +296,157 @@ def choose_head(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     best = max(r["val_track_accuracy"] for r in records)
     tied = [r for r in records if r["val_track_accuracy"] >= best - 1e-9]
     return min(tied, key=lambda r: (r["dims"], r["c"]))
+
+
+
+# ---------------------------------------------------------------------------- cross-validation (issue 27)
+#: how a frozen head is chosen by cross-validation
+CV_HEAD_RULE = ("the highest out-of-fold track accuracy (every training and validation track scored by the head fit "
+                "on the other folds; a track = the mean of its segments' probabilities); ties to the lower out-of-fold "
+                "track log-loss, then to the fewer dimensions, then the smaller C (the stronger L2)")
+
+
+def row_weights(track: np.ndarray, y: np.ndarray, n_labels: int, *, track_weights: bool = True,
+                class_weights: bool = True) -> np.ndarray:
+    """Each row's loss weight over exactly these rows (mean 1): every track the same (its rows share its weight),
+    and with ``class_weights`` every label the same (:func:`genrecls.jobs.training.plan.segment_weights`'s rule)."""
+    track = np.asarray(track, np.int64)
+    y = np.asarray(y, np.int64)
+    if not len(track):
+        return np.zeros(0, np.float32)
+    if track_weights:
+        ids, inverse, rows = np.unique(track, return_inverse=True, return_counts=True)
+        if class_weights:
+            first = np.zeros(len(ids), np.int64)
+            first[inverse] = y
+            per_label = np.bincount(first, minlength=n_labels).astype(np.float64)
+            raw = 1.0 / (rows[inverse] * per_label[y])
+        else:
+            raw = 1.0 / rows[inverse].astype(np.float64)
+        return (raw * len(raw) / raw.sum()).astype(np.float32)
+    if class_weights:
+        n = np.bincount(y, minlength=n_labels).astype(np.float64)
+        return (n.sum() / (n_labels * np.maximum(n, 1)))[y].astype(np.float32)
+    return np.ones(len(track), np.float32)
+
+
+def track_means(probs: np.ndarray, track: np.ndarray, n_tracks: int) -> np.ndarray:
+    """Each track's mean segment probabilities (tracks, labels); NaN for a track without rows."""
+    probs = np.asarray(probs, np.float64)
+    sums = np.zeros((n_tracks, probs.shape[1]))
+    np.add.at(sums, track, probs)
+    counts = np.bincount(track, minlength=n_tracks).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts[:, None]
+
+
+def _track_figures(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(accuracy, mean negative log-likelihood) of track scores against their true label indices."""
+    if not len(truth):
+        return float("nan"), float("nan")
+    p = np.clip(scores[np.arange(len(truth)), truth], 1e-7, 1.0)
+    return float((scores.argmax(axis=1) == truth).mean()), float(-np.log(p).mean())
+
+
+def cross_validate_candidate(pool: HeadSplit, fold_of_track: np.ndarray, candidate: str, layers: Sequence[str],
+                             cs: Sequence[float], n_labels: int, *, track_weights: bool = True,
+                             class_weights: bool = True, fit_rows_per_track: int = 0) -> list[dict[str, Any]]:
+    """One candidate embedding at every strength, cross-validated: out-of-fold segment probabilities and figures.
+
+    ``fold_of_track``: each of ``pool``'s tracks' fold (-1: never held out, always fit on).  For
+    each fold, the rows of the other folds are standardised and fit at every strength (the
+    weakest L2 last; each fit starts from the previous strength's solution, and from the
+    previous fold's at the same strength), and the fold's rows are scored.  ``fit_rows_per_track``
+    (> 0) fits each track on at most that many evenly spaced segments, its rows sharing the
+    track's weight and the weights scaled to the total of every row, so that C keeps its
+    meaning (scoring always uses every row): the cheap first round of :func:`finalists`.
+
+    Returns one record per C: ``candidate``, ``layers``, ``dims``, ``c``, ``oof_track_accuracy``,
+    ``oof_track_nll`` (uncalibrated track scores), ``oof_tracks``, ``fold_track_accuracy`` (per fold),
+    ``iterations`` (largest), ``converged`` (every fit), ``fit_seconds``, and ``oof`` (float32
+    (rows, labels) out-of-fold segment probabilities, NaN for rows never held out).
+    """
+    import time
+
+    folds = np.asarray(fold_of_track, np.int64)
+    row_fold = folds[pool.track]
+    k = int(folds.max()) + 1 if len(folds) else 0
+    x_all = pool.matrix(layers)
+    cs = sorted(float(v) for v in cs)
+    oof = {c: np.full((len(pool), n_labels), np.nan, np.float32) for c in cs}
+    info = {c: {"iterations": 0, "converged": True, "fit_seconds": 0.0} for c in cs}
+    models: dict[float, Any] = {}
+    keep = np.ones(len(pool), bool)
+    if fit_rows_per_track > 0:  # at most this many evenly spaced rows of each track in a fit
+        keep[:] = False
+        order = np.lexsort((pool.segment_index, pool.track))
+        starts = np.r_[0, np.flatnonzero(np.diff(pool.track[order])) + 1, len(order)]
+        for a, b in itertools.pairwise(starts):
+            keep[order[a:b][_pick(b - a, fit_rows_per_track)]] = True
+    for f in range(k):
+        fit = (row_fold != f) & keep
+        held = row_fold == f
+        if not held.any():
+            continue
+        x = x_all[fit]
+        mean, std = standardisation(x)
+        x = (x - mean) / std
+        xh = (x_all[held] - mean) / std
+        # the same total weight as every row of these tracks would have: C means what it means in the final fit
+        w = row_weights(pool.track[fit], pool.y[fit], n_labels, track_weights=track_weights,
+                        class_weights=class_weights) * (float((row_fold != f).sum()) / max(1, int(fit.sum())))
+        previous = None
+        for c in cs:
+            t0 = time.perf_counter()
+            start = models.get(c, previous)
+            if start is not None and c not in models:  # the path: a copy of the previous strength's solution
+                import copy
+
+                start = copy.deepcopy(start)
+            wts, b, fit_info, model = fit_linear(x, pool.y[fit], w, c, n_labels, model=start)
+            models[c] = previous = model
+            oof[c][held] = softmax_probabilities(xh, wts, b)
+            info[c]["iterations"] = max(info[c]["iterations"], fit_info["iterations"])
+            info[c]["converged"] = info[c]["converged"] and fit_info["converged"]
+            info[c]["fit_seconds"] += time.perf_counter() - t0
+    n_tracks = len(pool.track_ids)
+    truth = np.full(n_tracks, -1)
+    truth[pool.track] = pool.y
+    scored = folds >= 0
+    out = []
+    for c in cs:
+        scores = track_means(oof[c], pool.track, n_tracks)
+        acc, loss = _track_figures(scores[scored], truth[scored])
+        per_fold = [_track_figures(scores[folds == f], truth[folds == f])[0] for f in range(k) if (folds == f).any()]
+        out.append({"candidate": candidate, "layers": list(layers), "dims": int(x_all.shape[1]), "c": c,
+                    "oof_track_accuracy": acc, "oof_track_nll": loss, "oof_tracks": int(scored.sum()),
+                    "fold_track_accuracy": per_fold, "iterations": info[c]["iterations"],
+                    "converged": info[c]["converged"], "fit_seconds": round(info[c]["fit_seconds"], 3), "oof": oof[c]})
+    return out
+
+
+def finalists(records: Sequence[dict[str, Any]], n: int) -> list[tuple[str, float]]:
+    """The ``n`` (candidate, C) pairs a cheap first round ranks best (:func:`choose_head_cv`'s order): the only ones
+    cross-validated again on every segment."""
+    ranked = sorted(records, key=lambda r: (-round(r["oof_track_accuracy"], 9), round(r["oof_track_nll"], 9),
+                                            r["dims"], r["c"]))
+    return [(r["candidate"], r["c"]) for r in ranked[:n]]
+
+
+def choose_head_cv(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The record :data:`CV_HEAD_RULE` picks: the best out-of-fold track accuracy, ties to the lower out-of-fold
+    log-loss, then to the simpler head."""
+    if not records:
+        raise ValueError("no head candidate was cross-validated")
+    best = max(r["oof_track_accuracy"] for r in records)
+    tied = [r for r in records if r["oof_track_accuracy"] >= best - 1e-9]
+    return min(tied, key=lambda r: (round(r["oof_track_nll"], 9), r["dims"], r["c"]))
+
+
+def fold_spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """A figure's spread across folds: the folds' values, their mean, standard deviation, min and max."""
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return {"folds": [], "mean": None, "sd": None, "min": None, "max": None}
+    return {"folds": [round(x, 4) for x in v], "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1
+            else 0.0, "min": min(v), "max": max(v)}

@@ -318,8 +318,12 @@ class ShardWriter(PartWriter):
 
     def add_track(self, *, track_id: str, path: str, label: str | None, fingerprint: str, size: int,
                   mtime_ns: int, duration: float, mels: "np.ndarray | TrackBuffer",
-                  starts: Iterable[float] | None = None) -> None:
-        """Add every segment of one track (``mels`` as an array with ``starts``, or a :class:`TrackBuffer`)."""
+                  starts: Iterable[float] | None = None, **about: Any) -> None:
+        """Add every segment of one track (``mels`` as an array with ``starts``, or a :class:`TrackBuffer`).
+
+        ``about``: the track's other index fields (:class:`~genrecls.storage.index.TrackEntry`'s ``album``,
+        ``album_artist``, ``genre_tag``, ``audio_fingerprint``...): in the footer's track list and the index,
+        not in the segment rows."""
         if isinstance(mels, TrackBuffer):
             buf = mels
         else:
@@ -339,7 +343,7 @@ class ShardWriter(PartWriter):
 
         self._add(batches(), {
             "track_id": track_id, "path": path, "label": label, "fingerprint": fingerprint,
-            "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration,
+            "size": size, "mtime_ns": mtime_ns, "n_segments": n, "duration_seconds": duration, **about,
         })
 
     def _batch(self, track_id, path, label, fingerprint, size, mtime_ns, duration, rows, starts, first) -> pa.RecordBatch:

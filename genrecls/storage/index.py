@@ -81,6 +81,15 @@ class TrackEntry:
     n_segments: int
     duration_seconds: float
     shard: str
+    #: the file's album and album-artist tags (None: none, or not read: a track ingested before they were)
+    album: str | None = None
+    album_artist: str | None = None
+    #: the genres a person wrote in the file's tags, joined by "; " ("": none; None: not read); genres genrecls
+    #: wrote are not a person's (genrecls.audio.tags.person_genres)
+    genre_tag: str | None = None
+    #: the file's audio fingerprint (BLAKE2b of its audio packets, genrecls.audio.decode.audio_fingerprint): a
+    #: file whose bytes changed but whose audio did not (its tags were edited) is not decoded again
+    audio_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

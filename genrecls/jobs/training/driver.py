@@ -290,10 +290,11 @@ def train(dataset: "str | Dataset", run_dir: str, cfg: Config | None = None, *, 
             say(f"{check.dataset.uri}: {len(plan.labels)} labels; train/val/test = {tps['train']['total']}/"
                 f"{tps['val']['total']}/{tps['test']['total']} tracks ({sps['train']['total']}/{sps['val']['total']}/"
                 f"{sps['test']['total']} segments); model {plan.model}, "
-                + ("frozen backbone: a linear head chosen on validation tracks" if plan.input == "embedding" else
+                + ("frozen backbone: a linear head, every choice by cross-validation of the training + validation "
+                   "tracks" if plan.input == "embedding" else
                    f"{plan.workers} worker(s), data "
                    + ('cached after one read' if plan.cache else f'streamed from the shards every epoch ({plan.shuffle} order)')))
-            if plan.input == "embedding":  # a frozen backbone: a linear head chosen on validation tracks, no Ray Train
+            if plan.input == "embedding":  # a frozen backbone: a linear head chosen by cross-validation, no Ray Train
                 from .head import train_head
 
                 run.write_json("plan.json", plan.to_dict())

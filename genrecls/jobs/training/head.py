@@ -1,4 +1,4 @@
-"""A frozen-backbone ``musicnn`` run: a linear head chosen on validation tracks, then refit (issue 20).
+"""A frozen-backbone ``musicnn`` run: every choice made by cross-validation, the head fit once (issues 20, 27).
 
 The driver (:func:`genrecls.jobs.training.train`) hands a frozen-backbone plan here instead of
 to Ray Train.  Everything runs in the run's Ray session:
@@ -14,20 +14,26 @@ to Ray Train.  Everything runs in the run's Ray session:
    not the dataset's, so it never writes the dataset folder (another ingest may be writing it,
    it may be read-only); ``genrecls ingest`` on the dataset fills the store from the shards
    (no decoding), and the next ``train`` reads it.
-2. **Selection on validation tracks** (:mod:`genrecls.models.selection`): every candidate
-   embedding (``train.head_candidates``) at every strength (``train.head_c``) is fit on the
-   training tracks (a multinomial logistic regression after standardisation, L-BFGS; one Ray
-   task per candidate, its strengths as a warm-started path) and scored per validation track;
-   the best, ties to the simpler.  Classify's K is chosen on the same validation
-   probabilities, as for every model.
-3. **Refit** (``train.refit``, on by default): the choice is fit again on the training and
-   validation tracks together; the test tracks, never seen by 2 or 3, score it.  The report
-   gives the test figures of the model before the refit too: the gain of the refit alone.
+2. **Cross-validation** of the training and validation tracks together (``train.cv_folds``
+   folds, :func:`genrecls.storage.split.assign_folds`: stratified by label, albums whole, the
+   split's grouping): every candidate embedding (``train.head_candidates``) at every strength
+   (``train.head_c``) is fit on the other folds and scores each fold's tracks
+   (:func:`genrecls.models.selection.cross_validate_candidate`; one Ray task per candidate).  A
+   first round fits each track on ``train.cv_screen_segments`` evenly spaced segments; the
+   ``train.cv_finalists`` best pairs are cross-validated again on every segment, and the best of
+   them is chosen (:data:`~genrecls.models.selection.CV_HEAD_RULE`).  Its out-of-fold scores,
+   every training and validation track's, choose classify's K, the calibration (kept only when
+   it lowers the NLL of folds it was not fit on) and the thresholds
+   (:func:`genrecls.models.answers.record_answers`).
+3. **The final head**: the choice fit once on the training and validation tracks (``train.refit``,
+   on by default; off: on the training split alone); the test tracks, never seen by 2 or 3,
+   score it.  The report gives the test figures of the head fit on the training split alone too.
 4. **Export**: ``RUN/model`` (SavedModel) and ``model.keras`` hold the backbone, the chosen
    layers, the standardisation and the head as Keras layers (stored segments in, as every
    model), ``RUN/head.npz`` the head alone (for classify's engine path), ``run.json`` the
-   choice and every candidate's validation figures.  A few stored segments are scored by the
-   exported model and compared with the head on their stored embeddings (``export_check``).
+   choice, every candidate's out-of-fold figures and the cross-validation's spread across folds.
+   A few stored segments are scored by the exported model and compared with the head on their
+   stored embeddings (``export_check``).
 
 The training rows: every segment of each track, unless a split holds more than
 ``train.head_max_rows``: each of its tracks then gives at most the same number of evenly
@@ -266,20 +272,22 @@ def _weights(tids: np.ndarray, y: np.ndarray, labels: list[str], label_of: dict[
 
 def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location, table, *,
                say: Callable[[str], None], cluster_cpus: float, t_start: float) -> dict[str, Any]:
-    """Choose, refit, export and evaluate a frozen-backbone head (see the module docstring); the run's summary."""
+    """Cross-validate, fit, export and evaluate a frozen-backbone head (see the module docstring); the run's summary."""
     import ray
 
     from genrecls.models.evaluation import TRACK_RULE, split_metrics
     from genrecls.models.selection import (
-        HEAD_RULE,
+        CV_HEAD_RULE,
         accuracy_by_k,
-        choose_head,
+        choose_head_cv,
         choose_k,
-        fit_linear,
+        finalists,
+        fold_spread,
         softmax_probabilities,
-        standardisation,
+        track_means,
     )
     from genrecls.models.transfer import LinearHead
+    from genrecls.storage.split import assign_folds, split_notes
 
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -287,9 +295,11 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     assignment = as_mapping(table)
     label_of = {t["track_id"]: t["label"] for t in check.tracks}
     ids = {s: sorted(t for t, v in assignment.items() if v == s and t in label_of) for s in ("train", "val", "test")}
-    caps = {"train": cfg.train.head_max_rows, "val": cfg.train.head_max_rows, "test": cfg.train.head_max_rows}
-    rows, emb = head_embeddings(check, ids["train"] + ids["val"] + ids["test"], engine=cfg.inference.engine,
-                                precision=cfg.inference.precision, max_rows=caps, groups=ids, cluster_cpus=cluster_cpus)
+    pool_ids = sorted(ids["train"] + ids["val"])
+    caps = {"pool": cfg.train.head_max_rows, "test": cfg.train.head_max_rows}
+    rows, emb = head_embeddings(check, pool_ids + ids["test"], engine=cfg.inference.engine,
+                                precision=cfg.inference.precision, max_rows=caps,
+                                groups={"pool": pool_ids, "test": ids["test"]}, cluster_cpus=cluster_cpus)
     timings["embeddings"] = time.monotonic() - t0
     say(f"embeddings of {emb['tracks']} tracks: {emb['stored_tracks']} from the store, {emb['computed_tracks']} computed "
         f"({timings['embeddings']:.1f} s)" + (f"; store not used: {emb['store_refused']}" if "store_refused" in emb else ""))
@@ -297,89 +307,147 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     def weight_of(tids, y):
         return _weights(tids, y, labels, label_of, cfg)
 
-    splits = {s: _split_rows(rows, ids[s], label_of, labels, weight_of) for s in ("train", "val", "test")}
+    pool = _split_rows(rows, pool_ids, label_of, labels, weight_of)
+    test = _split_rows(rows, ids["test"], label_of, labels, weight_of)
     del rows
-    train, val, test = splits["train"], splits["val"], splits["test"]
 
-    # -- selection on the validation tracks: one Ray task per candidate, its strengths as a path
+    # -- the folds: the training and validation tracks, albums whole, stratified by label
+    group_of = {t["track_id"]: t.get("group") for t in check.tracks}
+    fold_of, fold_info = assign_folds([{"track_id": t, "label": label_of[t], "group": group_of.get(t)}
+                                       for t in pool.track_ids], folds=cfg.train.cv_folds, seed=cfg.train.seed,
+                                      group_column="group",
+                                      by_track_labels=split_notes(table).get("labels_split_by_track", []))
+    folds = np.array([fold_of[t] for t in pool.track_ids], np.int64)
+    k_folds = fold_info["folds"]
+
+    # -- cross-validation: one Ray task per candidate, its strengths as a path, its folds in turn
     t1 = time.monotonic()
     candidates = [(c, head_candidate_layers(c)) for c in cfg.train.head_candidates]
-    widths = {n: train.layers[n].shape[1] for n in train.layers}
+    widths = {n: pool.layers[n].shape[1] for n in pool.layers}
     order = sorted(candidates, key=lambda c: -sum(widths[n] for n in c[1]))  # the largest first: they take longest
-    fit = ray.remote(num_cpus=1, max_retries=1)(_fit_task)
-    train_ref, val_ref = ray.put(train), ray.put(val)
-    refs = {name: fit.remote(train_ref, val_ref, name, layers, cfg.train.head_c, len(labels)) for name, layers in order}
-    results = {name: ray.get(ref) for name, ref in refs.items()}
-    del train_ref, val_ref
-    records = [r for name, _ in candidates for r in results[name]]
-    chosen = choose_head(records)
+    fit = ray.remote(num_cpus=1, max_retries=1)(_cv_task)
+    pool_ref, folds_ref = ray.put(pool), ray.put(folds)
+    t = cfg.train
+    n_pairs = len(candidates) * len(t.head_c)
+    screen = t.cv_screen_segments if t.cv_screen_segments and t.cv_finalists < n_pairs else 0
+
+    def cross_validate(grid: list[tuple[str, tuple[str, ...], list[float]]], rows_per_track: int) -> list[dict]:
+        refs = {name: fit.remote(pool_ref, folds_ref, name, layers, cs, len(labels), t.track_weights, t.class_weights,
+                                 rows_per_track) for name, layers, cs in grid}
+        got = {name: ray.get(ref) for name, ref in refs.items()}
+        return [r for name, _ in candidates if name in got for r in got[name]]
+
+    first_round: list[dict] = []
+    if screen:  # a cheap first round on a few segments per track; the finalists again on every segment
+        first_round = cross_validate([(n, ls, list(t.head_c)) for n, ls in order], screen)
+        final_pairs = finalists(first_round, t.cv_finalists)
+        grid = [(n, ls, sorted(c for n2, c in final_pairs if n2 == n)) for n, ls in order
+                if any(n2 == n for n2, _ in final_pairs)]
+        records = cross_validate(grid, 0)
+    else:
+        records = cross_validate([(n, ls, list(t.head_c)) for n, ls in order], 0)
+    chosen = choose_head_cv(records)
     timings["selection"] = time.monotonic() - t1
-    say(f"head chosen on {len(val.track_ids)} validation tracks: {chosen['candidate']} ({chosen['dims']} dims), "
-        f"C={chosen['c']:g}, validation track accuracy {chosen['val_track_accuracy']:.3f} "
-        f"({len(records)} fits, {timings['selection']:.1f} s)")
+    n_oof = int((folds >= 0).sum())
+    say(f"head chosen by {k_folds}-fold cross-validation on {len(pool.track_ids)} training + validation tracks: "
+        f"{chosen['candidate']} ({chosen['dims']} dims), C={chosen['c']:g}, out-of-fold track accuracy "
+        f"{chosen['oof_track_accuracy']:.3f} on {n_oof} tracks ("
+        + (f"{len(first_round)} candidates on {screen} segments per track, the best {len(records)} on every segment"
+           if screen else f"{len(records)} candidates") + f", x {k_folds} folds, {timings['selection']:.1f} s)")
     layers = tuple(chosen["layers"])
 
     def probs_of(split: HeadSplit, mean, std, w, b) -> np.ndarray:
         return softmax_probabilities((split.matrix(layers) - mean) / std, w, b)
 
-    def rows_of(split: HeadSplit):
-        tids = [split.track_ids[i] for i in split.track]
+    def rows_of(split: HeadSplit, mask=None):
+        idx = split.track if mask is None else split.track[mask]
+        tids = [split.track_ids[i] for i in idx]
         return tids, [label_of[t] for t in tids]
 
-    # validation figures and classify's K: the model fit on the training tracks alone
-    val_probs = probs_of(val, chosen["mean"], chosen["std"], chosen["weights"], chosen["bias"])
-    vt, vl = rows_of(val)
+    # out-of-fold figures and classify's K: every track scored by the head fit without its fold
+    scored_rows = folds[pool.track] >= 0
+    oof_probs = chosen["oof"][scored_rows]
+    ot, ol = rows_of(pool, scored_rows)
+    oof_seg = pool.segment_index[scored_rows].tolist()
     metrics: dict[str, Any] = {"track_rule": TRACK_RULE, "labels": labels}
-    metrics.update(split_metrics("val", labels, vt, vl, val_probs))
-    by_k = accuracy_by_k(vt, val.segment_index.tolist(), vl, val_probs, labels)
-    metrics["val_track_accuracy_by_k"] = by_k
-    metrics["classify_max_segments"] = k = choose_k(by_k, metrics["val_tracks"])
+    metrics.update(split_metrics("oof", labels, ot, ol, oof_probs))
+    by_k = accuracy_by_k(ot, oof_seg, ol, oof_probs, labels)
+    metrics["oof_track_accuracy_by_k"] = by_k
+    metrics["classify_max_segments"] = k = choose_k(by_k, metrics.get("oof_tracks", 0))
     tt, tl = rows_of(test)
-    before = probs_of(test, chosen["mean"], chosen["std"], chosen["weights"], chosen["bias"])
-    before_metrics = split_metrics("test", labels, tt, tl, before)
 
-    # -- the refit: the choice on training and validation tracks together; the test tracks stay unseen
+    final_fit = ray.remote(num_cpus=1, max_retries=1)(_final_fit_task)
+
+    def fit_on(split):  # a Ray task (one thread in every native pool), so that two fits run side by side
+        return final_fit.remote(split, layers, chosen["c"], len(labels), t.track_weights, t.class_weights)
+
+    # -- the final head: fit once on the training and validation tracks; the test tracks stay unseen
     t2 = time.monotonic()
+    train_only = _subset(pool, set(ids["train"]))
+    # the training split alone, for the record (the gain of fitting on the validation tracks too), beside the final fit
+    before_ref = fit_on(train_only) if len(test) and len(train_only) else None
+    final_ref = fit_on(pool_ref) if cfg.train.refit else None
+    before = ray.get(before_ref) if before_ref is not None else None
     if cfg.train.refit:
-        both = HeadSplit.join(train, val)
-        both.weights = _weights(np.array([both.track_ids[i] for i in both.track]), both.y, labels, label_of, cfg)
-        x = both.matrix(layers)
-        mean, std = standardisation(x)
-        w, b, fit_info, _ = fit_linear((x - mean) / std, both.y, both.weights, chosen["c"], len(labels))
-        del x, both
-        refit = {"done": True, "on": "training and validation tracks", "tracks": len(train.track_ids) + len(val.track_ids),
-                 "segments": len(train) + len(val), **fit_info}
+        mean, std, w, b, fit_info = ray.get(final_ref)
+        refit = {"done": True, "on": "training and validation tracks", "tracks": len(pool.track_ids),
+                 "segments": len(pool), **fit_info}
     else:
-        mean, std, w, b = chosen["mean"], chosen["std"], chosen["weights"], chosen["bias"]
-        refit = {"done": False, "on": "training tracks (train.refit=false)", "tracks": len(train.track_ids),
-                 "segments": len(train)}
+        mean, std, w, b, fit_info = before if before is not None else ray.get(fit_on(train_only))
+        refit = {"done": False, "on": "training tracks (train.refit=false)", "tracks": len(train_only.track_ids),
+                 "segments": len(train_only), **fit_info}
     timings["refit"] = time.monotonic() - t2
     test_probs = probs_of(test, mean, std, w, b)
     metrics.update(split_metrics("test", labels, tt, tl, test_probs))
-    metrics["test_track_accuracy_at_classify_k"] = accuracy_by_k(tt, test.segment_index.tolist(), tl, test_probs, labels,
-                                                                 ks=(k,))[0]["track_accuracy"]
-    refit.update({"test_track_accuracy_before": before_metrics["test_track_accuracy"],
-                  "test_track_accuracy_after": metrics["test_track_accuracy"],
-                  "gain": metrics["test_track_accuracy"] - before_metrics["test_track_accuracy"],
-                  "test_macro_f1_before": before_metrics["test_macro_f1"]})
-    metrics["test_track_accuracy_before_refit"] = before_metrics["test_track_accuracy"]
+    if len(test):
+        metrics["test_track_accuracy_at_classify_k"] = accuracy_by_k(tt, test.segment_index.tolist(), tl, test_probs,
+                                                                     labels, ks=(k,))[0]["track_accuracy"]
+        before_acc = split_metrics("test", labels, tt, tl, probs_of(test, *before[:4]))["test_track_accuracy"]
+        refit.update({"test_track_accuracy_before": before_acc,
+                      "test_track_accuracy_after": metrics["test_track_accuracy"],
+                      "gain": metrics["test_track_accuracy"] - before_acc})
+        metrics["test_track_accuracy_before_refit"] = before_acc
+        say(f"test track accuracy {metrics['test_track_accuracy']:.3f} ({len(test.track_ids)} tracks never seen by any "
+            f"choice; {before_acc:.3f} with the head fit on the training split alone)")
+    else:
+        say("no test track: every label has fewer than 3 tracks (the out-of-fold figures are the only estimate)")
     metrics["refit"] = refit
-    say(f"test track accuracy {metrics['test_track_accuracy']:.3f} ({len(test.track_ids)} tracks; "
-        f"{before_metrics['test_track_accuracy']:.3f} before the refit)")
+
+    # -- the cross-validation's record: the folds, the spread of the chosen head's figures across them
+    truth = {t: labels.index(label_of[t]) for t in pool.track_ids}
+    scores_all = track_means(chosen["oof"], pool.track, len(pool.track_ids))
+    fold_acc = []
+    for f in range(k_folds):
+        members = np.flatnonzero(folds == f)
+        if len(members):
+            fold_acc.append(float(np.mean([scores_all[i].argmax() == truth[pool.track_ids[i]] for i in members])))
+    cv = {"folds": k_folds, "requested_folds": cfg.train.cv_folds, "tracks": len(pool.track_ids), "oof_tracks": n_oof,
+          "group": ("column " + repr(cfg.train.group_column)) if cfg.train.group_column else cfg.train.group_by,
+          "groups": fold_info["groups"], "grouped_tracks": fold_info["grouped_tracks"],
+          "labels_folded_by_track": fold_info["labels_folded_by_track"], "never_held_out": fold_info["never_held_out"],
+          "tracks_per_fold": fold_info["tracks_per_fold"],
+          "track_accuracy": {"oof": chosen["oof_track_accuracy"], **fold_spread(fold_acc)},
+          "track_nll": chosen["oof_track_nll"], "rule": CV_HEAD_RULE}
+    metrics["cross_validation"] = cv
 
     # -- export
     t3 = time.monotonic()
-    selection = {"rule": HEAD_RULE, "chosen": {k2: chosen[k2] for k2 in ("candidate", "layers", "dims", "c")},
-                 "val_track_accuracy": chosen["val_track_accuracy"], "val_tracks": len(val.track_ids),
+    selection = {"rule": CV_HEAD_RULE, "chosen": {k2: chosen[k2] for k2 in ("candidate", "layers", "dims", "c")},
+                 "chosen_on": f"{k_folds}-fold cross-validation of the training and validation tracks",
+                 "oof_track_accuracy": chosen["oof_track_accuracy"], "oof_track_nll": chosen["oof_track_nll"],
+                 "oof_tracks": n_oof, "folds": k_folds,
+                 "first_round": {"segments_per_track": screen, "finalists": len(records),
+                                 "candidates": [_public(r) for r in first_round]} if screen else None,
                  "candidates": [_public(r) for r in records], "fit": "scikit-learn LogisticRegression (multinomial, "
                  "L-BFGS) on standardised segment embeddings, loss weights as train.class_weights/track_weights say"}
     head = LinearHead(labels=tuple(labels), layers=layers, mean=mean, std=std, weights=w, bias=b,
                       info={"candidate": chosen["candidate"], "c": chosen["c"], "backbone": emb["backbone"],
                             "fit_on": refit["on"], "dataset": check.dataset.uri})
     # classify's answer rules (calibration, 'uncertain', thresholds: genrecls.models.answers) are chosen on the
-    # validation tracks' scores of the head fit without them, and measured on the test tracks with the final head
-    scored = {"val": (vt, val.segment_index.tolist(), vl, val_probs), "test": (tt, test.segment_index.tolist(), tl, test_probs)}
-    info, summary_extra = _export(run, check, cfg, plan, head, metrics, selection, refit, emb, splits, timings, scored)
+    # out-of-fold scores of every training and validation track, and measured on the test tracks with the final head
+    scored = {"val": (ot, oof_seg, ol, oof_probs), "test": (tt, test.segment_index.tolist(), tl, test_probs)}
+    info, summary_extra = _export(run, check, cfg, plan, head, metrics, selection, refit, emb, {"test": test, "val": pool},
+                                  timings, scored, {t: f for t, f in fold_of.items() if f >= 0}, cv)
     timings["export"] = time.monotonic() - t3
     metrics.update({
         "model_id": info["model_id"], "model": plan.model, "dataset": check.dataset.uri,
@@ -391,21 +459,24 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
                    "embeddings": "stored" if not emb["computed_tracks"] else
                    ("computed in this run" if not emb["stored_tracks"] else "stored and computed in this run"),
                    "head": "numpy"},
-        "scope": {"dataset": check.dataset.uri, "tracks": "the run's validation and test splits",
-                  "val": "the head fit on the training tracks (before the refit)",
-                  "test": "the final head" + (" (refit on training and validation tracks)" if refit["done"] else "")},
+        "scope": {"dataset": check.dataset.uri, "tracks": "the run's training + validation tracks (out-of-fold) "
+                  "and test split",
+                  "oof": f"each training and validation track scored by the head fit on the other {k_folds - 1} folds",
+                  "test": "the final head" + (" (fit on training and validation tracks)" if refit["done"] else "")},
     })
     run.write_json("metrics.json", metrics)
     from genrecls.models.plots import plot_confusion, plot_selection
 
-    plot_selection(records, run, chosen=chosen, title=f"{info['model_id']}: head selection on validation tracks")
-    plot_confusion(metrics["test_confusion"]["matrix"], labels, run,
-                   title=f"test confusion matrix ({metrics['test_tracks']} tracks)")
+    plot_selection(records, run, chosen=chosen, key="oof_track_accuracy",
+                   title=f"{info['model_id']}: head selection ({k_folds}-fold cross-validation)")
+    if metrics.get("test_confusion"):
+        plot_confusion(metrics["test_confusion"]["matrix"], labels, run,
+                       title=f"test confusion matrix ({metrics['test_tracks']} tracks)")
     wall = time.monotonic() - t_start
     summary = {"run": run.uri, "model_id": info["model_id"], "metrics": metrics, "history": [], "epochs_run": 0,
                "best_epoch": None, "stopped_early": False, "train_seconds": timings["selection"] + timings["refit"],
                "wall_seconds": wall, "restarts": [], "versions": info["versions"], "notes": plan.notes,
-               "selection": selection, "refit": refit, "embeddings": emb, **summary_extra,
+               "selection": selection, "refit": refit, "embeddings": emb, "cross_validation": cv, **summary_extra,
                "timings": {k2: round(v, 2) for k2, v in timings.items()}}
     from .report import format_head_report
 
@@ -413,25 +484,54 @@ def train_head(check: DatasetCheck, cfg: Config, plan: TrainPlan, run: Location,
     return summary
 
 
-def _fit_task(train: HeadSplit, val: HeadSplit, candidate: str, layers, cs, n_labels: int) -> list[dict[str, Any]]:
-    """A Ray task: one candidate's path of strengths (:func:`~genrecls.models.selection.fit_candidate`), with one
-    thread in every native pool: the task holds one CPU, and BLAS threads of two tasks on two cores would fight
-    (OpenBLAS spins: 10x the CPU time, measured on the real set)."""
+def _subset(split: HeadSplit, keep_ids: set[str]) -> HeadSplit:
+    """The rows of some of a split's tracks (track indices renumbered)."""
+    keep_tracks = [i for i, t in enumerate(split.track_ids) if t in keep_ids]
+    new_index = np.full(len(split.track_ids), -1, np.int64)
+    new_index[keep_tracks] = np.arange(len(keep_tracks))
+    rows = new_index[split.track] >= 0
+    return HeadSplit(layers={n: v[rows] for n, v in split.layers.items()}, y=split.y[rows],
+                     track=new_index[split.track[rows]], track_ids=[split.track_ids[i] for i in keep_tracks],
+                     segment_index=split.segment_index[rows], weights=split.weights[rows])
+
+
+def _final_fit_task(split: HeadSplit, layers, c: float, n_labels: int, track_weights: bool,
+                    class_weights: bool) -> tuple:
+    """A Ray task: the chosen head fit on every row of ``split`` (one thread in every native pool, as
+    :func:`_cv_task`); ``(mean, std, weights, bias, info)``."""
     from genrecls.audio.pipeline import one_thread
-    from genrecls.models.selection import fit_candidate
+    from genrecls.models.selection import fit_linear, row_weights, standardisation
 
     with one_thread():
-        return fit_candidate(train, val, candidate, layers, cs, n_labels)
+        x = split.matrix(layers)
+        mean, std = standardisation(x)
+        w8 = row_weights(split.track, split.y, n_labels, track_weights=track_weights, class_weights=class_weights)
+        w, b, fit_info, _ = fit_linear((x - mean) / std, split.y, w8, c, n_labels)
+        return mean, std, w, b, fit_info
+
+
+def _cv_task(pool: HeadSplit, folds: np.ndarray, candidate: str, layers, cs, n_labels: int, track_weights: bool,
+             class_weights: bool, rows_per_track: int = 0) -> list[dict[str, Any]]:
+    """A Ray task: one candidate's strengths across every fold (:func:`~genrecls.models.selection.cross_validate_candidate`),
+    with one thread in every native pool: the task holds one CPU, and BLAS threads of two tasks on two cores would
+    fight (OpenBLAS spins: 10x the CPU time, measured on the real set)."""
+    from genrecls.audio.pipeline import one_thread
+    from genrecls.models.selection import cross_validate_candidate
+
+    with one_thread():
+        return cross_validate_candidate(pool, folds, candidate, layers, cs, n_labels, track_weights=track_weights,
+                                        class_weights=class_weights, fit_rows_per_track=rows_per_track)
 
 
 def _public(r: dict[str, Any]) -> dict[str, Any]:
     """A candidate's record without its arrays (run.json, history.json)."""
-    return {k: v for k, v in r.items() if k not in ("mean", "std", "weights", "bias")}
+    return {k: v for k, v in r.items() if k not in ("mean", "std", "weights", "bias", "oof")}
 
 
 def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, head, metrics: dict[str, Any],
             selection: dict[str, Any], refit: dict[str, Any], emb: dict[str, Any], splits: dict[str, HeadSplit],
-            timings: dict[str, float], scored: dict[str, tuple]) -> tuple[dict[str, Any], dict[str, Any]]:
+            timings: dict[str, float], scored: dict[str, tuple], folds: dict[str, int],
+            cv: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """RUN/model, model.keras, model.onnx, head.npz, run.json (with the answer rules), normalisation.json,
     history.json; the export check.  Adds the answer rules' figures to ``metrics``."""
     from dataclasses import replace
@@ -458,8 +558,9 @@ def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, he
         "best_epoch": None, "epochs_run": 0, "versions": versions, "model": model_summary(model),
         "splits": "splits.parquet", "config": "config.json", "max_batch": MAX_BATCH,
         "head": head_record, "selection": selection, "refit": refit, "embeddings": embeddings,
-        "classify": {"max_segments": metrics["classify_max_segments"], "chosen_on": "validation tracks",
-                     "val_track_accuracy_by_k": metrics["val_track_accuracy_by_k"]}})
+        "cross_validation": cv,
+        "classify": {"max_segments": metrics["classify_max_segments"], "chosen_on": "out-of-fold tracks",
+                     "oof_track_accuracy_by_k": metrics["oof_track_accuracy_by_k"]}})
     head = replace(head, info={**head.info, "model_id": info["model_id"], "labels_order": "output order"})
     save_head(head, run)
     run.write_json("normalisation.json", {"mean": head.mean.tolist(), "std": head.std.tolist(),
@@ -496,6 +597,7 @@ def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, he
     info["export_check"] = check_record
     from genrecls.models.answers import record_answers
 
-    metrics.update(record_answers(run, info, scored, cfg.classify))
+    metrics.update(record_answers(run, info, scored, cfg.classify, folds=folds))
+    cv["answers"] = (metrics.get("answers") or {}).get("oof")
     run.write_json("run.json", info)
     return info, {"export_check": check_record}

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from genrecls.audio.features import check_same_features
 from genrecls.core.config import Config, ConfigError, FeatureConfig
 from genrecls.storage.dataset import FEATURES_KEY, Dataset, DatasetError
-from genrecls.storage.split import SplitError, as_mapping, assign_splits, split_counts
+from genrecls.storage.split import SplitError, album_group, as_mapping, assign_splits, split_counts, split_notes
 
 __all__ = ["TrainingError", "REQUIRED_COLUMNS", "FOLDER_GROUP", "DatasetCheck", "check_dataset", "check_model_input",
            "TrainPlan", "WorkerPlan", "plan_training", "segment_weights", "learning_rate_at"]
@@ -107,7 +107,8 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
     rows = ds.rows()
     keep = pc.greater(rows.column("n_segments"), 0)
     rows = rows.filter(keep) if not pc.all(keep).as_py() else rows
-    cols = {c: rows.column(c).to_pylist() for c in ("track_id", "label", "n_segments", "path", "shard")}
+    cols = {c: rows.column(c).to_pylist() for c in ("track_id", "label", "n_segments", "path", "shard", "album",
+                                                    "album_artist")}
     tracks = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
     if not tracks:
         raise DatasetError(f"{ds.uri} is empty: its shards hold no segments")
@@ -122,6 +123,9 @@ def check_dataset(dataset: str | Dataset, cfg: Config | None = None) -> DatasetC
             groups.update(zip(batch.column("track_id").to_pylist(), batch.column(group).to_pylist()))
         for t in tracks:
             t["group"] = groups.get(t["track_id"])
+    elif cfg.train.group_by != "track":  # albums (or album artists) from the tags ingest recorded
+        for t in tracks:
+            t["group"] = album_group(t["path"], t["album"], t["album_artist"], cfg.train.group_by)
     labelled = [t for t in tracks if t["label"]]
     labels = sorted({t["label"] for t in labelled})
     if len(labels) < 2:
@@ -288,8 +292,10 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
     (too few tracks of a label, too few segments for the workers).
     """
     t = cfg.train
+    frozen = t.model == "musicnn" and not t.fine_tune  # cross-validated on train + validation: no val split needed
     table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
-                          group_column="group" if t.group_column else None, previous=splits)
+                          group_column="group" if any("group" in r for r in check.tracks) else None, previous=splits,
+                          small_labels="train" if frozen else "error")
     assignment = as_mapping(table)
     counts = split_counts(table)
     segs = _segments_per_split(check.tracks, assignment)
@@ -301,10 +307,10 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
     if missing_train:
         raise SplitError(f"label(s) {missing_train} have no track in the training split")
     for s in ("val", "test"):
-        if not counts[s]["total"]:
+        if not counts[s]["total"] and not frozen:
             raise SplitError(f"the {s} split is empty; add tracks or raise train.{s}_fraction")
     workers = t.workers
-    notes = []
+    notes = grouping_notes(check.tracks, table, t)
     n_train, n_val = segs["train"]["total"], segs["val"]["total"]
     per_worker = n_train // workers
     if per_worker < 1:
@@ -315,6 +321,8 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         batch = per_worker
     steps = per_worker // batch
     val_per_worker = n_val // workers
+    if val_per_worker < 1 and frozen:  # (no Ray Train workers: the val split only joins the cross-validation)
+        val_per_worker = 1
     if val_per_worker < 1:
         raise DatasetError(f"{n_val} validation segments cannot be split between {workers} workers; use fewer workers")
     val_batch = min(batch, val_per_worker)
@@ -333,13 +341,17 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
     cpw = _cpus_per_worker(t, workers, cluster_cpus)
     decoded = sum(segs[s]["total"] for s in ("train", "val")) * (check.features.n_mels * check.features.n_frames * 2 + 4)
     cache = t.cache == "on" or (t.cache == "auto" and object_store_bytes is not None and decoded <= object_store_bytes / 4)
-    train_input = "embedding" if t.model == "musicnn" and not t.fine_tune else "mel"
+    train_input = "embedding" if frozen else "mel"
     if train_input == "embedding":
         cache = True  # (not Ray Train's input: the head's rows are read once)
         notes = [n for n in notes if not n.startswith(("batch size lowered", f"{dropped} of"))]  # no batches, no epochs
-        notes.append("frozen musicnn backbone: the segments' embeddings come from the dataset's embedding store "
-                     "(those it lacks are computed, once); a linear head is chosen on the validation tracks and refit "
-                     "(genrecls.jobs.training.head)")
+        notes.append(f"frozen musicnn backbone: the segments' embeddings come from the dataset's embedding store "
+                     f"(those it lacks are computed, once); every choice (head, C, K, calibration, thresholds) is made "
+                     f"by {t.cv_folds}-fold cross-validation on the training + validation tracks, then the head is fit "
+                     "on all of them (genrecls.jobs.training.head)")
+    else:
+        notes.append("the validation split chooses the epoch, K, the calibration and the thresholds (a network trained "
+                     "from scratch is not cross-validated: one training per fold would cost k trainings)")
     plan = TrainPlan(
         dataset=check.dataset.uri, shard_paths=check.shard_paths, features=asdict(check.features), labels=labels,
         model=t.model, workers=workers, cpus_per_worker=cpw, threads=t.threads, use_gpu=t.gpu, epochs=t.epochs,
@@ -352,6 +364,33 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         track_rows=dict(zip([tr["track_id"] for tr in check.tracks],
                             zip([tr["shard"] for tr in check.tracks], [tr["label"] for tr in check.tracks]))))
     return plan, table
+
+
+def grouping_notes(tracks: list[dict[str, Any]], table, t) -> list[str]:
+    """What the split was made by (albums, a column, tracks) and which labels it could not keep grouped."""
+    notes = []
+    grouped = [r for r in tracks if r.get("group")]
+    info = split_notes(table)
+    if t.group_column:
+        notes.append(f"split by train.group_column={t.group_column!r}: {len(grouped)} of {len(tracks)} tracks in "
+                     f"{len({r['group'] for r in grouped})} groups, each on one side")
+    elif t.group_by == "track":
+        notes.append("split by track (train.group_by=track): tracks of one album may sit on both sides")
+    elif not grouped:
+        notes.append(f"split by track: no track carries an album{' artist' if t.group_by == 'album_artist' else ''} "
+                     "tag in the dataset (tags are read by ingest; a dataset ingested before they were recorded has "
+                     "none)")
+    else:
+        what = "album artist (else album)" if t.group_by == "album_artist" else "album"
+        notes.append(f"split by {what} (train.group_by={t.group_by}): {len(grouped)} of {len(tracks)} tracks in "
+                     f"{len({r['group'] for r in grouped})} groups, each on one side; tracks without tags by track")
+    if info.get("labels_split_by_track"):
+        notes.append(f"label(s) {info['labels_split_by_track']} split by track: too few groups (or one too large) "
+                     "to fill test and validation with whole groups")
+    if info.get("labels_without_test_tracks"):
+        notes.append(f"label(s) {info['labels_without_test_tracks']} have fewer than 3 tracks: all of them train "
+                     "(scored out-of-fold only), none is a test track")
+    return notes
 
 
 def segment_weights(tracks: list[dict[str, Any]], assignment: dict[str, str], by_label: bool) -> dict[str, float]:

@@ -52,7 +52,8 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
     if h and h[-1].get("onednn") == "0":
         lines.append("- note: the workers ran TensorFlow with oneDNN disabled (TF_ENABLE_ONEDNN_OPTS=0 in their "
                      "environment): convolutions run 2-3x slower on x86 CPUs than with it enabled")
-    lines += ["", "## Split (by track, stratified by label)", ""]
+    lines += ["", ("## Split (stratified by label; the validation split chooses the epoch, K, the calibration and the "
+                   "thresholds: a network trained from scratch is not cross-validated)"), ""]
     rows = []
     for label in plan.labels + ["total"]:
         rows.append((label, *[plan.tracks_per_split[s].get(label, 0) for s in ("train", "val", "test")],
@@ -71,11 +72,12 @@ def format_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: d
 
 
 def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, info: dict[str, Any]) -> str:
-    """The report of a frozen-backbone musicnn run: the head's selection on validation tracks, the refit, metrics."""
+    """The report of a frozen-backbone musicnn run: the cross-validated choices, the final fit, metrics."""
     from genrecls.core.progress import format_duration, format_table
     from genrecls.models.evaluation import format_metrics
 
     m, sel, refit, emb = summary["metrics"], summary["selection"], summary["refit"], summary["embeddings"]
+    cv = summary["cross_validation"]
     chosen = sel["chosen"]
     f = FeatureConfig(**plan.features)
     lines = [f"# Training run {summary['model_id']}", ""]
@@ -89,24 +91,35 @@ def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, in
     lines.append(f"- embeddings: {emb['tracks']} tracks, {emb['stored_tracks']} read from the dataset's embedding store, "
                  f"{emb['computed_tracks']} computed in this run (not stored){'; computed by ' + ', '.join(dict.fromkeys(engines)) if engines else ''}"
                  + (f"; the store was not used: {emb['store_refused']}" if emb.get("store_refused") else ""))
-    lines.append(f"- selection: {len(sel['candidates'])} fits ({len(cfg.train.head_candidates)} embeddings x "
-                 f"{len(cfg.train.head_c)} strengths) on the training tracks, scored on {sel['val_tracks']} validation "
-                 f"tracks; rule: {sel['rule']}; {sel['fit']}")
+    acc = cv["track_accuracy"]
+    spread = (f" (folds {acc['min']:.3f}-{acc['max']:.3f}, sd {acc['sd']:.3f})" if acc.get("min") is not None else "")
+    lines.append(f"- cross-validation: every choice (the embedding and C, classify's K, the calibration, the "
+                 f"'uncertain' and per-genre thresholds) is made on the out-of-fold scores of the {cv['tracks']} training "
+                 f"and validation tracks, {cv['folds']} folds ({cv['tracks_per_fold']} tracks held out; "
+                 f"train.cv_folds={cv['requested_folds']}), each scored by the head fit on the other folds; the test "
+                 f"tracks never reach any choice. Out-of-fold track accuracy of the chosen head {acc['oof']:.3f}{spread}")
+    folded = (f"by {cv['group']}: {cv['grouped_tracks']} tracks in {cv['groups']} groups, each group in one fold"
+              if cv["groups"] else f"by track (no album tags; train.group_by={cfg.train.group_by})")
+    lines.append(f"- folds and split {folded}" + (f"; folded by track: {cv['labels_folded_by_track']}"
+                                                   if cv["labels_folded_by_track"] else "")
+                 + (f"; never held out (one track, no out-of-fold score): {cv['never_held_out']}"
+                    if cv["never_held_out"] else ""))
+    lines.append(f"- selection: {len(sel['candidates'])} candidates ({len(cfg.train.head_candidates)} embeddings x "
+                 f"{len(cfg.train.head_c)} strengths), each fit {cv['folds']} times; rule: {sel['rule']}; {sel['fit']}")
     if refit["done"]:
-        lines.append(f"- refit: the chosen head fit again on the training and validation tracks ({refit['tracks']} tracks, "
-                     f"{refit['segments']} segments); the test tracks were never seen. Test track accuracy "
-                     f"{refit['test_track_accuracy_before']:.3f} before the refit, {refit['test_track_accuracy_after']:.3f} "
-                     f"after (gain of the refit alone {refit['gain']:+.3f})")
+        lines.append(f"- final head: fit once on the training and validation tracks ({refit['tracks']} tracks, "
+                     f"{refit['segments']} segments); the test tracks were never seen"
+                     + (f". Test track accuracy {refit['test_track_accuracy_after']:.3f} ({refit['test_track_accuracy_before']:.3f} "
+                        f"with the head fit on the training split alone: gain of the refit alone {refit['gain']:+.3f})"
+                        if "gain" in refit else ""))
     else:
-        lines.append("- refit: off (train.refit=false): the head is the one fit on the training tracks")
-    lines.append(f"- classify's K: {m['classify_max_segments']} segments per track (0 = all), and the answer rules "
-                 "(calibration, 'uncertain', thresholds), chosen on the validation tracks' scores of the head fit on the "
-                 "training tracks")
-    lines.append("- validation figures below are those of the head fit on the training tracks alone (the selection); "
-                 "test figures are the final head's")
+        lines.append("- final head: fit on the training split alone (train.refit=false)")
+    lines.append(f"- classify's K: {m['classify_max_segments']} segments per track (0 = all), chosen on the out-of-fold "
+                 "scores")
     t = summary["timings"]
     lines.append(f"- time: {format_duration(summary['wall_seconds'])} in all: embeddings {t.get('embeddings', 0):.1f} s, "
-                 f"selection {t.get('selection', 0):.1f} s, refit {t.get('refit', 0):.1f} s, export {t.get('export', 0):.1f} s")
+                 f"cross-validation {t.get('selection', 0):.1f} s, final fit {t.get('refit', 0):.1f} s, export "
+                 f"{t.get('export', 0):.1f} s")
     chk = summary.get("export_check") or {}
     if chk.get("segments"):
         lines.append(f"- export check: {chk['segments']} stored segments through RUN/model vs the head on their stored "
@@ -114,20 +127,25 @@ def format_head_report(summary: dict[str, Any], plan: TrainPlan, cfg: Config, in
                      f"{chk['top_label_equal']}")
     for note in plan.notes:
         lines.append(f"- note: {note}")
-    lines += ["", "## Split (by track, stratified by label)", ""]
+    lines += ["", "## Split (the test tracks are the holdout; train and validation tracks are cross-validated together)",
+              ""]
     rows = []
     for label in plan.labels + ["total"]:
         rows.append((label, *[plan.tracks_per_split[s].get(label, 0) for s in ("train", "val", "test")],
                      *[plan.segments_per_split[s].get(label, 0) for s in ("train", "val", "test")]))
     lines += ["```", format_table(rows, ("label", "train tracks", "val tracks", "test tracks", "train segs", "val segs", "test segs")), "```"]
-    lines += ["", "## Head selection (validation tracks)", "", "```", format_table(
-        [(r["candidate"], r["dims"], f"{r['c']:g}", f"{r['val_track_accuracy']:.3f}", f"{r['val_segment_accuracy']:.3f}",
-          f"{r['val_loss']:.4f}", r["iterations"], f"{r['fit_seconds']:.1f}",
+    lines += ["", f"## Head selection ({cv['folds']}-fold cross-validation, out-of-fold tracks)", "", "```", format_table(
+        [(r["candidate"], r["dims"], f"{r['c']:g}", f"{r['oof_track_accuracy']:.3f}",
+          f"{min(r['fold_track_accuracy']):.3f}-{max(r['fold_track_accuracy']):.3f}" if r["fold_track_accuracy"] else "-",
+          f"{r['oof_track_nll']:.4f}", r["iterations"], f"{r['fit_seconds']:.1f}",
           "chosen" if (r["candidate"], r["c"]) == (chosen["candidate"], chosen["c"]) else "")
          for r in sel["candidates"]],
-        ("embedding", "dims", "C", "val track acc", "val seg acc", "val loss", "iterations", "seconds", "")), "```", ""]
+        ("embedding", "dims", "C", "oof track acc", "across folds", "oof track NLL", "iterations", "seconds", "")),
+        "```", ""]
     lines += ["## Metrics", "", "```", format_metrics(m), "```", ""]
-    lines += ["![head selection](curves.png)", "", "![confusion matrix (test tracks)](confusion_matrix.png)", ""]
+    lines += ["![head selection](curves.png)", ""]
+    if m.get("test_confusion"):
+        lines += ["![confusion matrix (test tracks)](confusion_matrix.png)", ""]
     if (m.get("answers") or {}).get("test", {}).get("reliability_after") is not None:
         lines += ["![reliability diagram (test tracks, before and after calibration)](reliability.png)", ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
