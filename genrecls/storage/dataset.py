@@ -27,7 +27,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -700,7 +700,8 @@ def legacy_rows(loc: Location) -> pa.Table:
         if raw is None:
             raise DatasetError(f"shard {name} has no track list in its footer (not written by genrecls?)")
         for t in json.loads(raw):
-            latest[t["track_id"]] = TrackEntry(shard=name, **{k: t[k] for k in _FOOTER_FIELDS})
+            latest[t["track_id"]] = TrackEntry(shard=name, **{k: t[k] for k in _FOOTER_FIELDS},
+                                               **{k: t[k] for k in _OPTIONAL_FIELDS if k in t})
     for tid, (size, mtime, fp) in _read_touched(loc).items():
         e = latest.get(tid)
         if e is not None and e.fingerprint == fp:
@@ -723,3 +724,5 @@ def legacy_rows(loc: Location) -> pa.Table:
 
 #: what a shard footer lists of each track (TrackEntry but its shard)
 _FOOTER_FIELDS = ("track_id", "path", "label", "fingerprint", "size", "mtime_ns", "n_segments", "duration_seconds")
+#: the footer's fields that shards written before them lack (TrackEntry's defaults then)
+_OPTIONAL_FIELDS = tuple(f.name for f in fields(TrackEntry) if f.name not in _FOOTER_FIELDS and f.name != "shard")
