@@ -66,6 +66,21 @@ def answer_overrides(a: argparse.Namespace) -> list[str]:
     return [f"classify.labels={json.dumps(value)}"]
 
 
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels-from", choices=["folders", "tags"], help="where a track's label comes from "
+                   "(ingest.labels_from): its top folder (default) or the genre a person wrote in its tags; a track "
+                   "with none is stored unlabelled")
+    p.add_argument("--labels", metavar="FILE", help="with --labels-from tags: the vocabulary (TOML: genres, aliases, "
+                   "drop, unlisted) mapping tag texts to labels (ingest.labels)")
+
+
+def label_overrides(a: argparse.Namespace) -> list[str]:
+    out = [f"ingest.labels_from={a.labels_from}"] if a.labels_from else []
+    if a.labels:
+        out.append(f"ingest.labels={json.dumps(a.labels if '://' in a.labels else os.path.abspath(a.labels))}")
+    return out
+
+
 def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
     from genrecls.core.config import load_config
 
@@ -100,8 +115,10 @@ def _sample_data():
 @command("ingest", "decode, segment and featurise a library into Parquet shards (Ray tasks)")
 def _ingest():
     def add(p):
-        p.add_argument("source", help="library folder laid out as SOURCE/<label>/**/<file>, or a CSV/Parquet manifest (path[,label])")
+        p.add_argument("source", help="library folder laid out as SOURCE/<label>/**/<file> (or any tree, with "
+                       "--labels-from tags), or a CSV/Parquet manifest (path[,label])")
         p.add_argument("--out", required=True, help="dataset folder or URI (s3://, gs://)")
+        add_label_args(p)
         p.add_argument("--root", help="root for relative paths in a manifest (default: the manifest's folder)")
         p.add_argument("--strict", action="store_true", help="exit 1 if any file failed")
         p.add_argument("--retry-failed", action="store_true", help="retry files whose failure is recorded even if unchanged")
@@ -112,7 +129,7 @@ def _ingest():
     def run(a):
         from genrecls.jobs.ingest import format_summary, ingest
 
-        extra = []
+        extra = label_overrides(a)
         if a.strict:
             extra.append("ingest.strict=true")
         if a.retry_failed:
@@ -317,6 +334,8 @@ def _retrain():
         p.add_argument("--force", action="store_true", help="train a challenger even if the dataset is unchanged")
         p.add_argument("--min-improvement", type=float, help="challenger must beat the champion by this much (retrain.min_improvement)")
         p.add_argument("--epochs", type=int, help="train.epochs")
+        p.add_argument("--labels-from", choices=["folders", "tags"], help="where labels come from (ingest.labels_from): "
+                       "folder names, or the genres a person wrote in the files' tags (mapped through --labels)")
         add_answer_args(p)
         add_config_args(p)
         add_ray_args(p)
@@ -325,6 +344,10 @@ def _retrain():
         from genrecls.jobs.retrain import PROMOTED, retrain
 
         extra = answer_overrides(a)
+        if a.labels_from:
+            extra.append(f"ingest.labels_from={a.labels_from}")
+            if a.labels_from == "tags" and a.labels and a.labels.lower() != "none":  # one file: tags -> labels, answers
+                extra.append(f"ingest.labels={json.dumps(os.path.abspath(a.labels))}")
         if a.min_improvement is not None:
             extra.append(f"retrain.min_improvement={a.min_improvement}")
         if a.epochs is not None:

@@ -35,7 +35,8 @@ from typing import Any, Iterable, NamedTuple
 
 __all__ = ["PROVENANCE", "FORMATS", "TagError", "open_tags", "genre_key", "provenance_key", "read_fields",
            "current_genres", "read_provenance", "field", "touched", "new_fields", "write_fields", "id3_version", "foreign_genre",
-           "ffmpeg_genre", "album_tags", "TrackTags", "read_track_tags", "person_genres"]
+           "ffmpeg_genre", "album_tags", "TrackTags", "read_track_tags", "person_genres",
+           "TAG_SEPARATOR"]
 
 #: the name of the provenance field (a TXXX description, a Vorbis comment, an ASF attribute)
 PROVENANCE = "GENRECLS_GENRE"
@@ -329,6 +330,10 @@ def album_tags(path: str) -> tuple[str | None, str | None]:
         return out[0], out[1]
     except Exception:  # a tag read never fails a track: it is grouped by its folder instead
         return None, None
+
+
+#: joins the values of a multi-valued genre tag where one text holds them (the dataset's and predictions' ``genre_tag``)
+TAG_SEPARATOR = "; "
 
 
 class TrackTags(NamedTuple):

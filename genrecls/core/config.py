@@ -303,6 +303,13 @@ class IngestConfig:
     #: frozen-backbone head runs no backbone pass; "off" never computes them.  The runtime and precision
     #: are [inference]'s
     embeddings: Literal["auto", "off"] = "auto"
+    #: where a track's label comes from: "folders" (SOURCE/<label>/**, or a manifest's label column) or "tags" (the
+    #: genre a person wrote in the file's tags, through the vocabulary ingest.labels; genres genrecls wrote are not a
+    #: person's); a track with none is ingested all the same, unlabelled (stored, never trained on)
+    labels_from: Literal["folders", "tags"] = "folders"
+    #: with labels_from = "tags": the vocabulary file (TOML: genres, aliases, drop, unlisted) that maps tag texts to
+    #: labels; null: every tag text is a label, spellings that normalise alike merged (the summary lists them)
+    labels: str | None = None
 
     def validate(self) -> "IngestConfig":
         _check(self.tracks_per_task >= 1, "ingest.tracks_per_task", "must be >= 1")
@@ -310,6 +317,9 @@ class IngestConfig:
         _check(self.in_process_mb >= 0, "ingest.in_process_mb", "must be >= 0 (0 = always use Ray)")
         _check(self.max_task_retries >= 0, "ingest.max_task_retries", "must be >= 0")
         _check(self.embeddings in ("auto", "off"), "ingest.embeddings", "must be 'auto' or 'off'")
+        _check(self.labels_from in ("folders", "tags"), "ingest.labels_from", "must be 'folders' or 'tags'")
+        _check(self.labels is None or bool(str(self.labels).strip()), "ingest.labels",
+               "must name a vocabulary file or be null")
         return self
 
 
@@ -370,6 +380,10 @@ class TrainConfig:
     #: frozen musicnn backbone: cross-validation folds of the training + validation tracks on which every choice is
     #: made (head, C, K, calibration, thresholds); fewer when even the largest label has fewer tracks (albums)
     cv_folds: int = 5
+    #: a label with fewer labelled tracks than this is left out of training (named, with its count, in the plan and
+    #: the report), or, with too_few = "refuse", the run stops before anything starts, naming it
+    min_tracks_per_label: int = 1
+    too_few: Literal["leave_out", "refuse"] = "leave_out"
     #: frozen musicnn backbone: the cross-validation's cheap first round fits each track on at most this many evenly
     #: spaced segments (its weight kept), and only the cv_finalists best (embedding, C) pairs are cross-validated again on
     #: every segment; 0: every pair on every segment (about 4x the time)
@@ -403,6 +417,8 @@ class TrainConfig:
         _check(self.group_by in ("album", "album_artist", "track"), "train.group_by",
                "must be 'album', 'album_artist' or 'track'")
         _check(2 <= self.cv_folds <= 20, "train.cv_folds", "must be in [2, 20]")
+        _check(self.min_tracks_per_label >= 1, "train.min_tracks_per_label", "must be >= 1")
+        _check(self.too_few in ("leave_out", "refuse"), "train.too_few", "must be 'leave_out' or 'refuse'")
         _check(self.cv_screen_segments >= 0, "train.cv_screen_segments", "must be >= 0 (0 = no first round)")
         _check(self.cv_finalists >= 1, "train.cv_finalists", "must be >= 1")
         return self

@@ -442,6 +442,7 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     summary["failures_by_kind"] = dict(kinds)
     summary["rows_superseded"] = store.reconcile(model_id, tracks, drop_missing=prune)
     summary.update(_answer_pass(store, rules, labels, model_id, ccfg.group_by, track_embedding_info(info)))
+    summary["review"] = _review(store, run_loc, info, rules, labels)
     final = store.compact_records(set(tracks.column("path").to_pylist()) | {p.rel_path for p in found.problems})
     summary["tracks_total"] = final.num_rows
     summary["failures_total"] = store.records.failures().num_rows
@@ -452,6 +453,68 @@ def _classify_locked(found: Discovery, run_loc: Location, info: dict[str, Any], 
     if csv:
         store.write_csv()
         summary["csv"] = store.csv_uri()
+
+
+# -- review: the genres people wrote that the model contradicts --------------------------
+#: the review list beside the predictions
+REVIEW_CSV = "review.csv"
+
+
+def _review(store: PredictionStore, run_loc: Location, info: dict[str, Any], rules: AnswerRules,
+            labels: list[str]) -> dict[str, Any]:
+    """``PREDICTIONS/review.csv``: every track whose genre tag (a person's) the model contradicts with confidence
+    (:class:`~genrecls.models.answers.ReviewRule`), most confident first; nothing is changed in those files."""
+    import pyarrow.csv as pacsv
+
+    from genrecls.audio.tags import TAG_SEPARATOR
+    from genrecls.models.answers import LABELS_FILE, labels_from_tags, review_rule
+    from genrecls.models.vocabulary import load_tag_vocabulary, normalise_name
+
+    rule = review_rule(run_loc, info, rules)
+    probs_cols = [f"prob_{g}" for g in labels]
+    index = store.index(columns=["path", "genre_tag", "album", "album_artist", *probs_cols])
+    genres = list(rules.genres)
+    by_name = {normalise_name(g): g for g in genres}
+    tags = None
+    if labels_from_tags(info) and run_loc.exists(LABELS_FILE):  # the tag spellings of the run's own vocabulary
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(run_loc.read_text(LABELS_FILE))
+        try:
+            tags = load_tag_vocabulary(f.name)
+        finally:
+            os.unlink(f.name)
+
+    def genre_of(text: str) -> str | None:
+        label = tags.label_of(text)[0] if tags is not None else text
+        return by_name.get(normalise_name(label)) if label else None
+
+    rows = []
+    tagged = index.filter(pc.is_valid(index["genre_tag"])) if index.num_rows else index
+    if tagged.num_rows:
+        probs = np.column_stack([np.asarray(pc.fill_null(tagged[c], 0.0).to_numpy(zero_copy_only=False), np.float64)
+                                 for c in probs_cols])
+        q = rules.genre_probabilities(probs)
+        for i, r in enumerate(tagged.select(["path", "genre_tag", "album", "album_artist"]).to_pylist()):
+            values = [v for v in (r["genre_tag"] or "").split(TAG_SEPARATOR) if v.strip()]
+            mapped = next(((v, g) for v in values for g in [genre_of(v)] if g is not None), None)
+            if mapped is None or not np.isfinite(q[i]).all():
+                continue
+            top = genres[int(np.argmax(q[i]))]
+            p_tag, conf = float(q[i, genres.index(mapped[1])]), float(q[i].max())
+            if rule.flags(p_tag, top, mapped[1], conf):
+                rows.append({"path": r["path"], "tagged": mapped[0], "tagged_genre": mapped[1],
+                             "tagged_probability": round(p_tag, 4), "predicted_genre": top, "confidence": round(conf, 4),
+                             "album": r["album"], "album_artist": r["album_artist"]})
+    rows.sort(key=lambda r: (-r["confidence"], r["path"]))
+    schema = pa.schema([("path", pa.string()), ("tagged", pa.string()), ("tagged_genre", pa.string()),
+                        ("tagged_probability", pa.float64()), ("predicted_genre", pa.string()),
+                        ("confidence", pa.float64()), ("album", pa.string()), ("album_artist", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    store.loc.write_atomic(REVIEW_CSV, lambda out: pacsv.write_csv(table, out))
+    return {"rows": len(rows), "tagged_tracks": tagged.num_rows, "file": store.loc.child(REVIEW_CSV).uri,
+            "low": rule.low, "high": rule.high, "rule": rule.how, "first": rows[:5]}
 
 
 # -- small runs ---------------------------------------------------------------------------
@@ -533,15 +596,16 @@ def plan_from_store(todo: pa.Table, library_root: str, dataset_uri: str, run_loc
     valid = store.valid_for({e.track_id: (e.fingerprint, e.n_segments) for e in ok.values()})
     n = todo.num_rows
     cols = {"stored_part": [None] * n, "fingerprint": [None] * n, "stored_segments": [None] * n,
-            "stored_duration": [None] * n, "album": [None] * n, "album_artist": [None] * n}
+            "stored_duration": [None] * n, "album": [None] * n, "album_artist": [None] * n, "genre_tag": [None] * n,
+            "tags_known": [None] * n}
     for i, e in ok.items():
         hit = valid.get(e.track_id)
         if hit is None:
             reasons["no stored embeddings"] += 1
             continue
         for k, v in (("stored_part", hit.part), ("fingerprint", e.fingerprint), ("stored_segments", e.n_segments),
-                     ("stored_duration", e.duration_seconds), ("album", getattr(e, "album", None)),
-                     ("album_artist", getattr(e, "album_artist", None))):
+                     ("stored_duration", e.duration_seconds), ("album", e.album), ("album_artist", e.album_artist),
+                     ("genre_tag", e.genre_tag or None), ("tags_known", e.genre_tag is not None)):
             cols[k][i] = v
     for k, v in cols.items():
         todo = todo.set_column(todo.schema.get_field_index(k), k, pa.array(v, todo.schema.field(k).type))
@@ -609,6 +673,16 @@ def format_summary(summary: dict[str, Any]) -> str:
                      + (f"; genres in the words of {a['vocabulary']}" if a.get("vocabulary") else ""))
     if s.get("group_by", "none") != "none":
         lines.append(f"album_genre: one answer for each of {s.get('albums', 0)} {'albums' if s['group_by'] == 'album' else 'folders'}")
+    rv = s.get("review") or {}
+    if rv.get("rows"):
+        lines.append(f"\nreview: the model contradicts the genre a person wrote in {rv['rows']} of {rv['tagged_tracks']} "
+                     f"tagged track(s) (its probability under {rv['low']:.3f}, another genre answered at "
+                     f"{rv['high']:.3f} or more; nothing was changed): {rv['file']}, most confident first")
+        for r in rv["first"]:
+            lines.append(f"  {r['path']}: tagged {r['tagged']!r} ({r['tagged_probability']:.2f}), the model hears "
+                         f"{r['predicted_genre']} ({r['confidence']:.2f})")
+    elif rv.get("tagged_tracks"):
+        lines.append(f"review: no tag of the {rv['tagged_tracks']} tagged track(s) is contradicted ({rv['file']} is empty)")
     if s["failures_total"]:
         lines.append(f"\n{s['failures_total']} file(s) could not be classified (table in {s['predictions']}/failures/)"
                      + (": " + ", ".join(f"{k} {v}" for k, v in sorted(s["failures_by_kind"].items())) if s["failures_by_kind"] else ""))

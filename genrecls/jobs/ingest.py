@@ -43,7 +43,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -132,6 +132,11 @@ class TrackTask:
     size: int
     mtime_ns: int
     known_fingerprint: str | None = None
+    #: the stored track's audio fingerprint: a file whose bytes changed but whose audio packets did not (a person or
+    #: genrecls edited its tags) is not decoded again, only its stat and tags are recorded
+    known_audio_fingerprint: str | None = None
+    #: the stored track's tags were never read (ingested before they were): an unchanged file's tags are read
+    tags_missing: bool = False
 
     @property
     def track_id(self) -> str:
@@ -158,13 +163,14 @@ def process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, 
 
 def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str, shard_name: str,
                    decode: DecodeConfig | None, embed: EmbedSpec | None = None, backbone=None) -> dict[str, Any]:
-    from genrecls.audio.tags import album_tags
+    from genrecls.audio.decode import audio_fingerprint
+    from genrecls.audio.tags import read_track_tags
     from genrecls.models.transfer import embed_segments
 
     loc = Location.parse(dataset_uri)
     writer = ShardWriter(loc, shard_name, cfg)
     embedder = EmbeddingWriter(loc, shard_name, _embed_schema(cfg, embed, backbone)) if backbone is not None else None
-    failures, warnings, unchanged = [], [], []
+    failures, warnings, unchanged, retagged = [], [], [], []
     audio_seconds = embed_seconds = 0.0
     embed_bytes = 0
     try:
@@ -175,6 +181,14 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
                     fingerprint = fingerprint_file(t.path)
                     if t.known_fingerprint is not None and fingerprint == t.known_fingerprint:
                         unchanged.append((t.track_id, t.size, t.mtime_ns, fingerprint))
+                        if t.tags_missing:
+                            retagged.append({"track_id": t.track_id, "size": t.size, "mtime_ns": t.mtime_ns,
+                                             **_tag_fields(read_track_tags(t.path))})
+                        continue
+                    if t.known_audio_fingerprint is not None and audio_fingerprint(t.path) == t.known_audio_fingerprint:
+                        # the same audio, other tags: its rows and embeddings stay, its stat and tags are new
+                        retagged.append({"track_id": t.track_id, "size": t.size, "mtime_ns": t.mtime_ns,
+                                         **_tag_fields(read_track_tags(t.path))})
                         continue
                     stream = FeatureStream(t.path, cfg, decode)
                     for mels, starts in stream:
@@ -188,10 +202,10 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
                     t_embed = time.perf_counter()
                     layers = embed_segments(backbone, buf.chunks(256), cfg.mel_shape)
                     embed_seconds += time.perf_counter() - t_embed
-                album, album_artist = album_tags(t.path)  # a header read; never fails the file
                 writer.add_track(track_id=t.track_id, path=t.rel_path, label=t.label, fingerprint=fingerprint,
                                  size=t.size, mtime_ns=t.mtime_ns, duration=stream.duration, mels=buf,
-                                 album=album, album_artist=album_artist)
+                                 audio_fingerprint=stream.audio_fingerprint,
+                                 **_tag_fields(read_track_tags(t.path)))  # a header read; never fails the file
                 if embedder is not None:
                     embedder.add_track(t.track_id, fingerprint, layers)
                 warned = warning_row(t.rel_path, t.label, stream.warnings, t.size, t.mtime_ns)
@@ -217,6 +231,7 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
         node = ray.get_runtime_context().get_node_id()
     return {"shard": shard_name if writer.n_tracks else None, "tracks": writer.n_tracks, "segments": writer.segments,
             "audio_seconds": audio_seconds, "failures": failures, "warnings": warnings, "unchanged": unchanged,
+            "retagged": retagged,
             "shard_bytes": shard_bytes, "node": node, "pid": os.getpid(),
             "embedded_tracks": embedder.n_tracks if embedder is not None else 0,
             "embedded_segments": embedder.segments if embedder is not None else 0,
@@ -224,6 +239,14 @@ def _process_batch(tasks: list[TrackTask], cfg: FeatureConfig, dataset_uri: str,
             "engine": backbone.describe() if backbone is not None else None,
             # what the driver commits to the index once the shard (and its part) are whole
             "entries": writer.entries, "embedded": [e["track_id"] for e in embedder.entries] if embedder else []}
+
+
+def _tag_fields(tags) -> dict[str, Any]:
+    """A file's :class:`~genrecls.audio.tags.TrackTags` as index fields: album, album artist and the genres a person
+    wrote, joined (``""``: none)."""
+    from genrecls.audio.tags import TAG_SEPARATOR
+
+    return {"album": tags.album, "album_artist": tags.album_artist, "genre_tag": TAG_SEPARATOR.join(tags.genres)}
 
 
 def embed_stored(dataset_uri: str, shard: str, tracks: list[tuple[str, str]], part_name: str, cfg: FeatureConfig,
@@ -277,6 +300,8 @@ class IngestSummary:
     processed: int = 0
     added: int = 0
     unchanged_content: int = 0
+    #: changed files whose audio is the one stored (their tags were edited): not decoded, stat and tags recorded
+    retagged: int = 0
     failed: int = 0
     #: tracks kept although something is off (truncated, corrupt frames, an estimated length)
     warned: int = 0
@@ -303,8 +328,15 @@ class IngestSummary:
     embedding_bytes: int = 0
     #: what computed them (genrecls.models.engine.BackboneEngine.describe, of the first task)
     engine: dict[str, Any] | None = None
-    #: tracks given another label in the index (same file, another label in a manifest)
+    #: tracks given another label in the index (same file, another label in a manifest or in its tags)
     relabelled: int = 0
+    #: where labels came from ("folders" or "tags"), the dataset's labelled tracks and genres, and why the others
+    #: are unlabelled (reason -> tracks); with tags and no vocabulary entry, the spellings merged into each label
+    labels_from: str = "folders"
+    labelled: int = 0
+    genres: int = 0
+    unlabelled: dict[str, int] = field(default_factory=dict)
+    merged_spellings: dict[str, list[str]] = field(default_factory=dict)
     #: the index's version this run left (genrecls.storage.index), and its commits
     index_version: int | None = None
     commits: int = 0
@@ -313,9 +345,13 @@ class IngestSummary:
         return asdict(self)
 
 
-def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[TrackTask], int, int, dict[str, Any]]:
+def _plan(found: Discovery, ds: Dataset, retry_failed: bool, by_tags: bool = False
+          ) -> tuple[list[TrackTask], int, int, dict[str, Any]]:
     """What to do: the tracks to process, how many are unchanged, how many are known failures, and the
-    tracks whose label alone changed (a manifest's; committed as a relabel, nothing re-read)."""
+    tracks whose label alone changed (a manifest's; committed as a relabel, nothing re-read).
+
+    ``by_tags``: labels come from the files' tags (:func:`_relabel_from_tags`, after the run), not from
+    discovery: a known track's label is then no reason to re-read it."""
     index = ds.tracks()
     touched = ds.touched()
     known_failures = {} if retry_failed else {
@@ -324,22 +360,23 @@ def _plan(found: Discovery, ds: Dataset, retry_failed: bool) -> tuple[list[Track
     relabel: dict[str, Any] = {}
     for t in found.tracks:
         e = index.get(t.track_id)
-        if e is not None and e.path == t.rel_path and (
+        if e is not None and e.path == t.rel_path and not (by_tags and e.genre_tag is None) and (
                 (e.size, e.mtime_ns) == (t.size, t.mtime_ns) or touched.get(t.track_id) == (t.size, t.mtime_ns, e.fingerprint)):
             unchanged += 1
-            if e.label != t.label:
+            if e.label != t.label and not by_tags:
                 relabel[t.track_id] = t.label
             continue
         if e is None and known_failures.get(t.rel_path) == (t.size, t.mtime_ns):
             known_failed += 1
             continue
-        known = e.fingerprint if e is not None and e.label == t.label else None
-        todo.append(TrackTask(t.path, t.rel_path, t.label, t.size, t.mtime_ns, known))
+        same = e is not None and e.path == t.rel_path and (by_tags or e.label == t.label)
+        todo.append(TrackTask(t.path, t.rel_path, t.label, t.size, t.mtime_ns, e.fingerprint if same else None,
+                              e.audio_fingerprint if same else None, tags_missing=same and e.genre_tag is None))
     return todo, unchanged, known_failed, relabel
 
 
 def _write_manifest(ds: Dataset, cfg: Config, source: str, root: str, versions: dict[str, str],
-                    engine: dict[str, Any] | None = None) -> None:
+                    engine: dict[str, Any] | None = None, summary: IngestSummary | None = None) -> None:
     tracks = ds.tracks()
     per_label: dict[str, dict[str, float]] = defaultdict(lambda: {"tracks": 0, "segments": 0, "audio_seconds": 0.0})
     for e in tracks.values():
@@ -370,9 +407,22 @@ def _write_manifest(ds: Dataset, cfg: Config, source: str, root: str, versions: 
         },
         "versions": versions,
         "embeddings": _store_record(ds, previous.get("embeddings"), engine),
+        # where the labels come from; with tags, the vocabulary and why the other tracks are unlabelled
+        "labels_from": _labels_record(cfg, summary, previous.get("labels_from")),
         "index": {"format": "delta", "folder": "index", "version": ds.version},
     }
     ds.location.write_json("manifest.json", manifest)
+
+
+def _labels_record(cfg: Config, summary: IngestSummary | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"source": cfg.ingest.labels_from}
+    if cfg.ingest.labels_from == "tags":
+        path = cfg.ingest.labels
+        record["vocabulary"] = os.path.abspath(path) if path and "://" not in path else path
+    if summary is None:
+        return {**(previous or {}), **record}
+    return {**record, "labelled": summary.labelled, "genres": summary.genres, "unlabelled": summary.unlabelled,
+            "merged_spellings": summary.merged_spellings}
 
 
 def _store_record(ds: Dataset, previous: dict[str, Any] | None, engine: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -404,7 +454,11 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
     """
     cfg = (cfg or Config()).validate()
     t0 = time.monotonic()
+    vocab = _tag_vocabulary(cfg)  # a wrong vocabulary file stops here, before anything starts
     found = discover(source, root)
+    if cfg.ingest.labels_from == "tags":  # the files' tags label them, not their folders
+        found.tracks = [replace(t, label=None) for t in found.tracks]
+        found.problems = [replace(p, label=None) for p in found.problems]
     loc = Location.parse(out)
     ds = Dataset(loc)
     summary = IngestSummary(dataset=loc.uri, discovered=len(found.tracks), ignored_files=found.ignored)
@@ -413,7 +467,7 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
         with folder_lock(loc, "genrecls ingest"):
             pause_point("ingest-locked")
             _ingest_locked(found, source, ds, cfg, summary, versions, address=address, workers=workers,
-                           prune=prune, progress=progress, verbose=verbose)
+                           prune=prune, progress=progress, verbose=verbose, vocab=vocab)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the dataset was left consistent (see _ingest_locked)
         stop = as_interrupted(exc)
         try:
@@ -432,7 +486,7 @@ def ingest(source: str, out: str, cfg: Config | None = None, *, address: str | N
 
 
 def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summary: IngestSummary,
-                   versions: dict[str, str], *, address, workers, prune, progress, verbose) -> None:
+                   versions: dict[str, str], *, address, workers, prune, progress, verbose, vocab=None) -> None:
     loc = ds.location
     source_abs = os.path.abspath(source) if "://" not in source else source
     check_features_match(ds, cfg.features)
@@ -446,7 +500,9 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         if not ds.exists():
             _write_manifest(ds, cfg, source_abs, found.root, versions)
         loc.write_text("config.json", cfg.to_json() + "\n")
-        todo, summary.skipped_unchanged, summary.skipped_known_failures, relabel = _plan(found, ds, cfg.ingest.retry_failed)
+        by_tags = cfg.ingest.labels_from == "tags"
+        todo, summary.skipped_unchanged, summary.skipped_known_failures, relabel = _plan(
+            found, ds, cfg.ingest.retry_failed, by_tags)
         if relabel:
             summary.relabelled = ds.relabel(relabel)
         vanished: set[str] = set()
@@ -481,11 +537,43 @@ def _ingest_locked(found: Discovery, source: str, ds: Dataset, cfg: Config, summ
         summary.pruned = len(vanished)
         if vanished:
             ds.reconcile(drop_track_ids=vanished)  # one commit; the pruned rows stay in their shards until vacuum
+        _count_labels(ds, summary, vocab if by_tags else None)  # with tags: every track's label, one relabel commit
         live = {e.path for e in ds.tracks().values()}
         ds.compact_failures(live, {t.rel_path for t in found.tracks} | {p.rel_path for p in found.problems})
         ds.compact_warnings()
-        _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine)
+        _write_manifest(ds, cfg, source_abs, found.root, versions, summary.engine, summary)
         summary.index_version = ds.version
+
+
+def _tag_vocabulary(cfg: Config):
+    """The vocabulary that maps genre tags to labels (``ingest.labels``; None: tag texts as they are)."""
+    if cfg.ingest.labels_from != "tags":
+        if cfg.ingest.labels:
+            raise DatasetError("ingest.labels (--labels) maps genre tags to labels: give --labels-from tags too")
+        return None
+    from genrecls.models.vocabulary import load_tag_vocabulary
+
+    return load_tag_vocabulary(cfg.ingest.labels)
+
+
+def _count_labels(ds: Dataset, summary: IngestSummary, vocab) -> None:
+    """The summary's labelled and unlabelled tracks (and why); with ``vocab`` (labels from tags) every track's label
+    is first made anew from the genres a person wrote in it: one relabel commit of those that changed (a new
+    vocabulary, a new majority spelling, a track ingested or re-tagged by this run)."""
+    tracks = ds.tracks()
+    if vocab is not None:
+        from genrecls.models.vocabulary import labels_from_tags
+
+        labels, why, merged = labels_from_tags({t: e.genre_tag for t, e in tracks.items()}, vocab)
+        summary.relabelled += ds.relabel(labels)
+        summary.labels_from, summary.merged_spellings = "tags", merged
+        summary.unlabelled = dict(Counter(why.values()).most_common())
+        tracks = ds.tracks()
+    else:
+        summary.unlabelled = {"not in a label folder (or no label in the manifest)": n for n in
+                              [sum(e.label is None for e in tracks.values())] if n}
+    summary.labelled = sum(e.label is not None for e in tracks.values())
+    summary.genres = len({e.label for e in tracks.values() if e.label is not None})
 
 
 class _Committer:
@@ -498,6 +586,8 @@ class _Committer:
         self.rows: list[TrackEntry] = []
         self.stored: dict[str, Any] = {}
         self.touched: dict[str, tuple[int, int, str]] = {}
+        #: files whose audio is the stored one but whose tags (and stat) changed, or whose tags were never read
+        self.retagged: dict[str, dict[str, Any]] = {}
         self.backfilled: dict[str, tuple[Any, str, int]] = {}
         self.shards = 0
         self.since = time.monotonic()
@@ -512,6 +602,8 @@ class _Committer:
     def add(self, res: dict[str, Any]) -> None:
         """A task's result (:func:`process_batch`)."""
         self.touched.update({tid: (size, mtime, fp) for tid, size, mtime, fp in res["unchanged"]})
+        self.retagged.update({r["track_id"]: {k: v for k, v in r.items() if k != "track_id"}
+                              for r in res.get("retagged", [])})
         if res["shard"]:
             self.rows += [TrackEntry(shard=res["shard"], **e) for e in res.get("entries", [])]
             if res.get("embedded"):
@@ -529,6 +621,8 @@ class _Committer:
         self.maybe_flush()
 
     def maybe_flush(self) -> None:
+        if len(self.retagged) >= COMMIT_SHARDS * 32:  # a library re-tagged wholesale: commit as it goes
+            self.flush()
         if self.shards >= self.threshold or (self.shards and time.monotonic() - self.since >= COMMIT_SECONDS):
             self.flush()
 
@@ -549,7 +643,13 @@ class _Committer:
                 self.summary.commits += 1
         if self.touched and self.ds.record_touched(self.touched):
             self.summary.commits += 1
-        self.rows, self.stored, self.backfilled, self.touched = [], {}, {}, {}
+        if self.retagged:
+            tracks = self.ds.tracks()
+            update = {tid: v for tid, v in self.retagged.items() if tid in tracks}
+            if update:
+                self.ds.commit(update=update, operation="retagged")
+                self.summary.commits += 1
+        self.rows, self.stored, self.backfilled, self.touched, self.retagged = [], {}, {}, {}, {}
         if self.shards:
             self.threshold = min(2 * self.threshold, COMMIT_SHARDS)
         self.shards = 0
@@ -699,6 +799,7 @@ class _Tally:
         s.processed += len(batch)
         s.added += res["tracks"]
         s.unchanged_content += len(res["unchanged"])
+        s.retagged += len([r for r in res.get("retagged", []) if r["track_id"] not in {u[0] for u in res["unchanged"]}])
         s.failed += len(res["failures"])
         s.segments_added += res["segments"]
         s.audio_seconds += res["audio_seconds"]
@@ -877,7 +978,8 @@ def format_summary(summary: IngestSummary, ds: Dataset | None = None) -> str:
         f"{summary.discovered} tracks found, {summary.skipped_unchanged} already in the dataset, "
         f"{summary.skipped_known_failures} known failures skipped, {summary.processed} processed: "
         f"{summary.added} added ({summary.warned} with a warning), {summary.unchanged_content} unchanged content, "
-        f"{summary.failed} failed"
+        + (f"{summary.retagged} re-tagged (same audio: not decoded), " if summary.retagged else "")
+        + f"{summary.failed} failed"
         + (f", {summary.pruned} pruned" if summary.pruned else "")
         + (f"; {summary.ignored_files} non-audio files ignored" if summary.ignored_files else ""))
     if summary.audio_seconds:

@@ -12,7 +12,7 @@ from collections import Counter
 from genrecls.core.progress import format_table
 from genrecls.storage.dataset import Dataset
 
-__all__ = ["describe", "inspect_dataset"]
+__all__ = ["describe", "inspect_dataset", "labels_lines"]
 
 
 def inspect_dataset(dataset: str | Dataset, *, as_json: bool = False) -> str:
@@ -31,6 +31,7 @@ def describe(ds: Dataset) -> str:
     rows = [(k or "(no label)", int(v["tracks"]), int(v["segments"]), f"{v['audio_seconds'] / 3600:.2f}") for k, v in per.items()]
     rows.append(("total", m["counts"]["tracks"], m["counts"]["segments"], f"{m['counts']['audio_seconds'] / 3600:.2f}"))
     out = [format_table(rows, ("label", "tracks", "segments", "hours"))]
+    out += labels_lines(m.get("labels_from") or {})
     out += _records(ds.failures(), f"failures ({{n}}; the table is in {ds.uri}/failures/):", "reason",
                     lambda r: f"  {r['path']}: {r['reason']}")
     out += _records(ds.warnings(), f"kept with a warning ({{n}}; their audio is in the shards; the table is in "
@@ -54,6 +55,28 @@ def describe(ds: Dataset) -> str:
     else:
         out.append("embeddings: none stored (genrecls train computes the frozen backbone's itself)")
     return "\n".join(out)
+
+
+def labels_lines(record: dict) -> list[str]:
+    """Where a dataset's labels come from, how many tracks carry one, and why the others do not: the line a user
+    checks first when labels come from tags ("65 labelled in 10 genres, 35 unlabelled: 30 without a genre tag,
+    5 dropped by the vocabulary: Unknown"), then the spellings merged into one label."""
+    if "labelled" not in record:
+        return []
+    why = record.get("unlabelled") or {}
+    line = (f"labels from {record.get('source', 'folders')}"
+            + (f" through {record['vocabulary']}" if record.get("vocabulary") else "")
+            + f": {record['labelled']} labelled in {record.get('genres', 0)} genres, {sum(why.values())} unlabelled"
+            + (": " + ", ".join(f"{n} {_WHY.get(k, k)}" for k, n in why.items()) if why else "")
+            + (" (stored, never trained on)" if why else ""))
+    out = [line]
+    for label, spellings in (record.get("merged_spellings") or {}).items():
+        out.append(f"  {label!r} also spelled {', '.join(map(repr, spellings))} (merged: they normalise alike)")
+    return out
+
+
+#: why a track is unlabelled, as the summary says it
+_WHY = {"no genre tag": "without a genre tag"}
 
 
 def _records(table, title: str, kind_header: str, line, shown: int = 10) -> list[str]:

@@ -284,7 +284,9 @@ def _featurise(batch: pa.Table, features: FeatureConfig, max_segments: int, deco
 
 def _tags(t) -> tuple[str | None, str | None, str | None]:
     """A file's :class:`~genrecls.audio.tags.TrackTags` as the stream's album, album_artist, genre_tag."""
-    return t.album, t.album_artist, "; ".join(t.genres) or None
+    from genrecls.audio.tags import TAG_SEPARATOR
+
+    return t.album, t.album_artist, TAG_SEPARATOR.join(t.genres) or None
 
 
 # -- step 2: score ----------------------------------------------------------------------

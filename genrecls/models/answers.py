@@ -70,6 +70,8 @@ from genrecls.models.vocabulary import Vocabulary, identity_vocabulary, load_voc
 from genrecls.storage.location import Location
 
 __all__ = [
+    "ReviewRule",
+    "review_rule",
     "LABELS_FILE",
     "VALIDATION_TRACKS",
     "AnswerRules",
@@ -383,16 +385,26 @@ def track_scores_at_k(track_ids: Sequence[str], segment_index: Sequence[int], la
 
 
 # -- a run's rules ----------------------------------------------------------------------------
-def run_vocabulary(run: Location, labels: Sequence[str], ccfg: ClassifyConfig) -> Vocabulary | None:
-    """The vocabulary to answer in: ``classify.labels`` (a file; ``"none"``: the model's labels), else the run's own."""
+def run_vocabulary(run: Location, labels: Sequence[str], ccfg: ClassifyConfig,
+                   tag_labels: bool = False) -> Vocabulary | None:
+    """The vocabulary to answer in: ``classify.labels`` (a file; ``"none"``: the model's labels), else the run's own.
+
+    ``tag_labels``: the run's labels came from genre tags (:func:`labels_from_tags`: the file's ``from`` and
+    ``drop`` then name tag spellings, see :func:`~genrecls.models.vocabulary.load_vocabulary`)."""
     reserved = (ccfg.uncertain_label,)
     if ccfg.labels is not None:
         if str(ccfg.labels).lower() == "none":
             return None
-        return load_vocabulary(vocabulary_path(ccfg.labels), labels, reserved=reserved)
+        return load_vocabulary(vocabulary_path(ccfg.labels), labels, reserved=reserved, tag_labels=tag_labels)
     if run.exists(LABELS_FILE):
-        return load_vocabulary(f"{run.uri}/{LABELS_FILE}", labels, text=run.read_text(LABELS_FILE), reserved=reserved)
+        return load_vocabulary(f"{run.uri}/{LABELS_FILE}", labels, text=run.read_text(LABELS_FILE), reserved=reserved,
+                               tag_labels=tag_labels)
     return None
+
+
+def labels_from_tags(info: dict[str, Any]) -> bool:
+    """True for a run whose labels came from genre tags (its dataset's ``labels_from``, recorded in ``run.json``)."""
+    return (info.get("labels_from") or {}).get("source") == "tags"
 
 
 def vocabulary_path(value: str) -> str:
@@ -445,7 +457,7 @@ def _write_validation(run: Location, ids: list[str], truth: list[str], scores: n
 def rules_for_run(run: Location, info: dict[str, Any], ccfg: ClassifyConfig) -> AnswerRules:
     """The answer rules ``genrecls classify`` applies with a run: chosen on its validation tracks when it kept them."""
     labels = list(info["labels"])
-    vocab = run_vocabulary(run, labels, ccfg)
+    vocab = run_vocabulary(run, labels, ccfg, labels_from_tags(info))
     kind = output_kind(info)
     val = _read_validation(run, labels) if kind == "softmax" else None
     if val is None:
@@ -472,7 +484,7 @@ def record_answers(run: Location, info: dict[str, Any], scored: dict[str, tuple]
     if ccfg.labels is not None and str(ccfg.labels).lower() != "none":  # checked before training (the driver)
         with open(vocabulary_path(ccfg.labels), encoding="utf-8") as f:
             run.write_text(LABELS_FILE, f.read())
-    vocab = run_vocabulary(run, labels, ccfg)
+    vocab = run_vocabulary(run, labels, ccfg, labels_from_tags(info))
     kind = output_kind(info)
     if "val" not in scored or not scored["val"][0]:
         rules = choose_rules(labels, ccfg, kind=kind, vocabulary=vocab)
@@ -664,3 +676,46 @@ def format_answers(answers: dict[str, Any]) -> str:
     if r.get("vocabulary"):
         lines.append(f"  genres in the words of {r['vocabulary']}")
     return "\n".join(lines)
+
+
+# -- review: the tags a person wrote that the model contradicts -------------------------------------
+#: the share of the validation (out-of-fold) tracks whose own genre may fall under the review's low threshold
+REVIEW_RATE = 0.02
+#: the low threshold stays within these bounds, however few the validation tracks
+REVIEW_BOUNDS = (0.01, 0.2)
+
+
+@dataclass(frozen=True)
+class ReviewRule:
+    """When a person's genre tag is listed for review: its genre's probability below ``low`` while another genre is
+    answered (its confidence at least ``high``, the answer threshold).  ``how``: how both were chosen."""
+
+    low: float
+    high: float
+    how: str
+
+    def flags(self, tagged_p: float, top: str, tagged: str, confidence: float) -> bool:
+        return top != tagged and tagged_p < self.low and confidence >= self.high
+
+
+def review_rule(run: Location, info: dict[str, Any], rules: AnswerRules) -> ReviewRule:
+    """The review thresholds of a run, chosen on the tracks its answers were chosen on (out-of-fold, or validation).
+
+    ``low``: the probability under which at most :data:`REVIEW_RATE` of those tracks put their own genre
+    (within :data:`REVIEW_BOUNDS`): a tag whose genre gets less is as unlikely as the model's rarest misses
+    of a right label.  ``high``: the answer threshold (the ``uncertain`` one; 0.5 with none).
+    """
+    high = rules.threshold if rules.threshold is not None else 0.5
+    val = _read_validation(run, list(info["labels"])) if output_kind(info) == "softmax" else None
+    lo, hi = REVIEW_BOUNDS
+    if val is None or not len(val[0]):
+        return ReviewRule(hi / 2, high, f"no validation tracks kept: the low threshold is {hi / 2}")
+    q = rules.genre_probabilities(rules.calibrate(val[0]))
+    genres = list(rules.genres)
+    own = [rules.vocabulary.genre_of(t) if t in rules.vocabulary.labels else None for t in val[1]]
+    p_own = np.array([q[i, genres.index(g)] for i, g in enumerate(own) if g in genres])
+    if not len(p_own):
+        return ReviewRule(hi / 2, high, "no validation track of a known genre: the low threshold is " f"{hi / 2}")
+    low = float(np.clip(np.quantile(p_own, REVIEW_RATE), lo, hi))
+    return ReviewRule(low, high, f"low {low:.3f}: at most {REVIEW_RATE:.0%} of the {len(p_own)} {val[3]} put their own "
+                                 f"genre under it (bounds {lo}-{hi}); high {high:.3f}: the answer threshold")

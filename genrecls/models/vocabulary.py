@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from genrecls.audio.tags import TAG_SEPARATOR
+
 __all__ = [
     "EXAMPLE_VOCABULARIES",
     "TagVocabulary",
@@ -259,7 +261,7 @@ def identity_vocabulary(labels: Sequence[str]) -> Vocabulary:
 
 
 def load_vocabulary(source: str | os.PathLike, labels: Sequence[str], *, text: str | None = None,
-                    reserved: Sequence[str] = ()) -> Vocabulary:
+                    reserved: Sequence[str] = (), tag_labels: bool = False) -> Vocabulary:
     """Read a vocabulary file and check it against a model's ``labels``.
 
     Parameters
@@ -268,6 +270,9 @@ def load_vocabulary(source: str | os.PathLike, labels: Sequence[str], *, text: s
     labels : the model's labels, in output order
     text : the file's content, when it is not read from ``source`` (a copy kept in a run)
     reserved : words no genre may be called (the ``uncertain`` answer)
+    tag_labels : the model's labels came from genre tags through this same file (``ingest --labels-from tags``):
+        its ``from`` and ``drop`` entries then name tag spellings, and those that are no label of the model
+        are not errors (the labels are its genres' names, or tag texts it kept)
 
     Raises
     ------
@@ -289,12 +294,14 @@ def load_vocabulary(source: str | os.PathLike, labels: Sequence[str], *, text: s
         m = re.search(r"at line (\d+)", str(exc))
         where = f" line {m.group(1)}:" if m else ""
         raise VocabularyError(f"{name}:{where} not valid TOML: {exc}") from None
-    return _Builder(name, text, data, tuple(labels), tuple(reserved)).build()
+    return _Builder(name, text, data, tuple(labels), tuple(reserved), tag_labels).build()
 
 
 class _Builder:
-    def __init__(self, name: str, text: str, data: dict[str, Any], labels: tuple[str, ...], reserved: tuple[str, ...]):
+    def __init__(self, name: str, text: str, data: dict[str, Any], labels: tuple[str, ...], reserved: tuple[str, ...],
+                 tag_labels: bool = False):
         self.name, self.text, self.data, self.labels, self.reserved = name, text, data, labels, reserved
+        self.tag_labels = tag_labels
         self.lines = _Lines(text)
         self.by_fold: dict[str, list[str]] = {}
         for lab in labels:
@@ -311,13 +318,16 @@ class _Builder:
                 self.fail(self.lines.of(*path), f"{'.'.join(path)} holds an empty name")
         return list(value)
 
-    def label(self, value: str, *path: str) -> str:
-        """The model label ``value`` names (exact, else case-insensitive); refused when the model has none."""
+    def label(self, value: str, *path: str) -> str | None:
+        """The model label ``value`` names (exact, else case-insensitive); refused when the model has none (None:
+        a tag spelling, with ``tag_labels``)."""
         if value in self.labels:
             return value
         found = self.by_fold.get(value.casefold(), [])
         if len(found) == 1:
             return found[0]
+        if self.tag_labels:
+            return None
         near = difflib.get_close_matches(value, self.labels, n=3, cutoff=0.6)
         self.fail(self.lines.of_value(value, *path),
                   f"unknown label {value!r} in {'.'.join(path)}: the model has no such label"
@@ -335,7 +345,9 @@ class _Builder:
             self.fail(lines.of("unlisted"), f"unlisted must be \"keep\" or \"drop\", got {unlisted!r}")
         dropped: dict[str, int | None] = {}
         for v in self.strings(data.get("drop", []), "drop"):
-            dropped[self.label(v, "drop")] = lines.of_value(v, "drop")
+            lab = self.label(v, "drop")
+            if lab is not None:
+                dropped[lab] = lines.of_value(v, "drop")
         table = data.get("genres", {})
         if not isinstance(table, dict):
             self.fail(lines.of("genres"), "genres must be tables: [genres.NAME] with from, aliases, parents, threshold")
@@ -378,6 +390,8 @@ class _Builder:
         for g in names:
             for v in spec[g]["from"]:
                 lab = self.label(v, "genres", g, "from")
+                if lab is None:
+                    continue
                 line = lines.of_value(v, "genres", g, "from")
                 if lab in owner and owner[lab] != g:
                     self.fail(line, f"label {lab!r} is in two genres: {owner[lab]!r} (line {owner_line[lab]}) and {g!r}; "
@@ -574,10 +588,6 @@ def spelling_labels(texts: Sequence[str]) -> dict[str, str]:
         counts[normalise_name(t)][t] += 1
     best = {k: sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for k, v in counts.items()}
     return {t: best[normalise_name(t.strip())] for t in texts}
-
-
-#: joins the values of a multi-valued genre tag in the dataset's ``genre_tag`` column
-TAG_SEPARATOR = "; "
 
 
 def labels_from_tags(genre_tags: dict[str, str | None], vocab: TagVocabulary) -> tuple[

@@ -63,6 +63,7 @@ from .plan import (
     TrainPlan,
     check_dataset,
     check_model_input,
+    labels_record,
     plan_training,
 )
 from .report import format_report
@@ -263,7 +264,7 @@ def train(dataset: "str | Dataset", run_dir: str, cfg: Config | None = None, *, 
     check_model_input(cfg.train.model, check)
     # a first plan without Ray: every data error surfaces before anything starts
     plan, table = plan_training(check, cfg, splits=splits, labels=labels)
-    _check_vocabulary(cfg, plan.labels)  # a wrong classify.labels file too
+    _check_vocabulary(cfg, plan.labels, labels_record(check))  # a wrong classify.labels file too
     run.makedirs()
     with folder_lock(run, "genrecls train"):
         with ray_session(address, None, verbose=verbose):
@@ -360,7 +361,8 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     history = state["history"]
     versions = _versions()
     info = export_model(model, run, labels=plan.labels, features=check.features, model_name=plan.model, extra={
-        "dataset": check.dataset.uri, "dataset_version": check.version, "normalisation": {"file": "normalisation.json", "axis": "mel band",
+        "dataset": check.dataset.uri, "dataset_version": check.version, "labels_from": labels_record(check),
+        "normalisation": {"file": "normalisation.json", "axis": "mel band",
                                                         "inside_model": plan.model not in ("tutorial", "musicnn")},
         "best_epoch": state.get("best_epoch"), "epochs_run": state["epoch"], "versions": versions,
         "model": model_summary(model), "splits": "splits.parquet", "config": "config.json",
@@ -398,13 +400,14 @@ def _finish(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, st
     return summary
 
 
-def _check_vocabulary(cfg: Config, labels: list[str]) -> None:
+def _check_vocabulary(cfg: Config, labels: list[str], labels_from: dict[str, Any] | None = None) -> None:
     """Refuse a wrong vocabulary file (classify.labels) before training rather than after."""
     if cfg.classify.labels is not None and str(cfg.classify.labels).lower() != "none":
         from genrecls.models.answers import vocabulary_path
         from genrecls.models.vocabulary import load_vocabulary
 
-        load_vocabulary(vocabulary_path(cfg.classify.labels), labels, reserved=(cfg.classify.uncertain_label,))
+        load_vocabulary(vocabulary_path(cfg.classify.labels), labels, reserved=(cfg.classify.uncertain_label,),
+                        tag_labels=(labels_from or {}).get("source") == "tags")
 
 
 def _answers(run: Location, info: dict[str, Any], scored: dict[str, tuple], cfg: Config) -> dict[str, Any]:

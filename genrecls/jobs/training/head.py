@@ -56,7 +56,7 @@ from genrecls.storage.embeddings import EmbeddingStore, EmbeddingStoreError
 from genrecls.storage.location import Location
 from genrecls.storage.split import as_mapping
 
-from .plan import DatasetCheck, TrainPlan, segment_weights
+from .plan import DatasetCheck, TrainPlan, labels_record, segment_weights
 
 __all__ = ["train_head", "rows_per_track", "head_embeddings"]
 
@@ -553,7 +553,7 @@ def _export(run: Location, check: DatasetCheck, cfg: Config, plan: TrainPlan, he
                    "dims": head.dims, "c": head.info["c"], "backbone": emb["backbone"], "fit_on": refit["on"],
                    "function": "genrecls.models.transfer.head_probabilities(layers, load_head(RUN))"}
     info = export_model(model, run, labels=head.labels, features=check.features, model_name=plan.model, extra={
-        "dataset": check.dataset.uri, "dataset_version": check.version,
+        "dataset": check.dataset.uri, "dataset_version": check.version, "labels_from": labels_record(check),
         "normalisation": {"file": "normalisation.json", "axis": "embedding dimension", "inside_model": True},
         "best_epoch": None, "epochs_run": 0, "versions": versions, "model": model_summary(model),
         "splits": "splits.parquet", "config": "config.json", "max_batch": MAX_BATCH,

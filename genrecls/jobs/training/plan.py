@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,18 @@ from genrecls.storage.dataset import FEATURES_KEY, Dataset, DatasetError
 from genrecls.storage.split import SplitError, album_group, as_mapping, assign_splits, split_counts, split_notes
 
 __all__ = ["TrainingError", "REQUIRED_COLUMNS", "FOLDER_GROUP", "DatasetCheck", "check_dataset", "check_model_input",
-           "TrainPlan", "WorkerPlan", "plan_training", "segment_weights", "learning_rate_at"]
+           "TrainPlan", "WorkerPlan", "plan_training", "segment_weights", "learning_rate_at", "labels_record"]
 
 REQUIRED_COLUMNS = ("track_id", "label", "segment_index", "mel")
+
+
+def labels_record(check: "DatasetCheck") -> dict[str, Any] | None:
+    """Where the dataset's labels came from (its manifest's ``labels_from``: folders, or tags through a vocabulary),
+    recorded in ``run.json`` so that the run's answers read the same vocabulary file the same way."""
+    try:
+        return check.dataset.manifest().get("labels_from")
+    except (DatasetError, OSError, ValueError):
+        return None
 FOLDER_GROUP = "folder"
 
 
@@ -293,17 +303,36 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
     """
     t = cfg.train
     frozen = t.model == "musicnn" and not t.fine_tune  # cross-validated on train + validation: no val split needed
-    table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
-                          group_column="group" if any("group" in r for r in check.tracks) else None, previous=splits,
-                          small_labels="train" if frozen else "error")
+    fixed = labels is not None  # a resumed run's labels: none is left out
+    left_out: dict[str, str] = {}  # label -> why
+    if not fixed:  # labels with too few tracks: left out (named), or refused
+        counts_all = Counter(tr["label"] for tr in check.tracks)
+        few = {lab: n for lab, n in sorted(counts_all.items()) if n < t.min_tracks_per_label}
+        check = _leave_out(check, few, t)
+        left_out.update({lab: f"{n} track{'s' if n != 1 else ''}, under train.min_tracks_per_label "
+                              f"({t.min_tracks_per_label})" for lab, n in few.items()})
+
+    def split(check):
+        table = assign_splits(check.tracks, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
+                              group_column="group" if any("group" in r for r in check.tracks) else None,
+                              previous=splits, small_labels="train" if frozen else "error")
+        return table, split_counts(table)
+
+    table, counts = split(check)
+    missing_train = [lab for lab in check.labels if not counts["train"].get(lab)]
+    if missing_train and not fixed:  # e.g. a label's only track sits in an album of another label's, on the test side
+        extra = {lab: sum(1 for tr in check.tracks if tr["label"] == lab) for lab in missing_train}
+        why = "no track of it lands in the training split (its tracks' albums went to the test side)"
+        check = _leave_out(check, extra, t, why=why)
+        left_out.update({lab: f"{n} track{'s' if n != 1 else ''}: {why}" for lab, n in extra.items()})
+        table, counts = split(check)
     assignment = as_mapping(table)
-    counts = split_counts(table)
     segs = _segments_per_split(check.tracks, assignment)
     labels = list(labels) if labels is not None else list(check.labels)
     unknown = sorted(set(check.labels) - set(labels))
     if unknown:
         raise DatasetError(f"the dataset has labels the run was started without: {unknown}; start a new run")
-    missing_train = [l for l in labels if not counts["train"].get(l)]
+    missing_train = [lab for lab in labels if not counts["train"].get(lab)]
     if missing_train:
         raise SplitError(f"label(s) {missing_train} have no track in the training split")
     for s in ("val", "test"):
@@ -311,6 +340,9 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
             raise SplitError(f"the {s} split is empty; add tracks or raise train.{s}_fraction")
     workers = t.workers
     notes = grouping_notes(check.tracks, table, t)
+    if left_out:
+        notes.insert(0, "left out of training, too few labelled tracks: " + "; ".join(
+            f"{lab!r} ({why})" for lab, why in left_out.items()) + " (train.too_few = \"refuse\" stops instead)")
     n_train, n_val = segs["train"]["total"], segs["val"]["total"]
     per_worker = n_train // workers
     if per_worker < 1:
@@ -364,6 +396,24 @@ def plan_training(check: DatasetCheck, cfg: Config, *, splits: Any = None, clust
         track_rows=dict(zip([tr["track_id"] for tr in check.tracks],
                             zip([tr["shard"] for tr in check.tracks], [tr["label"] for tr in check.tracks]))))
     return plan, table
+
+
+def _leave_out(check: DatasetCheck, labels: dict[str, int], t, why: str | None = None) -> DatasetCheck:
+    """``check`` without the tracks of ``labels`` (label -> its tracks), or a refusal naming them
+    (``train.too_few = "refuse"``), or when fewer than two labels would be left."""
+    if not labels:
+        return check
+    named = ", ".join(f"{lab!r} ({n} track{'s' if n != 1 else ''})" for lab, n in labels.items())
+    reason = why or f"fewer labelled tracks than train.min_tracks_per_label ({t.min_tracks_per_label})"
+    if t.too_few == "refuse":
+        raise DatasetError(f"label(s) {named}: {reason}; add tracks, lower train.min_tracks_per_label, or set "
+                           "train.too_few = \"leave_out\" to train without them")
+    tracks = [tr for tr in check.tracks if tr["label"] not in labels]
+    kept = sorted({tr["label"] for tr in tracks})
+    if len(kept) < 2:
+        raise DatasetError(f"{check.dataset.uri}: after leaving out {named} ({reason}) fewer than two labels are left; "
+                           "a classifier needs at least two")
+    return replace(check, tracks=tracks, labels=kept, unlabelled=check.unlabelled + len(check.tracks) - len(tracks))
 
 
 def grouping_notes(tracks: list[dict[str, Any]], table, t) -> list[str]:
