@@ -391,22 +391,22 @@ def _models():
 
 
 # -- demo -------------------------------------------------------------------------------
-@command("demo", "run everything end to end on a generated collection (sample-data, ingest, train, classify)")
+@command("demo", "the whole flow on a generated artist/album library: labels from its tags, train, classify, fill")
 def _demo():
     def add(p):
         p.add_argument("out", nargs="?", default="demo", help="folder for the demo's library, dataset, run and predictions (default ./demo)")
         p.add_argument("--genres", type=int, default=4)
-        p.add_argument("--tracks-per-genre", type=int, default=10)
+        p.add_argument("--artists-per-genre", type=int, default=3, help="artists (one album each) per genre (default 3)")
+        p.add_argument("--tracks-per-album", type=int, default=4)
         p.add_argument("--seconds", type=float, default=20.0)
-        p.add_argument("--epochs", type=int, help="training epochs (default: train.epochs for musicnn, whose epochs train only its head; 12 for the CNNs)")
         add_config_args(p)
         add_ray_args(p)
 
     def run(a):
         from genrecls.jobs.demo import run_demo
 
-        run_demo(a.out, genres=a.genres, tracks_per_genre=a.tracks_per_genre, seconds=a.seconds, epochs=a.epochs,
-                 workers=a.workers, cfg=resolve_config(a), progress=not a.quiet)
+        run_demo(a.out, genres=a.genres, artists_per_genre=a.artists_per_genre, tracks_per_album=a.tracks_per_album,
+                 seconds=a.seconds, workers=a.workers, cfg=resolve_config(a), progress=not a.quiet)
         return EXIT_OK
 
     return add, run

@@ -42,7 +42,7 @@ atexit.register(shutil.rmtree, os.environ[PAUSE_DIR_ENV], ignore_errors=True)
 #: end.  (``--dist loadgroup`` with a group per module would allow exceptions, but it does not group
 #: on pytest 9.2: pytest-dev/pytest-xdist#1386.)
 SECONDS = {"test_retrain": 125, "test_s3": 142, "test_transfer": 108, "test_cluster": 89, "test_train": 86,
-           "test_classify": 63, "test_ingest_faults": 59, "test_head": 60, "test_classify_store": 50, "test_answers": 36,
+           "test_classify": 63, "test_ingest_faults": 59, "test_head": 60, "test_library": 45, "test_answers": 36,
            "test_engine": 21}
 
 

@@ -257,12 +257,13 @@ def write_person_tags(path: str, *, genre: list[str] | None = None, album: str |
 
 def make_tagged_library(out: str, *, genres: int = 4, artists_per_genre: int = 3, albums_per_artist: int = 1,
                         tracks_per_album: int = 4, seconds: float = 20.0, tagged: float = 0.7, unknown: float = 0.1,
-                        sr: int = 44100, formats: tuple[str, ...] = ("mp3", "flac", "ogg", "wav"),
+                        mistagged: int = 0, sr: int = 44100, formats: tuple[str, ...] = ("mp3", "flac", "ogg", "wav"),
                         seed: int = 0) -> dict[str, dict]:
     """A library as people keep one: ``OUT/<Artist>/<Album>/<NN> <Title>.<ext>``, every file with its album, artist
     and title tags, ``tagged`` of each genre's albums (rounded, at least one) with a genre tag in one of the genre's
     :data:`SPELLINGS` (every ``1/unknown``-th tagged album ``Unknown`` instead, never a genre's only labelled one),
-    the rest with no genre.  Each artist plays one genre.
+    the rest with no genre; ``mistagged`` tracks (the first track of as many tagged albums, from the last genre back)
+    carry another genre's tag instead, as a person's slip would.  Each artist plays one genre.
 
     Returns path (relative) -> ``{"genre": the true genre, "tag": the genre tag written or None, "album": ...,
     "artist": ...}``: the answer key of demos, tests and benches.
@@ -302,4 +303,11 @@ def make_tagged_library(out: str, *, genres: int = 4, artists_per_genre: int = 3
                         write_person_tags(path, genre=[tag] if tag else None, album=album, artist=artist,
                                           title=f"Track {t + 1}")
                     truth[rel] = {"genre": genre, "tag": tag, "album": album, "artist": artist}
+    if mistagged:  # a person's slips: the first track of tagged albums of the last genres, tagged as the first genre
+        slips = [r for r, v in sorted(truth.items(), key=lambda kv: (-names.index(kv[1]["genre"]), kv[0]))
+                 if v["tag"] not in (None, UNKNOWN_TAG) and v["genre"] != names[0] and r.split("/")[2].startswith("01 ")]
+        for rel in slips[:mistagged]:
+            wrong = SPELLINGS[names[0]][0]
+            write_person_tags(os.path.join(out, rel), genre=[wrong])
+            truth[rel] = {**truth[rel], "tag": wrong, "mistagged": True}
     return truth
