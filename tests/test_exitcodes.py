@@ -1,4 +1,4 @@
-"""Every exit code of the one table (genrecls/exitcodes.py, README), from a real command."""
+"""Every exit code of the one table (genrecls/exitcodes.py, docs/usage.md), from a real command."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from genrecls.storage.locks import folder_lock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_the_table_is_the_readme_table():
-    readme = open(os.path.join(REPO, "README.md")).read()
+def test_the_table_is_the_documented_table():
+    doc = open(os.path.join(REPO, "docs", "usage.md")).read()
     for code, meaning in TABLE.items():
-        assert f"| {int(code)} | {meaning} |" in readme, code
+        assert f"| {int(code)} | {meaning} |" in doc, code
     assert set(TABLE) == set(ExitCode)
 
 

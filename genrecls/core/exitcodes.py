@@ -1,6 +1,6 @@
 """The exit codes of every ``genrecls`` command and ``jobs/*.py`` entry point: the one table.
 
-The README's table is this one; ``tests/test_exitcodes.py`` runs a real command for each code.
+The table of docs/usage.md is this one; ``tests/test_exitcodes.py`` runs a real command for each code.
 """
 
 from __future__ import annotations
