@@ -150,7 +150,7 @@ def test_two_worker_run_leaves_every_artefact(trained, easy_dataset):
     assert_only_the_documented_run_files(run)
 
 
-#: what README.md says a finished run folder holds (Runs, predictions, registry), and the local lock file
+#: what docs/training.md says a finished run folder holds (Runs, predictions, registry), and the local lock file
 RUN_FILES = {"model", "model.keras", "model.onnx", "run.json", "config.json", "splits.parquet", "plan.json",
              "normalisation.json", "history.json", "metrics.json", "report.md", "curves.png", "confusion_matrix.png",
              "checkpoints", "validation_tracks.parquet", "reliability.png", "labels.toml", ".lock"}
@@ -163,11 +163,11 @@ def assert_only_the_documented_run_files(run: str) -> None:
     """No pickle anywhere, no Ray Train state: only the documented entries, checkpoints of the last two epochs."""
     import re
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()
     start = readme.index("RUN/                        written by genrecls train")
     section = readme[start:readme.index("PREDICTIONS/", start)]
     for name in RUN_FILES - {".lock"}:
-        assert name in section, f"{name} is not in the README's run folder listing"
+        assert name in section, f"{name} is not in docs/training.md's run folder listing"
     for dirpath, _, files in os.walk(run):
         assert not [f for f in files if f.endswith((".pkl", ".pickle"))], (dirpath, files)
     assert set(os.listdir(run)) <= RUN_FILES and set(os.listdir(run)) >= RUN_FILES - OPTIONAL_RUN_FILES, sorted(os.listdir(run))

@@ -279,6 +279,12 @@ def load_vocabulary(source: str | os.PathLike, labels: Sequence[str], *, text: s
     VocabularyError
         naming the file and the line of the first problem.
     """
+    name, text, data = _read_toml(source, text)
+    return _Builder(name, text, data, tuple(labels), tuple(reserved), tag_labels).build()
+
+
+def _read_toml(source: str | os.PathLike, text: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """A vocabulary file's name, text and parsed TOML; :class:`VocabularyError` naming the file (and the line)."""
     name = str(source)
     if text is None:
         try:
@@ -289,12 +295,11 @@ def load_vocabulary(source: str | os.PathLike, labels: Sequence[str], *, text: s
         except (OSError, UnicodeDecodeError) as exc:
             raise VocabularyError(f"cannot read vocabulary file {name}: {exc}") from None
     try:
-        data = tomllib.loads(text)
+        return name, text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
         where = f" line {m.group(1)}:" if m else ""
         raise VocabularyError(f"{name}:{where} not valid TOML: {exc}") from None
-    return _Builder(name, text, data, tuple(labels), tuple(reserved), tag_labels).build()
 
 
 class _Builder:
@@ -509,19 +514,7 @@ def load_tag_vocabulary(source: str | os.PathLike | None) -> TagVocabulary:
     a genre, spellings that normalise alike are one).  Raises :class:`VocabularyError` naming the file and line."""
     if source is None:
         return TagVocabulary((), {}, frozenset())
-    name = str(source)
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise VocabularyError(f"vocabulary file {name} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VocabularyError(f"cannot read vocabulary file {name}: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"at line (\d+)", str(exc))
-        raise VocabularyError(f"{name}:{f' line {m.group(1)}:' if m else ''} not valid TOML: {exc}") from None
+    name, text, data = _read_toml(source)
     return _TagBuilder(name, text, data, (), ()).build_tags()
 
 
