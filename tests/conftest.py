@@ -110,7 +110,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=TEST_CPUS, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", runtime_env=runtime_env())
+                 logging_level="ERROR", runtime_env=runtime_env(embedded=True))
     yield ray
     ray.shutdown()
 

@@ -129,7 +129,7 @@ class RayProcesses:
     for its own.
     """
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 2):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 2, auth: bool = True):
         self.nodes = nodes
         self.cpus_per_node = cpus_per_node
         # short: Ray's unix socket paths live under it and are limited to ~107 bytes
@@ -137,8 +137,8 @@ class RayProcesses:
         self.token = secrets.token_hex(32)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
         env.update(worker_env())
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
-                   PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+        env.update(RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token) if auth else env.update(RAY_AUTH_MODE="disabled")
         # Ray Data 2.60 reads Parquet footers with 32 one-CPU actors per read by default: on a
         # cluster of a few CPUs that is a new worker process per actor, minutes on 2 cores,
         # and it can stall the listing (ray-project/ray#65406).  Small clusters want a few.
@@ -479,3 +479,34 @@ def test_package_never_loads_pickles():
     assert len(files) > 10
     found = [f for path in files for f in unsafe_loading(path.read_text(), str(path.relative_to(REPO)))]
     assert found == []
+
+
+def test_an_embedded_rays_workers_never_take_another_ray_for_theirs(ray_local):
+    """Ray Train's placement-group cleaner (a detached actor) asks the state API whether the run's
+    controller is alive, and removes the run's placement group when it is not found.  The embedded Ray
+    runs no dashboard; another Ray on the machine started later, with a dashboard and no token (a user's
+    ``ray start``), must never answer for it: "not found" there killed the training workers mid-run, and
+    "several Ray instances, which one?" raised in the cleaner's thread."""
+    from ray.train.v2._internal.state.util import is_actor_alive
+    from ray.util.state.exception import RayStateApiException
+
+    @ray_local.remote(num_cpus=0)
+    class Alive:
+        def ping(self) -> bool:
+            return True
+
+    @ray_local.remote(num_cpus=0)
+    def cleaners_view(actor_id: str):
+        try:
+            return is_actor_alive(actor_id, timeout=10)  # what the cleaner calls, from one of our workers
+        except RayStateApiException:
+            return "unknown"  # the cleaner keeps monitoring
+
+    ours = Alive.remote()
+    assert ray_local.get(ours.ping.remote())
+    other = RayProcesses(nodes=1, cpus_per_node=1, auth=False).start()  # the latest Ray on the machine
+    try:
+        assert ray_local.get(cleaners_view.remote(ours._actor_id.hex())) is not False
+    finally:
+        other.stop()
+        ray_local.kill(ours)

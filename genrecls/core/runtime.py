@@ -99,9 +99,25 @@ def worker_setup() -> None:
     import pyarrow  # noqa: F401
 
 
-def runtime_env() -> dict:
-    """The runtime environment of every genrecls Ray job: quiet env vars and the setup hook."""
-    return {"env_vars": worker_env(), "worker_process_setup_hook": "genrecls.core.runtime.worker_setup"}
+#: The state API address given to the workers of an embedded Ray, which runs no dashboard: a closed port.
+#: Without it, Ray's state API in a worker looks for "the latest" Ray instance on the machine; Ray Train's
+#: placement-group cleaner (a detached actor polling whether the run's controller is alive) then asks
+#: another Ray on the same machine (a `ray start` cluster, another command's Ray), does not find the
+#: controller there, takes it for dead and removes the run's placement group: the training workers are
+#: killed mid-epoch.  With a closed port each poll fails, which the cleaner takes as "keep monitoring".
+NO_STATE_API = "http://127.0.0.1:0"
+
+
+def runtime_env(embedded: bool = False) -> dict:
+    """The runtime environment of every genrecls Ray job: quiet env vars and the setup hook.
+
+    ``embedded``: the job's Ray is a local one this process started (no dashboard): its workers'
+    state API points nowhere rather than at another Ray on the machine (:data:`NO_STATE_API`).
+    """
+    env = worker_env()
+    if embedded:
+        env["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
+    return {"env_vars": env, "worker_process_setup_hook": "genrecls.core.runtime.worker_setup"}
 
 
 def quiet_environment(verbose: bool = False) -> None:
@@ -170,7 +186,7 @@ def ray_session(address: str | None = None, workers: int | None = None, *, verbo
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
     data = data or bool(_SHARED)  # a shared Ray may serve a Ray Data job later
-    env = runtime_env() if data else {"env_vars": worker_env()}
+    env = runtime_env(embedded=not address) if data else {"env_vars": worker_env()}
     if not address and not data:
         env = None
     kwargs = dict(

@@ -152,6 +152,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_f
 
     from genrecls.models.networks import import_tensorflow
 
+    from .backend import TensorflowWorkers
     from .worker import train_func
 
     import_tensorflow()  # ray.train.tensorflow imports TensorFlow: do it quietly first
@@ -173,6 +174,7 @@ def _run_trainer(plan: TrainPlan, run: Location, datasets: dict[str, Any], max_f
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
+        tensorflow_config=TensorflowWorkers(),  # Ray's own imports TensorFlow in the run's controller
     )
     if not isinstance(trainer, DataParallelTrainer):  # RAY_TRAIN_V2_ENABLED=0 in the environment
         raise TrainingError("Ray Train V2 is disabled in this environment (RAY_TRAIN_V2_ENABLED=0); unset it")
