@@ -35,14 +35,16 @@ os.environ[PAUSE_DIR_ENV] = tempfile.mkdtemp(prefix="genrecls-pauses-")
 atexit.register(shutil.rmtree, os.environ[PAUSE_DIR_ENV], ignore_errors=True)
 
 
-# -- two test processes (pytest-xdist, ``-n 2 --dist loadfile`` in pyproject.toml) -----------------
-#: idle seconds on 2 cores of the longest test modules (``--durations``).  Each module goes whole to
-#: one process, so that its module fixtures (a trained run, a dataset, a cluster) are built once;
-#: the modules go out longest first, so that neither process is left alone with a long one at the
-#: end.  (``--dist loadgroup`` with a group per module would allow exceptions, but it does not group
-#: on pytest 9.2: pytest-dev/pytest-xdist#1386.)
-SECONDS = {"test_retrain": 125, "test_s3": 142, "test_transfer": 108, "test_cluster": 89, "test_train": 86,
-           "test_classify": 63, "test_ingest_faults": 59, "test_head": 60, "test_library": 45, "test_answers": 36,
+# -- three test processes (pytest-xdist, ``-n 3 --dist loadfile`` in pyproject.toml) ---------------
+#: seconds of the longest test modules in a whole run of the suite (``--durations``).  Each module goes
+#: whole to one process, so that its module fixtures (a trained run, a dataset, a cluster) are built
+#: once; the modules go out longest first, so that no process is left alone with a long one at the
+#: end.  Three processes on 2 cores: much of a module's time is waiting (a Ray or a cluster starting,
+#: a subprocess importing TensorFlow, a pause point), which a third process fills.  (``--dist
+#: loadgroup`` with a group per module would allow exceptions, but it does not group on pytest 9.2:
+#: pytest-dev/pytest-xdist#1386.)
+SECONDS = {"test_cluster": 235, "test_retrain": 221, "test_s3": 220, "test_train": 201, "test_transfer": 192,
+           "test_ingest_faults": 75, "test_classify": 60, "test_head": 50, "test_library": 45, "test_answers": 36,
            "test_engine": 21}
 
 

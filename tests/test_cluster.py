@@ -481,12 +481,13 @@ def test_package_never_loads_pickles():
     assert found == []
 
 
-def test_an_embedded_rays_workers_never_take_another_ray_for_theirs(ray_local):
+def test_an_embedded_rays_workers_never_take_another_ray_for_theirs(ray_local, two_nodes):
     """Ray Train's placement-group cleaner (a detached actor) asks the state API whether the run's
     controller is alive, and removes the run's placement group when it is not found.  The embedded Ray
-    runs no dashboard; another Ray on the machine started later, with a dashboard and no token (a user's
-    ``ray start``), must never answer for it: "not found" there killed the training workers mid-run, and
-    "several Ray instances, which one?" raised in the cleaner's thread."""
+    runs no dashboard; while another Ray runs on the machine (here the module's cluster), a worker of the
+    embedded Ray must never ask it: Ray then either connects to "the latest" instance (a user's ``ray
+    start``), does not find our controller there and the cleaner kills a live run's workers, or raises
+    "several Ray instances" in the cleaner's thread."""
     from ray.train.v2._internal.state.util import is_actor_alive
     from ray.util.state.exception import RayStateApiException
 
@@ -503,10 +504,8 @@ def test_an_embedded_rays_workers_never_take_another_ray_for_theirs(ray_local):
             return "unknown"  # the cleaner keeps monitoring
 
     ours = Alive.remote()
-    assert ray_local.get(ours.ping.remote())
-    other = RayProcesses(nodes=1, cpus_per_node=1, auth=False).start()  # the latest Ray on the machine
     try:
-        assert ray_local.get(cleaners_view.remote(ours._actor_id.hex())) is not False
+        assert ray_local.get(ours.ping.remote()) and two_nodes.alive_nodes() == 2
+        assert ray_local.get(cleaners_view.remote(ours._actor_id.hex())) == "unknown"
     finally:
-        other.stop()
         ray_local.kill(ours)
