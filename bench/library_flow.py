@@ -167,10 +167,13 @@ def command(args: list[str], what: str, log: str, ok=(0,)) -> dict:
 
 
 def audio_digest(path: str) -> str:
-    """BLAKE2b of the file's decoded PCM (ffmpeg, native rate and channels, s16)."""
-    pcm = subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-map", "0:a:0", "-f", "s16le", "-"],
-                         capture_output=True, check=True).stdout
-    return hashlib.blake2b(pcm, digest_size=16).hexdigest()
+    """BLAKE2b of the file's decoded PCM (ffmpeg, native rate and channels, s16); "undecodable: ..." for a
+    file ffmpeg cannot decode (a 30-s clip cut past the end of a shorter track holds no audio frame)."""
+    done = subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-map", "0:a:0", "-f", "s16le", "-"],
+                          capture_output=True)
+    if done.returncode:
+        return "undecodable: " + done.stderr.decode(errors="replace").strip().splitlines()[-1][-120:]
+    return hashlib.blake2b(done.stdout, digest_size=16).hexdigest()
 
 
 def genre_tags(path: str) -> list[str]:
@@ -219,7 +222,9 @@ def main() -> int:
     untagged = [r for r, t in truth.items() if t["tag"] is None]
     person = [r for r, t in truth.items() if t["tag"] is not None]
     after_tags = {rel: genre_tags(os.path.join(lib, rel)) for rel in truth}
+    undecodable = sorted(r for r, d in before_audio.items() if d.startswith("undecodable"))
     filled = [r for r in untagged if after_tags[r]]
+    decodable_untagged = [r for r in untagged if r not in undecodable]
     right = [r for r in filled if after_tags[r] and after_tags[r][0] == truth[r]["genre"]]
     changed_person = [r for r in person if after_tags[r] != before_tags[r]]
     changed_audio = [r for r in truth if audio_digest(os.path.join(lib, r)) != before_audio[r]]
@@ -227,6 +232,8 @@ def main() -> int:
     n_review = max(0, sum(1 for _ in open(review)) - 1) if os.path.exists(review) else None
     figures = {
         "untagged_files": len(untagged), "filled": len(filled), "filled_share": round(len(filled) / max(1, len(untagged)), 3),
+        "undecodable_files": len(undecodable), "undecodable": undecodable[:20],
+        "filled_share_of_decodable": round(len(filled) / max(1, len(decodable_untagged)), 3),
         "written_right": len(right), "written_right_share": round(len(right) / max(1, len(filled)), 3),
         "person_tags_changed": len(changed_person), "files_with_changed_audio": len(changed_audio),
         "classify_from_store": last.get("from_store"), "classify_decoded": last["classified"] - last.get("from_store", 0),

@@ -13,8 +13,9 @@ first (every tenth track of each label held back, hard links), then all of them:
 3. **retrain**: ``genrecls retrain`` on the 90% library from nothing (the first cycle: ingest +
    train), then again after the held-back 10% joined the library (the scheduled cycle).
 
-   A third ``retrain`` on the unchanged library stops at "unchanged": its time is the fixed cost of a
-   cycle (start-up, registry, a no-op ingest), subtracted from both for the issue-26 target (0.15).
+   A third ``retrain`` with no new audio: what a cycle costs whatever the new files (start-up, a no-op
+   ingest and, when the champion was kept, the training and scoring again), subtracted from both for the
+   issue-26 figure (target 0.15): the new files' share of the work.
 
 Targets: a scheduled retrain after 10% new tracks at most 0.25 of the first cycle; ``train``
 on stored embeddings at least 10x faster than today's ``train``; the first cycle (ingest +
@@ -141,9 +142,10 @@ def main() -> int:
     for src, dst in held:
         _link(src, dst)
     runs["retrain_10pct"] = command(["retrain", lib, *reg], REPO, "retrain after 10% new tracks", log)
-    # the fixed cost of a cycle: the same command once more on the unchanged library (Python, imports, the
-    # registry, a no-op ingest: it stops at "unchanged"), subtracted from both cycles
-    runs["retrain_unchanged"] = command(["retrain", lib, *reg], REPO, "retrain, nothing new (the fixed cost)", log)
+    # the cost of a cycle whatever the new files: the same command once more with no new audio.  The champion
+    # was kept, so the dataset differs from its training data and the cycle trains and scores again: start-up,
+    # a no-op ingest, the head's cross-validated fit on the stored embeddings, the holdout scoring of both
+    runs["retrain_unchanged"] = command(["retrain", lib, *reg], REPO, "retrain again, no new audio", log)
     hours = audio_hours(f"{work}/ds")
     r = {k: v["seconds"] for k, v in runs.items()}
     figures = {
@@ -175,7 +177,7 @@ def main() -> int:
     for name in decisions:
         with open(os.path.join(work, "reg", "decisions", name)) as f:
             records.append(json.load(f))
-    last = [d for d in records if d.get("decision") != "unchanged"][-1]  # the 10% cycle
+    last = records[1]  # the 10% cycle
     figures["retrain_unchanged_decision"] = records[-1].get("decision")
     figures["retrain_10pct_embedded_tracks"] = last.get("ingest", {}).get("embedded_tracks")
     figures["retrain_10pct_scored_by"] = (last.get("challenger_metrics") or {}).get("scored_by")

@@ -325,16 +325,21 @@ def _unfinished(loc: Location) -> list[str]:
     return out
 
 
+def _run_info(run_loc: Location) -> dict[str, Any]:
+    """A journal run's info file; empty when a killed run left none (or half of one)."""
+    try:
+        return run_loc.read_json(RUN_INFO)
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
 def _recover(loc: Location, folders: Callable[[], set[str]]) -> dict[str, Any]:
     """Finish what killed runs left: resolve pending journal parts, delete temporary copies, mark them finished."""
     report: dict[str, Any] = {}
     dirs: set[str] | None = None
     for name in journal_runs(loc):
         run_loc = loc.child(JOURNAL, name)
-        try:
-            info = run_loc.read_json(RUN_INFO)
-        except (FileNotFoundError, OSError, ValueError):
-            info = {}
+        info = _run_info(run_loc)
         if info.get("finished"):
             continue
         root = info.get("library")
@@ -1051,10 +1056,7 @@ def list_journals(predictions: str | os.PathLike) -> list[dict[str, Any]]:
     undone_by: dict[str, str] = {}
     for name in journal_runs(loc):
         run_loc = loc.child(JOURNAL, name)
-        try:
-            info = run_loc.read_json(RUN_INFO)
-        except (FileNotFoundError, OSError, ValueError):
-            info = {}
+        info = _run_info(run_loc)
         rows = read_journal(run_loc)
         runs.append({"run": name, "folder": run_loc.uri, "action": info.get("action", "?"),
                      "finished": info.get("finished"), "written": rows.num_rows, "model_id": info.get("model_id"),

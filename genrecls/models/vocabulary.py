@@ -340,14 +340,19 @@ class _Builder:
                   + f"; its labels: {', '.join(self.labels[:60])}{' ...' if len(self.labels) > 60 else ''}")
         raise AssertionError  # unreachable
 
+    def top_level(self) -> str:
+        """The file's top-level keys checked; its ``unlisted`` setting."""
+        for key in self.data:
+            if key not in _TOP_KEYS:
+                self.fail(self.lines.of(key), f"unknown key {key!r}; a vocabulary has {', '.join(sorted(_TOP_KEYS))}")
+        unlisted = self.data.get("unlisted", "keep")
+        if unlisted not in ("keep", "drop"):
+            self.fail(self.lines.of("unlisted"), f"unlisted must be \"keep\" or \"drop\", got {unlisted!r}")
+        return unlisted
+
     def build(self) -> Vocabulary:
         data, lines = self.data, self.lines
-        for key in data:
-            if key not in _TOP_KEYS:
-                self.fail(lines.of(key), f"unknown key {key!r}; a vocabulary has {', '.join(sorted(_TOP_KEYS))}")
-        unlisted = data.get("unlisted", "keep")
-        if unlisted not in ("keep", "drop"):
-            self.fail(lines.of("unlisted"), f"unlisted must be \"keep\" or \"drop\", got {unlisted!r}")
+        unlisted = self.top_level()
         dropped: dict[str, int | None] = {}
         for v in self.strings(data.get("drop", []), "drop"):
             lab = self.label(v, "drop")
@@ -526,12 +531,7 @@ class _TagBuilder(_Builder):
 
     def build_tags(self) -> TagVocabulary:
         data, lines = self.data, self.lines
-        for key in data:
-            if key not in _TOP_KEYS:
-                self.fail(lines.of(key), f"unknown key {key!r}; a vocabulary has {', '.join(sorted(_TOP_KEYS))}")
-        unlisted = data.get("unlisted", "keep")
-        if unlisted not in ("keep", "drop"):
-            self.fail(lines.of("unlisted"), f"unlisted must be \"keep\" or \"drop\", got {unlisted!r}")
+        unlisted = self.top_level()
         dropped = {normalise_name(v): v for v in self.strings(data.get("drop", []), "drop")}
         table = data.get("genres", {})
         if not isinstance(table, dict):
