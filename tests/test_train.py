@@ -34,7 +34,7 @@ from genrecls.storage.dataset import (
 from genrecls.storage.location import Location
 from genrecls.storage.split import SplitError
 
-EPOCHS = 5
+EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
