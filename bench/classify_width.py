@@ -46,14 +46,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from _results import load, save  # noqa: E402  (bench/ is the script's folder)
+from _results import cpu_model, genrecls_command, load, save  # noqa: E402  (bench/ is the script's folder)
 
 AUDIO = (".wav", ".mp3", ".flac", ".ogg", ".opus")
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
+def command(args: list[str], what: str, log: str) -> dict:
+    """A whole genrecls command, quiet; exit 3 (e.g. nothing new) is not a failure."""
+    return genrecls_command([*args, "-q"], what, log, ok=(0, 3))
 
 
 def duration(path: str) -> float:
@@ -100,24 +100,6 @@ def subset(folder: str, dst: str, n: int) -> str:
         os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
         os.link(os.path.join(folder, rel), os.path.join(dst, rel))
     return dst
-
-
-def command(args: list[str], what: str, log: str) -> dict:
-    """Run ``python -m genrecls ARGS -q`` from outside any checkout; wall time, exit code, load around it."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    before = load()
-    t0 = time.monotonic()
-    with open(log, "a") as out:
-        out.write(f"\n$ {what}: genrecls {' '.join(args)}\n")
-        out.flush()
-        rc = subprocess.run([sys.executable, "-m", "genrecls", *args, "-q"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                            cwd=os.path.dirname(log)).returncode
-    wall = time.monotonic() - t0
-    print(f"  {what}: {wall:.1f} s (exit {rc}, load {before}-{load()})", flush=True)
-    if rc not in (0, 3):
-        raise SystemExit(f"{what} failed (exit {rc}); see {log}")
-    return {"what": what, "seconds": round(wall, 2), "exit": rc, "load_before": before, "load_after": load()}
 
 
 def fresh(path: str) -> str:

@@ -51,7 +51,7 @@ from genrecls.core import quiet_environment  # noqa: E402
 
 quiet_environment()
 
-from _results import save  # noqa: E402  (bench/ is the script's folder)
+from _results import cpu_model, save  # noqa: E402  (bench/ is the script's folder)
 
 
 # -- counting requests ------------------------------------------------------------------------
@@ -179,14 +179,6 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
 # -- a synthetic dataset: N one-track shards and a library of N small files ----------------------
 def small_config():
     from genrecls.core import Config
@@ -194,6 +186,23 @@ def small_config():
     return Config().with_section(features={
         "preset": "tutorial", "sample_rate": 8000, "segment_samples": 8000, "segment_hop": 8000, "n_fft": 512,
         "hop_length": 256, "n_mels": 8, "min_track_seconds": 0.5}, train={"model": "default", "workers": 1})
+
+
+LABELS = ["blues", "jazz", "rock", "soul"]
+
+
+def library(lib: str, n: int) -> list[tuple[str, str, int, int]]:
+    """``n`` small files under ``lib`` (4 labels; never decoded: they stay unchanged): (path, label, size, mtime_ns)."""
+    files = []
+    for i in range(n):
+        rel = f"{LABELS[i % 4]}/track-{i:06d}.wav"
+        path = os.path.join(lib, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"RIFF" + i.to_bytes(4, "little") + b"WAVE" + b"\0" * 64)
+        st = os.stat(path)
+        files.append((rel, LABELS[i % 4], st.st_size, st.st_mtime_ns))
+    return files
 
 
 def build(uri: str, lib: str, n: int, cfg) -> None:
@@ -206,16 +215,7 @@ def build(uri: str, lib: str, n: int, cfg) -> None:
     from genrecls.audio import track_id_for
     from genrecls.storage import Location, ShardWriter
 
-    labels = ["blues", "jazz", "rock", "soul"]
-    files = []
-    for i in range(n):
-        rel = f"{labels[i % 4]}/track-{i:06d}.wav"
-        path = os.path.join(lib, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(b"RIFF" + i.to_bytes(4, "little") + b"WAVE" + b"\0" * 64)
-        st = os.stat(path)
-        files.append((rel, labels[i % 4], st.st_size, st.st_mtime_ns))
+    files = library(lib, n)
     loc = Location.parse(uri)
     loc.makedirs()
     mel = np.zeros((1, *cfg.features.mel_shape), np.float32)
@@ -237,7 +237,7 @@ def build(uri: str, lib: str, n: int, cfg) -> None:
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(shard, range(n)))
     loc.write_json("manifest.json", {"format": "genrecls-dataset", "features": asdict(cfg.features),
-                                     "mel_shape": list(cfg.features.mel_shape), "labels": labels,
+                                     "mel_shape": list(cfg.features.mel_shape), "labels": LABELS,
                                      "counts": {"tracks": n}})
 
 
@@ -251,21 +251,12 @@ def build_index_only(uri: str, lib: str, n: int, cfg) -> None:
     from genrecls.audio import track_id_for
     from genrecls.storage import Dataset, Location, ShardWriter, TrackEntry, entries_table
 
-    labels = ["blues", "jazz", "rock", "soul"]
-    entries = []
-    for i in range(n):
-        rel = f"{labels[i % 4]}/track-{i:06d}.wav"
-        path = os.path.join(lib, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(b"RIFF" + i.to_bytes(4, "little") + b"WAVE" + b"\0" * 64)
-        st = os.stat(path)
-        entries.append(TrackEntry(track_id_for(rel), rel, labels[i % 4], f"fp{i}", st.st_size, st.st_mtime_ns, 1, 1.0,
-                                  f"part-{i:020d}-bench.parquet"))
+    entries = [TrackEntry(track_id_for(rel), rel, label, f"fp{i}", size, mtime, 1, 1.0, f"part-{i:020d}-bench.parquet")
+               for i, (rel, label, size, mtime) in enumerate(library(lib, n))]
     loc = Location.parse(uri)
     loc.makedirs()
     loc.write_json("manifest.json", {"format": "genrecls-dataset", "features": asdict(cfg.features),
-                                     "mel_shape": list(cfg.features.mel_shape), "labels": labels,
+                                     "mel_shape": list(cfg.features.mel_shape), "labels": LABELS,
                                      "counts": {"tracks": n}})
     Dataset(loc).commit(upsert=entries_table(entries), operation="bench")
     e = entries[-1]

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from _results import load, save  # noqa: E402  (bench/ is the script's folder)
+from _results import cpu_model, genrecls_command, load, save  # noqa: E402  (bench/ is the script's folder)
 
 #: each style's tag spellings (the first is the vocabulary's genre name) and its artist's name
 STYLES = {
@@ -53,9 +53,9 @@ ENCODERS = ("mp3", "m4a", "flac", "ogg", "opus")
 ALBUM_TRACKS = 8
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
+def command(args: list[str], what: str, log: str) -> dict:
+    """A whole genrecls command, quiet; any exit but 0 stops the bench."""
+    return genrecls_command([*args, "-q"], what, log)
 
 
 def encode(src: str, dst: str, codec: str, start: float | None = None, seconds: float | None = None) -> None:
@@ -147,23 +147,6 @@ def vocabulary(path: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
-
-
-def command(args: list[str], what: str, log: str, ok=(0,)) -> dict:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    before = load()
-    t0 = time.monotonic()
-    with open(log, "a") as out:
-        out.write(f"\n$ {what}: genrecls {' '.join(args)}\n")
-        out.flush()
-        rc = subprocess.run([sys.executable, "-m", "genrecls", *args, "-q"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                            cwd=os.path.dirname(log)).returncode
-    wall = time.monotonic() - t0
-    print(f"  {what}: {wall:.1f} s (exit {rc}, load {before}-{load()})", flush=True)
-    if rc not in ok:
-        raise SystemExit(f"{what} failed (exit {rc}); see {log}")
-    return {"what": what, "seconds": round(wall, 2), "exit": rc, "load_before": before, "load_after": load()}
 
 
 def audio_digest(path: str) -> str:

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -42,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from _results import load, save  # noqa: E402  (bench/ is the script's folder)
+from _results import genrecls_command, load, save  # noqa: E402  (bench/ is the script's folder)
 
 AUDIO = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".wma")
 
@@ -76,21 +75,8 @@ def _link(src: str, dst: str) -> None:
 
 
 def command(args: list[str], repo: str, what: str, log: str) -> dict:
-    """Run ``python -m genrecls ARGS`` with ``repo`` on PYTHONPATH; wall time, exit code, load around it."""
-    env = dict(os.environ, PYTHONPATH=repo)
-    env.pop("RAY_ADDRESS", None)
-    before = load()
-    t0 = time.monotonic()
-    with open(log, "a") as out:
-        out.write(f"\n$ {what}: genrecls {' '.join(args)}\n")
-        out.flush()
-        # cwd: not a checkout (python -m puts the current folder first on sys.path)
-        rc = subprocess.run([sys.executable, "-m", "genrecls", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                            cwd=os.path.dirname(log)).returncode
-    wall = time.monotonic() - t0
-    print(f"  {what}: {wall:.1f} s (exit {rc}, load {before}-{load()})", flush=True)
-    return {"what": what, "args": args, "repo": repo, "seconds": round(wall, 1), "exit": rc, "load_before": before,
-            "load_after": load()}
+    """``python -m genrecls ARGS`` with ``repo`` on PYTHONPATH (today's checkout or this one); any exit recorded."""
+    return {"args": args, "repo": repo, **genrecls_command(args, what, log, ok=None, pythonpath=repo)}
 
 
 def audio_hours(dataset: str) -> float:
